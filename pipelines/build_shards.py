@@ -1,0 +1,78 @@
+"""Build place-aware WebDataset shards from VPR datasets, as a Ray Data job.
+
+    python pipelines/build_shards.py --source atname:/data/sf_xl/train --source gsv_cities:/data/gsv --out /data/shards
+    ray job submit --working-dir . -- python pipelines/build_shards.py --source ... --out /shared/shards
+
+Steps: ingest every source into one catalog (metadata only, on the driver), assign
+places, plan which image goes to which sample and shard (pure, seeded), then one Ray
+task per shard reads, re-encodes and packs its images.  Every input ends up in the
+shards or in rejects.parquet with a reason; the counts are checked and printed.
+
+Re-running into the same --out resumes an interrupted build (finished shards are kept),
+does nothing for a complete one, and refuses if the config or the inputs changed
+(unless --overwrite).  With a Ray cluster, --out and the sources must be on storage
+every node can read and write (NFS, a shared disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a script (also under `ray job submit --working-dir .`): import this checkout's packages.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from placeforge.config import add_config_arguments, config_from_args  # noqa: E402
+from shards.build import BuildConfig  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from placeforge.ingest import READERS
+
+    parser = argparse.ArgumentParser(
+        prog="build_shards.py",
+        description=__doc__,
+        allow_abbrev=False,  # a misspelled flag must fail, not match a longer one
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="FORMAT:PATH",
+        help=f"a dataset to ingest (repeatable); FORMAT is one of {', '.join(sorted(READERS))}",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created; nothing is written outside it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a shard set built with another config")
+    parser.add_argument(
+        "--ray-address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)"
+    )
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    add_config_arguments(parser, BuildConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from placeforge.config import ConfigError
+    from placeforge.ingest import SourceError, parse_source_spec
+    from shards.build import BuildError, build
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(BuildConfig, args)
+        sources = [parse_source_spec(spec) for spec in args.source]
+        summary = build(
+            sources, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address, num_cpus=args.num_cpus
+        )
+    except (ConfigError, SourceError, BuildError, ValueError) as err:
+        print(f"build_shards: error: {err}", file=sys.stderr)
+        return 2
+    print(summary.report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Place assignment: which images are "the same place", as pure functions.
+
+A place is, in order of preference:
+  * the dataset's own place id (GSV-Cities place, Google Landmarks landmark), namespaced
+    by source and dataset so ids never collide across cities or datasets;
+  * otherwise a square UTM cell of `cell_size_m` (15 m by default, Pair-VPR's choice),
+    optionally split into `heading_sectors` equal compass sectors.
+
+Places with fewer than `min_images_per_place` images are set aside with the reason
+`place_too_small`, since a place must yield pairs (stage 1) and K-image groups (stage 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from placeforge.catalog import CATALOG_SCHEMA, REJECTS_SCHEMA, stable_id
+
+
+@dataclass(frozen=True)
+class PlaceConfig:
+    cell_size_m: float = field(default=15.0, metadata={"help": "side of a geo place cell in metres"})
+    heading_sectors: int = field(
+        default=0, metadata={"help": "split geo cells into this many compass sectors (0 = no split)"}
+    )
+    min_images_per_place: int = field(
+        default=4, metadata={"help": "places with fewer images are rejected as place_too_small"}
+    )
+
+    def validate(self) -> None:
+        if not self.cell_size_m > 0:
+            raise ValueError(f"cell_size_m must be > 0, got {self.cell_size_m}")
+        if self.heading_sectors < 0:
+            raise ValueError(f"heading_sectors must be >= 0, got {self.heading_sectors}")
+        if self.min_images_per_place < 1:
+            raise ValueError(f"min_images_per_place must be >= 1, got {self.min_images_per_place}")
+
+
+def cell_indices(east_m: np.ndarray, north_m: np.ndarray, cell_size_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """Integer cell column/row of each point: floor(coordinate / cell size)."""
+    return (
+        np.floor(np.asarray(east_m, dtype=np.float64) / cell_size_m).astype(np.int64),
+        np.floor(np.asarray(north_m, dtype=np.float64) / cell_size_m).astype(np.int64),
+    )
+
+
+def heading_sector(heading_deg: np.ndarray, sectors: int) -> np.ndarray:
+    """Sector 0..sectors-1 of each compass heading (sector 0 starts at north); -1 if unknown."""
+    heading = np.asarray(heading_deg, dtype=np.float64)
+    out = np.full(heading.shape, -1, dtype=np.int64)
+    known = np.isfinite(heading)
+    width = 360.0 / sectors
+    out[known] = (np.floor(np.mod(heading[known], 360.0) / width).astype(np.int64)) % sectors
+    return out
+
+
+def geo_place_keys(
+    zone_number: np.ndarray,
+    northern: np.ndarray,
+    east_m: np.ndarray,
+    north_m: np.ndarray,
+    cell_size_m: float,
+    heading_deg: np.ndarray | None = None,
+    heading_sectors: int = 0,
+) -> list[str]:
+    """Place keys "utm:<zone><N|S>:<col>:<row>[:h<sector>]" for [N] points.
+
+    The zone and hemisphere are part of the key: cell (col, row) in zone 10N and in
+    zone 11N are different places even though their metric coordinates coincide.
+    A point whose heading is unknown keeps the unsplit cell key.
+    """
+    col, row = cell_indices(east_m, north_m, cell_size_m)
+    hemi = np.where(np.asarray(northern, dtype=bool), "N", "S")
+    zones = np.asarray(zone_number, dtype=np.int64)
+    keys = [f"utm:{z}{h}:{c}:{r}" for z, h, c, r in zip(zones, hemi, col, row)]
+    if heading_sectors > 0 and heading_deg is not None:
+        sector = heading_sector(heading_deg, heading_sectors)
+        keys = [k if s < 0 else f"{k}:h{s}" for k, s in zip(keys, sector)]
+    return keys
+
+
+def source_place_keys(source: list[str], dataset: list[str], source_place_id: list[str]) -> list[str]:
+    """Place keys "<source>:<dataset>:<source place id>" (ids are unique only inside a dataset)."""
+    return [f"{s}:{d}:{p}" for s, d, p in zip(source, dataset, source_place_id)]
+
+
+def assign_places(catalog: pa.Table, cfg: PlaceConfig) -> tuple[pa.Table, pa.Table]:
+    """Fill `place_key` / `place_id`; set aside images of places that are too small.
+
+    Args:
+        catalog: rows of CATALOG_SCHEMA (place columns may be null).
+    Returns:
+        (kept catalog rows with place_key/place_id set, rejects rows with stage "place").
+    """
+    df = pl.from_arrow(catalog)
+    assert isinstance(df, pl.DataFrame)
+    has_source_place = df["source_place_id"].is_not_null().to_numpy()
+    has_utm = (df["utm_zone"].is_not_null() & df["utm_east"].is_not_null()).to_numpy()
+    keys = np.empty(df.height, dtype=object)
+    if has_source_place.any():
+        sub = df.filter(pl.Series(has_source_place))
+        keys[has_source_place] = source_place_keys(
+            sub["source"].to_list(), sub["dataset"].to_list(), sub["source_place_id"].to_list()
+        )
+    geo = ~has_source_place & has_utm
+    if geo.any():
+        sub = df.filter(pl.Series(geo))
+        keys[geo] = geo_place_keys(
+            sub["utm_zone"].to_numpy(),
+            sub["utm_letter"].str.to_uppercase().to_numpy() >= "N",
+            sub["utm_east"].to_numpy(),
+            sub["utm_north"].to_numpy(),
+            cfg.cell_size_m,
+            sub["heading_deg"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+            cfg.heading_sectors,
+        )
+    unplaceable = ~has_source_place & ~has_utm
+    df = df.with_columns(pl.Series("place_key", keys.tolist(), dtype=pl.String))
+    counts = df.group_by("place_key").len("place_size")
+    df = df.join(counts, on="place_key", how="left", nulls_equal=True)
+    too_small = (df["place_size"] < cfg.min_images_per_place).to_numpy() & ~unplaceable
+
+    unique_keys = df.filter(~pl.Series(too_small | unplaceable))["place_key"].unique().to_list()
+    ids = pl.DataFrame(
+        {"place_key": unique_keys, "place_id": [stable_id(k) for k in unique_keys]},
+        schema={"place_key": pl.String, "place_id": pl.Int64},
+    )
+    kept = df.filter(~pl.Series(too_small | unplaceable)).drop("place_id", "place_size")
+    kept = kept.join(ids, on="place_key", how="left").select(CATALOG_SCHEMA.names)
+
+    rejected = df.filter(pl.Series(too_small | unplaceable))
+    reasons = np.where(unplaceable, "no_coordinates", "place_too_small")[too_small | unplaceable]
+    details = [
+        "no source place id and no coordinates"
+        if r == "no_coordinates"
+        else f"place {k} has {n} image(s), minimum is {cfg.min_images_per_place}"
+        for r, k, n in zip(reasons, rejected["place_key"].to_list(), rejected["place_size"].to_list())
+    ]
+    rejects = pa.table(
+        {
+            "input": rejected["relpath"].to_arrow(),
+            "source": rejected["source"].to_arrow(),
+            "dataset": rejected["dataset"].to_arrow(),
+            "stage": pa.array(["place"] * rejected.height, pa.string()),
+            "reason": pa.array(reasons.tolist(), pa.string()),
+            "detail": pa.array(details, pa.string()),
+            "image_id": rejected["image_id"].to_arrow(),
+        }
+    ).cast(REJECTS_SCHEMA)
+    return kept.to_arrow().cast(CATALOG_SCHEMA), rejects

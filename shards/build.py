@@ -1,0 +1,341 @@
+"""Orchestration of a shard build: ingest, place, plan, one Ray task per shard, assemble.
+
+`pipelines/build_shards.py` is the command-line shell around `build`.  State while a
+build runs lives in DIR/_work: the plan, its fingerprint, and one result file set per
+finished shard (index rows, rejects, record; the record is written last and marks the
+shard done).  The final files are assembled from those, manifest.json last.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from placeforge.catalog import (
+    CATALOG_SCHEMA,
+    REJECTS_SCHEMA,
+    concat,
+    rejects_table,
+    write_parquet_atomic,
+)
+from placeforge.config import to_dict
+from placeforge.places import PlaceConfig, assign_places
+from shards.index import INDEX_SCHEMA, write_index
+from shards.layout import (
+    CATALOG_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    REJECTS_FILE,
+    SHARD_SUBDIR,
+    WORK_SUBDIR,
+    shard_name,
+)
+from shards.manifest import Manifest, ShardRecord, read_manifest, write_manifest
+from shards.plan import plan_shards
+
+
+class BuildError(RuntimeError):
+    """The build cannot start or finish; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    cell_size_m: float = field(default=15.0, metadata={"help": "side of a geo place cell in metres"})
+    heading_sectors: int = field(default=0, metadata={"help": "split geo cells into compass sectors (0 = no)"})
+    min_images_per_place: int = field(default=4, metadata={"help": "smaller places are rejected"})
+    max_images_per_sample: int = field(default=16, metadata={"help": "bigger places are split into parts"})
+    images_per_shard: int = field(default=2000, metadata={"help": "target images per shard"})
+    min_shards: int = field(default=16, metadata={"help": "at least this many shards (>= ranks x loader workers)"})
+    short_side: int = field(default=320, metadata={"help": "resize so the short side is this many pixels"})
+    jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality of re-encoded images"})
+    seed: int = field(default=0, metadata={"help": "seed of the sample split and shard shuffle"})
+
+    def validate(self) -> None:
+        self.place_config().validate()
+        for name in ("max_images_per_sample", "images_per_shard", "min_shards", "short_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+
+    def place_config(self) -> PlaceConfig:
+        return PlaceConfig(self.cell_size_m, self.heading_sectors, self.min_images_per_place)
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    out_dir: Path
+    manifest: Manifest
+    resumed_shards: int
+    seconds: float
+    skipped: bool = False  # the set was already complete
+
+    def report(self) -> str:
+        c = self.manifest.counts
+        lines = [
+            f"shard set: {self.out_dir}",
+            f"inputs {c['inputs']} = in shards {c['in_shards']} + rejected {c['rejected']}",
+            f"places {c['places']}, samples {c['samples']}, shards {c['shards']}, "
+            f"{sum(s.bytes for s in self.manifest.shards) / 1e6:.1f} MB",
+        ]
+        for reason, n in sorted(c["rejected_by_reason"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"  rejected {reason}: {n}")
+        if self.skipped:
+            lines.append("already complete with the same config and inputs: nothing to do")
+        else:
+            done = f" ({self.resumed_shards} shards kept from an interrupted run)" if self.resumed_shards else ""
+            lines.append(f"built in {self.seconds:.1f} s{done}")
+        lines += [f"warning: {w}" for w in self.manifest.warnings]
+        return "\n".join(lines)
+
+
+def build(
+    sources: list[tuple[str, Path]],
+    out_dir: str | os.PathLike,
+    cfg: BuildConfig,
+    overwrite: bool = False,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+) -> BuildSummary:
+    """Build (or resume, or confirm) the shard set in `out_dir` from `sources`."""
+    started = time.perf_counter()
+    out = Path(out_dir).resolve()
+    catalog, rejects, inputs = _ingest(sources)
+    kept, place_rejects = assign_places(catalog, cfg.place_config())
+    rejects = concat([rejects, place_rejects], REJECTS_SCHEMA)
+    plan = plan_shards(kept, cfg.max_images_per_sample, cfg.images_per_shard, cfg.min_shards, cfg.seed)
+    fingerprint = _fingerprint(cfg, sources, plan)
+
+    if _claim_out_dir(out, fingerprint, overwrite):
+        return BuildSummary(out, read_manifest(out), 0, time.perf_counter() - started, skipped=True)
+    work = out / WORK_SUBDIR
+    if not (work / "fingerprint").is_file():
+        # Sorted by shard, so each task's filtered read touches one or two row groups.
+        write_parquet_atomic(plan, work / "plan.parquet")
+        (work / "fingerprint").write_text(fingerprint + "\n")
+    num_shards = int(pc.max(plan.column("shard_index")).as_py()) + 1
+    done = {i for i in range(num_shards) if _shard_done(out, i)}
+    todo = [i for i in range(num_shards) if i not in done]
+    print(f"{inputs} inputs, {plan.num_rows} images planned into {num_shards} shards; {len(todo)} to build")
+    if todo:
+        _run_shard_tasks(out, todo, cfg, ray_address, num_cpus)
+    manifest = _assemble(out, plan, rejects, inputs, num_shards, cfg, sources, fingerprint)
+    shutil.rmtree(work)
+    return BuildSummary(out, manifest, len(done), time.perf_counter() - started)
+
+
+def _ingest(sources: list[tuple[str, Path]]) -> tuple[pa.Table, pa.Table, int]:
+    """Read every source (all are checked before any work starts) and drop cross-source duplicates."""
+    from placeforge.ingest import read_source
+
+    if not sources:
+        raise BuildError("no --source given")
+    results = [read_source(fmt, root) for fmt, root in sources]
+    catalog = concat([r.catalog for r in results], CATALOG_SCHEMA)
+    rejects = concat([r.rejects for r in results], REJECTS_SCHEMA)
+    inputs = sum(r.inputs for r in results)
+    ids = catalog.column("image_id").to_numpy()
+    paths = catalog.column("path").to_pylist()
+    first_seen = pl.DataFrame({"id": ids, "path": paths}).with_row_index("row")
+    dup_id = first_seen.select(pl.col("id").is_duplicated() & ~pl.col("id").is_first_distinct()).to_series()
+    dup_path = first_seen.select(pl.col("path").is_duplicated() & ~pl.col("path").is_first_distinct()).to_series()
+    dup = (dup_id | dup_path).to_numpy()
+    if dup.any():
+        dups = catalog.filter(pa.array(dup))
+        rejects = concat(
+            [
+                rejects,
+                rejects_table(
+                    {
+                        "input": r["relpath"],
+                        "source": r["source"],
+                        "dataset": r["dataset"],
+                        "stage": "ingest",
+                        "reason": "duplicate",
+                        "detail": "the same image was given by more than one --source",
+                        "image_id": r["image_id"],
+                    }
+                    for r in dups.to_pylist()
+                ),
+            ],
+            REJECTS_SCHEMA,
+        )
+        catalog = catalog.filter(pa.array(~dup))
+    return catalog, rejects, inputs
+
+
+def _fingerprint(cfg: BuildConfig, sources: list[tuple[str, Path]], plan: pa.Table) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(to_dict(cfg), sort_keys=True).encode())
+    digest.update(json.dumps([[f, str(Path(p).resolve())] for f, p in sources]).encode())
+    for name in ("image_id", "path", "shard_index", "sample_key", "member"):
+        digest.update(name.encode())
+        for chunk in plan.column(name).chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    digest.update(buf)
+    return digest.hexdigest()
+
+
+OWN_FILES = (CATALOG_FILE, REJECTS_FILE, INDEX_FILE, MANIFEST_FILE, SHARD_SUBDIR, WORK_SUBDIR)
+
+
+def _claim_out_dir(out: Path, fingerprint: str, overwrite: bool) -> bool:
+    """Prepare `out` for this build; True if it already holds exactly this shard set."""
+    work = out / WORK_SUBDIR
+    if (out / MANIFEST_FILE).is_file() and not overwrite:
+        if read_manifest(out).fingerprint == fingerprint:
+            return True
+        raise BuildError(f"{out} holds a shard set built with another config or inputs; use --overwrite to replace it")
+    if (work / "fingerprint").is_file() and not overwrite:
+        if (work / "fingerprint").read_text().strip() != fingerprint:
+            raise BuildError(
+                f"{out} holds an interrupted build with another config or inputs; "
+                "re-run with its arguments to resume, or --overwrite to start again"
+            )
+        print(f"resuming the interrupted build in {out}")
+        return False
+    if out.exists():
+        if not out.is_dir():
+            raise BuildError(f"--out {out} exists and is not a folder")
+        foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES]
+        if foreign and not overwrite:
+            raise BuildError(f"--out {out} is not empty and is not a shard set ({foreign[:3]}...); choose an empty folder")
+        for name in OWN_FILES:  # --overwrite removes only what a build writes, never foreign files
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    (out / SHARD_SUBDIR).mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def _shard_done(out: Path, shard_index: int) -> bool:
+    record = out / WORK_SUBDIR / f"{shard_name(shard_index)}.record.json"
+    tar = out / SHARD_SUBDIR / shard_name(shard_index)
+    if not (record.is_file() and tar.is_file()):
+        return False
+    return json.loads(record.read_text())["bytes"] == tar.stat().st_size
+
+
+def build_one_shard(row: dict, out_dir: str, short_side: int, jpeg_quality: int) -> dict:
+    """Ray Data map function: build shard row["shard_index"] and record its results."""
+    from shards.writer import write_shard
+
+    shard_index = int(row["shard_index"])
+    out = Path(out_dir)
+    work = out / WORK_SUBDIR
+    plan = pq.read_table(work / "plan.parquet", filters=[("shard_index", "=", shard_index)])
+    result = write_shard(out / SHARD_SUBDIR, shard_index, plan, short_side, jpeg_quality)
+    name = shard_name(shard_index)
+    write_parquet_atomic(pa.Table.from_pylist(result.index_rows, schema=INDEX_SCHEMA), work / f"{name}.index.parquet")
+    write_parquet_atomic(rejects_table(result.reject_rows), work / f"{name}.rejects.parquet")
+    tmp = work / f".{name}.record.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(asdict(result.record)))
+    os.replace(tmp, work / f"{name}.record.json")  # written last: marks the shard done
+    return {"shard_index": shard_index, "images": result.record.images, "rejects": len(result.reject_rows)}
+
+
+def _run_shard_tasks(out: Path, todo: list[int], cfg: BuildConfig, ray_address: str | None, num_cpus: int | None) -> None:
+    import ray
+    from tqdm import tqdm
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        elif os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)  # inside `ray job submit`: join that cluster
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        ds = ray.data.from_items([{"shard_index": i} for i in todo], override_num_blocks=len(todo))
+        ds = ds.map(
+            build_one_shard,
+            fn_kwargs={"out_dir": str(out), "short_side": cfg.short_side, "jpeg_quality": cfg.jpeg_quality},
+            num_cpus=1,
+        )
+        with tqdm(total=len(todo), desc="shards", unit="shard") as bar:
+            for row in ds.iter_rows():
+                bar.update(1)
+                bar.set_postfix(images=row["images"], rejects=row["rejects"])
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _assemble(
+    out: Path,
+    plan: pa.Table,
+    rejects: pa.Table,
+    inputs: int,
+    num_shards: int,
+    cfg: BuildConfig,
+    sources: list[tuple[str, Path]],
+    fingerprint: str,
+) -> Manifest:
+    work = out / WORK_SUBDIR
+    records, index_parts, reject_parts = [], [], [rejects]
+    for i in range(num_shards):
+        name = shard_name(i)
+        records.append(ShardRecord(**json.loads((work / f"{name}.record.json").read_text())))
+        index_parts.append(pq.read_table(work / f"{name}.index.parquet"))
+        reject_parts.append(pq.read_table(work / f"{name}.rejects.parquet"))
+    index = concat(index_parts, INDEX_SCHEMA)
+    rejects = concat(reject_parts, REJECTS_SCHEMA)
+    in_shards = pc.is_in(plan.column("image_id"), value_set=index.column("image_id"))
+    catalog = plan.filter(in_shards).select(CATALOG_SCHEMA.names).cast(CATALOG_SCHEMA)
+    if inputs != catalog.num_rows + rejects.num_rows or catalog.num_rows != index.num_rows:
+        raise BuildError(
+            f"accounting error: {inputs} inputs but {catalog.num_rows} in the catalog, "
+            f"{index.num_rows} in the index and {rejects.num_rows} rejected; please report this"
+        )
+    by_reason = Counter(rejects.column("reason").to_pylist())
+    warnings = []
+    digests = pl.from_arrow(index.select(["source_sha1", "place_id"]))
+    shared = digests.group_by("source_sha1").agg(pl.col("place_id").n_unique().alias("n")).filter(pl.col("n") > 1)
+    if shared.height:
+        warnings.append(f"{shared.height} image contents appear in more than one place (kept; see index.parquet source_sha1)")
+    empty = [r.name for r in records if r.images == 0]
+    if empty:
+        warnings.append(f"{len(empty)} shard(s) ended up with no images: {empty[:5]}")
+    counts = {
+        "inputs": inputs,
+        "in_shards": catalog.num_rows,
+        "rejected": rejects.num_rows,
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "places": len(set(catalog.column("place_id").to_pylist())),
+        "samples": sum(r.samples for r in records),
+        "shards": num_shards,
+    }
+    write_parquet_atomic(catalog, out / CATALOG_FILE)
+    write_parquet_atomic(rejects, out / REJECTS_FILE)
+    write_index(index, out / INDEX_FILE)
+    manifest = Manifest(
+        config=to_dict(cfg),
+        sources=[f"{f}:{Path(p).resolve()}" for f, p in sources],
+        counts=counts,
+        shards=records,
+        fingerprint=fingerprint,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        warnings=warnings,
+    )
+    write_manifest(manifest, out)
+    return manifest

@@ -1,0 +1,212 @@
+"""The one reader of shard sets: stream place samples, split by node and worker.
+
+Stages are small generators (testable on plain lists), composed into a
+`webdataset.DataPipeline`:
+
+    shard urls -> select this (rank, worker)'s shards -> tar members -> PlaceSample
+               -> shuffle (compressed bytes) -> same_place_pairs | place_groups
+
+Which reader slot reads which shard is a pure function of integers
+(`shards_for_slot`), so it can be checked for thousands of simulated ranks and
+workers without starting a process.  Images stay JPEG bytes here; decoding and
+augmentation belong to the training loader's workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+
+from shards.layout import SHARD_SUBDIR, image_members
+from shards.manifest import Manifest, read_manifest
+
+
+@dataclass(frozen=True)
+class ReaderSlot:
+    """One reading process: a distributed rank and a data-loader worker inside it."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+    @property
+    def global_index(self) -> int:
+        return self.rank * self.num_workers + self.worker
+
+    @property
+    def total(self) -> int:
+        return self.world_size * self.num_workers
+
+
+@dataclass(frozen=True)
+class PlaceSample:
+    """One shard sample: images of one place (or one part of a big place)."""
+
+    key: str
+    place_id: int
+    place_key: str
+    image_ids: tuple[int, ...]
+    jpegs: tuple[bytes, ...]  # [n] encoded images, same order as image_ids
+    meta: tuple[dict, ...]  # [n] per-image records from the sample JSON
+
+
+@dataclass(frozen=True)
+class SamePlacePair:
+    place_id: int
+    image_ids: tuple[int, int]
+    jpegs: tuple[bytes, bytes]
+
+
+@dataclass(frozen=True)
+class PlaceGroup:
+    """P places x K images, the batch unit of metric learning."""
+
+    place_ids: tuple[int, ...]  # [P]
+    image_ids: tuple[tuple[int, ...], ...]  # [P][K]
+    jpegs: tuple[tuple[bytes, ...], ...]  # [P][K]
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    root: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, root: str | Path) -> "ShardSet":
+        root = Path(root)
+        return cls(root, read_manifest(root))
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(self.root / SHARD_SUBDIR / s.name) for s in self.manifest.shards]
+
+
+def shard_order(num_shards: int, epoch: int, seed: int) -> np.ndarray:
+    """The epoch's shard order: a permutation that every slot computes identically."""
+    return np.random.default_rng([seed, epoch]).permutation(num_shards)
+
+
+def shards_for_slot(num_shards: int, slot: ReaderSlot, epoch: int, seed: int) -> list[int]:
+    """Shard indices that `slot` reads in `epoch`: the epoch order dealt round-robin.
+
+    Every shard goes to exactly one slot; slot loads differ by at most one shard.
+    With more slots than shards some slots get none, which callers must treat as
+    a configuration error for training (see `check_enough_shards`).
+    """
+    order = shard_order(num_shards, epoch, seed)
+    return [int(s) for s in order[slot.global_index :: slot.total]]
+
+
+def check_enough_shards(num_shards: int, world_size: int, num_workers: int) -> None:
+    slots = world_size * max(1, num_workers)
+    if num_shards < slots:
+        raise ValueError(
+            f"{num_shards} shards for {world_size} rank(s) x {max(1, num_workers)} loader worker(s): "
+            f"some readers would get no data; rebuild with --min-shards {slots} or use fewer workers"
+        )
+
+
+def select_shards(urls: list[str], rank: int, world_size: int, epoch: int, seed: int) -> Iterator[dict]:
+    """Pipeline source: this process's shard urls, as webdataset {"url": ...} dicts.
+
+    The loader worker is looked up when iteration starts (inside the worker process).
+    """
+    from torch.utils.data import get_worker_info  # only needed once iteration starts
+
+    info = get_worker_info()
+    slot = ReaderSlot(rank, world_size, info.id if info else 0, info.num_workers if info else 1)
+    for shard in shards_for_slot(len(urls), slot, epoch, seed):
+        yield {"url": urls[shard]}
+
+
+def to_place_samples(src: Iterable[dict]) -> Iterator[PlaceSample]:
+    """webdataset sample dicts (raw bytes per member) -> PlaceSample."""
+    for sample in src:
+        record = json.loads(sample["json"])
+        members = image_members(sample)
+        by_member = {m["member"]: m for m in record["images"]}
+        yield PlaceSample(
+            key=sample["__key__"],
+            place_id=int(record["place_id"]),
+            place_key=record["place_key"],
+            image_ids=tuple(int(by_member[m]["image_id"]) for m in members),
+            jpegs=tuple(sample[m] for m in members),
+            meta=tuple(by_member[m] for m in members),
+        )
+
+
+def same_place_pairs(src: Iterable[PlaceSample], rng: random.Random) -> Iterator[SamePlacePair]:
+    """One pair of distinct images per place sample; samples of one image are skipped."""
+    for sample in src:
+        if len(sample.jpegs) < 2:
+            continue
+        a, b = rng.sample(range(len(sample.jpegs)), 2)
+        yield SamePlacePair(
+            sample.place_id, (sample.image_ids[a], sample.image_ids[b]), (sample.jpegs[a], sample.jpegs[b])
+        )
+
+
+def place_groups(
+    src: Iterable[PlaceSample], places_per_group: int, images_per_place: int, rng: random.Random
+) -> Iterator[PlaceGroup]:
+    """Groups of P distinct places x K distinct images each.
+
+    Samples with fewer than K images are skipped.  A sample whose place is already in
+    the group being filled (two parts of a big place) waits for the next group, so
+    a group never holds the same place twice.
+    """
+    group: list[PlaceSample] = []
+    waiting: list[PlaceSample] = []
+    for sample in src:
+        if len(sample.jpegs) < images_per_place:
+            continue
+        candidates = waiting + [sample]
+        waiting = []
+        for candidate in candidates:
+            if any(g.place_id == candidate.place_id for g in group):
+                waiting.append(candidate)
+                continue
+            group.append(candidate)
+            if len(group) == places_per_group:
+                yield _make_group(group, images_per_place, rng)
+                group = []
+
+
+def _make_group(samples: list[PlaceSample], k: int, rng: random.Random) -> PlaceGroup:
+    picks = [rng.sample(range(len(s.jpegs)), k) for s in samples]
+    return PlaceGroup(
+        place_ids=tuple(s.place_id for s in samples),
+        image_ids=tuple(tuple(s.image_ids[i] for i in p) for s, p in zip(samples, picks)),
+        jpegs=tuple(tuple(s.jpegs[i] for i in p) for s, p in zip(samples, picks)),
+    )
+
+
+def place_sample_pipeline(
+    urls: list[str],
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    seed: int = 0,
+    shuffle_buffer: int = 256,
+) -> wds.DataPipeline:
+    """An IterableDataset of PlaceSample for one rank; use it in a torch DataLoader.
+
+    Shuffling happens on compressed samples (a buffer of `shuffle_buffer` places) so
+    the buffer costs megabytes, not gigabytes of decoded pixels.
+    """
+    stages: list = [
+        functools.partial(select_shards, urls, rank, world_size, epoch, seed),
+        wds.tarfile_to_samples(),
+        to_place_samples,
+    ]
+    if shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=seed + epoch))
+    return wds.DataPipeline(*stages)

@@ -1,0 +1,160 @@
+"""Write one shard: read, re-encode and pack the images its plan rows name.
+
+This is the unit of parallel work in `pipelines/build_shards.py`: one call per shard,
+independent of every other shard, safe to retry.  The tar is written under a
+temporary name in the same folder and renamed into place, so a killed worker never
+leaves a half-written shard under its final name, and a retry rewrites the same bytes
+(member mtimes are fixed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import webdataset as wds
+
+from placeforge.imaging import DecodeError, reencode_jpeg
+from shards.layout import FORMAT_VERSION, IMAGE_META_FIELDS, image_member, shard_name
+from shards.manifest import ShardRecord, file_sha256
+
+FIXED_MTIME = 0.0  # reproducible tars: identical inputs give byte-identical shards
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    record: ShardRecord
+    index_rows: list[dict]  # shards.index.INDEX_SCHEMA rows
+    reject_rows: list[dict]  # placeforge.catalog.REJECTS_SCHEMA rows (stage "encode")
+
+
+def _clean(value: object) -> object:
+    """JSON-safe metadata: NaN/None become null."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return value
+
+
+def _reject(row: dict, reason: str, detail: str) -> dict:
+    return {
+        "input": row["relpath"],
+        "source": row["source"],
+        "dataset": row["dataset"],
+        "stage": "encode",
+        "reason": reason,
+        "detail": detail,
+        "image_id": row["image_id"],
+    }
+
+
+def write_shard(
+    shard_dir: str | os.PathLike, shard_index: int, plan: pa.Table, short_side: int, jpeg_quality: int
+) -> ShardResult:
+    """Build shard `shard_index` from its plan rows (sorted by sample, then member).
+
+    Images that cannot be read or decoded, and byte-identical copies of an image already
+    in the same sample, become reject rows; the remaining images of a sample are
+    renumbered so members stay contiguous (000, 001, ...).
+    """
+    shard_dir = Path(shard_dir)
+    final = shard_dir / shard_name(shard_index)
+    tmp = shard_dir / f".{final.name}.tmp-{os.getpid()}"
+    index_rows: list[dict] = []
+    reject_rows: list[dict] = []
+    samples = 0
+    rows = plan.to_pylist()
+    try:
+        with open(tmp, "wb") as stream:
+            writer = wds.TarWriter(stream, encoder=False, mtime=FIXED_MTIME)
+            start = 0
+            while start < len(rows):
+                end = start
+                while end < len(rows) and rows[end]["sample_key"] == rows[start]["sample_key"]:
+                    end += 1
+                sample = _encode_sample(rows[start:end], short_side, jpeg_quality, index_rows, reject_rows, shard_index)
+                if sample is not None:
+                    writer.write(sample)
+                    samples += 1
+                start = end
+            writer.close()
+        os.replace(tmp, final)
+    except BaseException:
+        # A full disk or a kill leaves no partial file behind, under any name.
+        tmp.unlink(missing_ok=True)
+        raise
+    record = ShardRecord(
+        name=final.name,
+        images=len(index_rows),
+        samples=samples,
+        bytes=final.stat().st_size,
+        sha256=file_sha256(final),
+    )
+    return ShardResult(record, index_rows, reject_rows)
+
+
+def _encode_sample(
+    rows: list[dict],
+    short_side: int,
+    jpeg_quality: int,
+    index_rows: list[dict],
+    reject_rows: list[dict],
+    shard_index: int,
+) -> dict | None:
+    """One webdataset sample dict for the rows of one sample, or None if no image survived."""
+    first = rows[0]
+    sample: dict = {"__key__": first["sample_key"]}
+    images: list[dict] = []
+    seen_digests: set[str] = set()
+    for row in rows:
+        try:
+            with open(row["path"], "rb") as f:
+                raw = f.read()
+        except OSError as err:
+            reject_rows.append(_reject(row, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+            continue
+        digest = hashlib.sha1(raw).hexdigest()
+        if digest in seen_digests:
+            reject_rows.append(_reject(row, "duplicate", f"same bytes as another image of place {first['place_key']}"))
+            continue
+        try:
+            encoded = reencode_jpeg(raw, short_side, jpeg_quality)
+        except DecodeError as err:
+            reject_rows.append(_reject(row, "decode_error", str(err)))
+            continue
+        seen_digests.add(digest)
+        member = image_member(len(images))
+        sample[member] = encoded.jpeg
+        images.append(
+            {"member": member, "image_id": row["image_id"], "width": encoded.width, "height": encoded.height}
+            | {k: _clean(row[k]) for k in IMAGE_META_FIELDS}
+        )
+        index_rows.append(
+            {
+                "image_id": row["image_id"],
+                "place_id": row["place_id"],
+                "shard_index": shard_index,
+                "sample_key": first["sample_key"],
+                "member": member,
+                "width": encoded.width,
+                "height": encoded.height,
+                "jpeg_bytes": len(encoded.jpeg),
+                "source_sha1": digest,
+            }
+        )
+    if not images:
+        return None
+    record = {
+        "format": FORMAT_VERSION,
+        "sample_key": first["sample_key"],
+        "place_id": first["place_id"],
+        "place_key": first["place_key"],
+        "part": first["part"],
+        "parts": first["parts"],
+        "images": images,
+    }
+    sample["json"] = json.dumps(record, sort_keys=True).encode("utf-8")
+    return sample

@@ -1,0 +1,99 @@
+"""Place assignment: geo cells across zones, heading sectors, source places, small places."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from placeforge.catalog import catalog_table, image_id_for
+from placeforge.geo import latlon_to_utm, utm_to_latlon
+from placeforge.places import PlaceConfig, assign_places, cell_indices, geo_place_keys, heading_sector
+
+
+def test_cell_indices_floor_negative_and_boundaries():
+    col, row = cell_indices(np.array([0.0, 14.99, 15.0, -0.1]), np.array([29.9, 30.0, 0.0, -15.0]), 15.0)
+    assert col.tolist() == [0, 0, 1, -1]
+    assert row.tolist() == [1, 2, 0, -1]
+
+
+def test_heading_sector_wraps_and_marks_unknown():
+    assert heading_sector(np.array([0.0, 89.9, 90.0, 359.9, 360.0, -10.0, np.nan]), 4).tolist() == [0, 0, 1, 3, 0, 3, -1]
+
+
+def test_same_metric_cell_in_two_zones_or_hemispheres_is_two_places():
+    keys = geo_place_keys(
+        np.array([10, 11, 10]), np.array([True, True, False]), np.full(3, 500_000.0), np.full(3, 4_000_000.0), 15.0
+    )
+    assert len(set(keys)) == 3
+
+
+def test_heading_split_keeps_unknown_heading_unsplit():
+    keys = geo_place_keys(
+        np.array([10, 10, 10]), np.ones(3, bool), np.full(3, 7.0), np.full(3, 7.0), 15.0, np.array([10.0, 200.0, np.nan]), 2
+    )
+    assert keys[0].endswith(":h0") and keys[1].endswith(":h1") and ":h" not in keys[2]
+
+
+def _catalog(lat, lon, source_place=None, dataset="d"):
+    utm = latlon_to_utm(np.asarray(lat), np.asarray(lon))
+    n = len(lat)
+    rel = [f"img{i}.jpg" for i in range(n)]
+    return catalog_table(
+        {
+            "image_id": [image_id_for(dataset, r) for r in rel],
+            "source": ["atname"] * n,
+            "dataset": [dataset] * n,
+            "path": [f"/x/{r}" for r in rel],
+            "relpath": rel,
+            "lat": lat,
+            "lon": lon,
+            "utm_east": utm.east_m,
+            "utm_north": utm.north_m,
+            "utm_zone": utm.zone_number,
+            "utm_letter": utm.zone_letter.tolist(),
+            "source_place_id": source_place if source_place is not None else [None] * n,
+        }
+    )
+
+
+def test_assign_places_rejects_small_places_and_accounts_for_every_row():
+    # 5 images within 2 m of the centre of one 50 m cell in SF (zone 10N), 2 images 1 km away.
+    east = np.array([551_125.0, 551_126.0, 551_124.0, 551_125.0, 551_127.0, 552_125.0, 552_126.0])
+    north = np.array([4_180_975.0, 4_180_976.0, 4_180_974.0, 4_180_977.0, 4_180_975.0, 4_180_975.0, 4_180_976.0])
+    lat, lon, _ = utm_to_latlon(east, north, np.full(7, 10), np.ones(7, bool))
+    catalog = _catalog(lat, lon)
+    kept, rejects = assign_places(catalog, PlaceConfig(cell_size_m=50.0, min_images_per_place=4))
+    assert kept.num_rows == 5 and rejects.num_rows == 2
+    assert set(rejects.column("reason").to_pylist()) == {"place_too_small"}
+    assert len(set(kept.column("place_id").to_pylist())) == 1
+    assert kept.column("place_key").to_pylist()[0].startswith("utm:10N:")
+    assert set(kept.column("image_id").to_pylist()) | set(rejects.column("image_id").to_pylist()) == set(
+        catalog.column("image_id").to_pylist()
+    )
+
+
+def test_source_place_ids_are_namespaced_by_dataset():
+    a = _catalog([1.0] * 4, [1.0] * 4, source_place=["7"] * 4, dataset="London")
+    b = _catalog([1.0] * 4, [1.0] * 4, source_place=["7"] * 4, dataset="Paris")
+    kept, rejects = assign_places(pa.concat_tables([a, b]), PlaceConfig())
+    assert rejects.num_rows == 0
+    assert len(set(kept.column("place_id").to_pylist())) == 2
+
+
+def test_place_ids_are_stable_across_calls_and_row_order():
+    catalog = _catalog([37.7749] * 4 + [37.78] * 4, [-122.4194] * 4 + [-122.41] * 4)
+    kept1, _ = assign_places(catalog, PlaceConfig())
+    kept2, _ = assign_places(catalog.take(pa.array(np.arange(8)[::-1])), PlaceConfig())
+    m1 = dict(zip(kept1.column("image_id").to_pylist(), kept1.column("place_id").to_pylist()))
+    m2 = dict(zip(kept2.column("image_id").to_pylist(), kept2.column("place_id").to_pylist()))
+    assert m1 == m2 and len(set(m1.values())) == 2
+
+
+def test_rows_without_place_or_coordinates_are_rejected():
+    catalog = _catalog([np.nan] * 4, [np.nan] * 4)
+    kept, rejects = assign_places(catalog, PlaceConfig(min_images_per_place=1))
+    assert kept.num_rows == 0 and rejects.column("reason").to_pylist() == ["no_coordinates"] * 4
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        PlaceConfig(cell_size_m=0).validate()

@@ -1,0 +1,101 @@
+"""One shard written for real: read back with plain webdataset and tarfile; bad images rejected."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from shards.writer import write_shard
+
+
+def jpeg(seed, size=(64, 48)):
+    arr = np.random.default_rng(seed).integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def plan_rows(tmp_path, files):
+    rows = []
+    for i, (sample, member, data) in enumerate(files):
+        path = tmp_path / f"in{i}.jpg"
+        if data is not None:
+            path.write_bytes(data)
+        rows.append(
+            {
+                "image_id": 1000 + i,
+                "place_id": 7 if sample == "s000000000" else 8,
+                "place_key": "utm:10N:1:2",
+                "source": "atname",
+                "dataset": "d",
+                "relpath": path.name,
+                "path": str(path),
+                "sample_key": sample,
+                "member": member,
+                "part": 0,
+                "parts": 1,
+                "lat": 37.0,
+                "lon": -122.0,
+                "utm_east": 1.0,
+                "utm_north": 2.0,
+                "utm_zone": 10,
+                "heading_deg": float("nan"),
+            }
+        )
+    return pa.Table.from_pylist(rows)
+
+
+def test_shard_round_trip_with_bad_images(tmp_path):
+    good = [jpeg(i, (640, 480)) for i in range(4)]
+    files = [
+        ("s000000000", "000.jpg", good[0]),
+        ("s000000000", "001.jpg", good[1][: len(good[1]) // 2]),  # truncated
+        ("s000000000", "002.jpg", good[0]),  # byte-identical duplicate
+        ("s000000000", "003.jpg", good[2]),
+        ("s000000001", "000.jpg", b"not an image"),
+        ("s000000001", "001.jpg", None),  # vanished before the read
+        ("s000000001", "002.jpg", good[3]),
+    ]
+    plan = plan_rows(tmp_path, files)
+    out = tmp_path / "shards"
+    out.mkdir()
+    result = write_shard(out, 3, plan, short_side=120, jpeg_quality=90)
+    assert result.record.name == "shard-000003.tar" and result.record.images == 3
+    reasons = sorted(r["reason"] for r in result.reject_rows)
+    assert reasons == ["decode_error", "decode_error", "duplicate", "unreadable"]
+    assert len(result.index_rows) + len(result.reject_rows) == len(files)
+
+    samples = list(wds.WebDataset(str(out / "shard-000003.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["s000000000", "s000000001"]
+    first = json.loads(samples[0]["json"])
+    assert [m["member"] for m in first["images"]] == ["000.jpg", "001.jpg"]  # renumbered, contiguous
+    assert [m["image_id"] for m in first["images"]] == [1000, 1003]
+    assert first["images"][0]["heading_deg"] is None  # NaN written as null
+    img = Image.open(io.BytesIO(samples[0]["001.jpg"]))
+    assert min(img.size) == 120 and img.size == (160, 120)
+
+    with tarfile.open(out / "shard-000003.tar") as tar:
+        names = tar.getnames()
+    assert names == ["s000000000.000.jpg", "s000000000.001.jpg", "s000000000.json", "s000000001.000.jpg", "s000000001.json"]
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_rewrite_is_byte_identical(tmp_path):
+    plan = plan_rows(tmp_path, [("s000000000", "000.jpg", jpeg(1)), ("s000000000", "001.jpg", jpeg(2))])
+    out = tmp_path / "shards"
+    out.mkdir()
+    first = write_shard(out, 0, plan, 320, 90).record
+    second = write_shard(out, 0, plan, 320, 90).record
+    assert first.sha256 == second.sha256 and first.bytes == second.bytes
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    plan = plan_rows(tmp_path, [("s000000000", "000.jpg", jpeg(1))])
+    with pytest.raises(OSError):
+        write_shard(tmp_path / "missing-dir", 0, plan, 320, 90)
+    assert not (tmp_path / "missing-dir").exists()
