@@ -206,6 +206,8 @@ def _claim_out_dir(out: Path, fingerprint: str, overwrite: bool) -> bool:
                 "re-run with its arguments to resume, or --overwrite to start again"
             )
         print(f"resuming the interrupted build in {out}")
+        for stale in [*(out / SHARD_SUBDIR).glob(".*.tmp-*"), *work.glob(".*.tmp-*")]:
+            stale.unlink()  # half-written files of the killed run; their shards are rebuilt
         return False
     if out.exists():
         if not out.is_dir():

@@ -1,0 +1,134 @@
+"""build_shards.py on a real local Ray: accounting, read-back with plain webdataset, re-runs, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipelines.build_shards import main
+from shards.build import BuildConfig, _claim_out_dir, _fingerprint, build, build_one_shard
+from shards.layout import WORK_SUBDIR
+from shards.manifest import file_sha256, read_manifest
+from shards.plan import plan_shards
+
+pytestmark = pytest.mark.ray
+
+ARGS = ["--min-shards", "2", "--images-per-shard", "8", "--short-side", "48"]
+
+
+def run(root, out, *extra):
+    return main(["--source", f"atname:{root}", "--out", str(out), *ARGS, *extra])
+
+
+def read_all(out):
+    manifest = read_manifest(out)
+    samples = []
+    for record in manifest.shards:
+        path = out / "shards" / record.name
+        assert file_sha256(path) == record.sha256 and path.stat().st_size == record.bytes
+        samples += list(wds.WebDataset(str(path), shardshuffle=False))
+    return manifest, samples
+
+
+def test_every_input_is_in_the_shards_or_rejected(local_ray, at_dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(at_dataset["root"], out) == 0
+    printed = capsys.readouterr().out
+    assert f"inputs {at_dataset['inputs']} = in shards {at_dataset['good']} + rejected" in printed
+
+    manifest, samples = read_all(out)
+    catalog = pq.read_table(out / "catalog.parquet")
+    rejects = pq.read_table(out / "rejects.parquet")
+    index = pq.read_table(out / "index.parquet")
+    assert manifest.counts["inputs"] == catalog.num_rows + rejects.num_rows == at_dataset["inputs"]
+    assert manifest.counts["rejected_by_reason"] == at_dataset["reasons"]
+
+    in_tars = []
+    for sample in samples:
+        record = json.loads(sample["json"])
+        assert len({m["image_id"] for m in record["images"]}) == len(record["images"])
+        for meta in record["images"]:
+            assert meta["member"] in sample and min(meta["width"], meta["height"]) == 48
+            in_tars.append(meta["image_id"])
+    assert sorted(in_tars) == sorted(catalog.column("image_id").to_pylist()) == sorted(index.column("image_id").to_pylist())
+    assert manifest.counts["places"] == 3 and len(samples) == 3  # one sample per place (<= 16 images)
+    places = {json.loads(s["json"])["place_id"] for s in samples}
+    assert places == set(catalog.column("place_id").to_pylist())
+    with tarfile.open(out / "shards" / manifest.shards[0].name) as tar:  # plain tar reads it too
+        assert all(m.isfile() and not m.name.startswith(("/", "..")) for m in tar.getmembers())
+    assert not (out / WORK_SUBDIR).exists()
+
+
+def test_rerun_is_a_no_op_and_a_changed_config_refuses(local_ray, at_dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(at_dataset["root"], out) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    assert run(at_dataset["root"], out) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+
+    assert run(at_dataset["root"], out, "--seed", "5") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run(at_dataset["root"], out, "--seed", "5", "--overwrite") == 0
+    assert read_manifest(out).config["seed"] == 5
+
+
+def test_interrupted_build_resumes_and_matches_a_clean_build(local_ray, at_dataset, tmp_path):
+    cfg = BuildConfig(min_shards=3, images_per_shard=6, short_side=48)
+    clean = build([("atname", at_dataset["root"])], tmp_path / "clean", cfg)
+
+    # Reproduce the state a killed build leaves: plan written, one shard finished, one
+    # shard's temporary file half-written, no manifest.
+    out = tmp_path / "resumed"
+    from shards.build import _ingest
+    from placeforge.places import assign_places
+    from placeforge.catalog import write_parquet_atomic
+
+    catalog, _, _ = _ingest([("atname", at_dataset["root"])])
+    kept, _ = assign_places(catalog, cfg.place_config())
+    plan = plan_shards(kept, cfg.max_images_per_sample, cfg.images_per_shard, cfg.min_shards, cfg.seed)
+    fingerprint = _fingerprint(cfg, [("atname", at_dataset["root"])], plan)
+    assert not _claim_out_dir(out.resolve(), fingerprint, overwrite=False)
+    write_parquet_atomic(plan, out / WORK_SUBDIR / "plan.parquet")
+    (out / WORK_SUBDIR / "fingerprint").write_text(fingerprint)
+    build_one_shard({"shard_index": 1}, str(out.resolve()), cfg.short_side, cfg.jpeg_quality)
+    (out / "shards" / ".shard-000000.tar.tmp-1234").write_bytes(b"partial")
+
+    resumed = build([("atname", at_dataset["root"])], out, cfg)
+    assert resumed.resumed_shards == 1
+    assert [s.sha256 for s in resumed.manifest.shards] == [s.sha256 for s in clean.manifest.shards]
+    assert resumed.manifest.counts == clean.manifest.counts
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [s.name for s in clean.manifest.shards]
+
+
+def test_two_sources_with_the_same_folder_reject_the_second_copy(local_ray, at_dataset, tmp_path):
+    out = tmp_path / "out"
+    root = at_dataset["root"]
+    assert main(["--source", f"atname:{root}", "--source", f"atname:{root}", "--out", str(out), *ARGS]) == 0
+    counts = read_manifest(out).counts
+    assert counts["inputs"] == 2 * at_dataset["inputs"]
+    assert counts["in_shards"] == at_dataset["good"]
+
+
+@pytest.mark.parametrize(
+    "source,message",
+    [("nosuch:/tmp", "nosuch"), ("atname", "FORMAT:PATH"), ("atname:/definitely/missing", "/definitely/missing")],
+)
+def test_bad_sources_fail_at_once_with_a_message(source, message, tmp_path, capsys):
+    assert main(["--source", source, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_dir_with_foreign_files_is_refused(at_dataset, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "my_thesis.tex").write_text("precious")
+    assert run(at_dataset["root"], out) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "my_thesis.tex").read_text() == "precious"
