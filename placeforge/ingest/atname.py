@@ -1,0 +1,325 @@
+"""Reader for folders of images named in the "@" format (format name "atname").
+
+This is the layout of gmberton/VPR-datasets-downloader, used by SF-XL, Pitts30k/250k,
+Tokyo 24/7, St Lucia, MSLS-as-downloaded and others.  A file name holds 14 fields,
+each of which may be empty, between a leading and a trailing "@", then the extension:
+
+    @utm_east@utm_north@utm_zone_number@utm_zone_letter@lat@lon@pano_id@tile_num
+        @heading@pitch@roll@height@timestamp@note@.jpg
+    @0543037.38@4180974.80@10@S@037.77510@-122.51130@1ooZhwTQyuNt0xiue5YhLg@@134@@@@201311@@.jpg
+
+Every file below the root is an input; `subset` is its folder relative to the root
+(e.g. "images/test/queries"; null at the root).  Coordinates come from lat/lon when
+both are present and valid, else from the UTM fields; UTM is then recomputed from
+lat/lon per point.  `pano_id` identifies a panorama, not a place, so
+`source_place_id` stays null.  The timestamp may be YYYY, YYYYMM, YYYYMMDD or
+YYYYMMDD_hh[mm[ss]] (UTC); anything else leaves `captured_at` null.
+
+`parse_at_name` parses one name (pure, for tests and tools); `parse_at_names` parses
+[N] names at once with polars and accepts exactly the same names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from placeforge.catalog import IMAGE_EXTENSIONS
+from placeforge.geo import is_northern_letter, utm_to_latlon, valid_latlon
+from placeforge.ingest.common import (
+    INT_PATTERN,
+    NUMBER_PATTERN,
+    IngestResult,
+    RejectLog,
+    SourceError,
+    finish,
+    latlon_problem,
+    open_root,
+    parse_float,
+    parse_int,
+    whole,
+)
+from placeforge.ingest.listing import list_files
+
+SOURCE = "atname"
+FIELDS = (
+    "utm_east", "utm_north", "utm_zone_number", "utm_zone_letter", "lat", "lon", "pano_id",
+    "tile_num", "heading", "pitch", "roll", "height", "timestamp", "note",
+)  # fmt: skip
+FLOAT_FIELDS = frozenset({"utm_east", "utm_north", "lat", "lon", "heading", "pitch", "roll", "height"})
+INT_FIELDS = frozenset({"utm_zone_number", "tile_num"})
+UTM_FIELDS = ("utm_east", "utm_north", "utm_zone_number", "utm_zone_letter")
+# AtName attribute (and parse_at_names column) of each field, where the unit is in the name.
+ATTRIBUTE = {f: {"heading": "heading_deg", "pitch": "pitch_deg", "roll": "roll_deg"}.get(f, f) for f in FIELDS}
+
+# Patterns are unanchored (see common.NUMBER_PATTERN): re.fullmatch / whole().
+_NAME = "@" + "@".join(["([^@]*)"] * len(FIELDS)) + "@"  # the name without its extension
+_BAND_LETTER = r"[C-HJ-NP-Xc-hj-np-x]"  # latitude bands C..X without I and O
+_TIMESTAMP = (
+    r"[1-9][0-9]{3}(?:(?:0[1-9]|1[0-2])(?:(?:0[1-9]|[12][0-9]|3[01])"
+    r"(?:_(?:[01][0-9]|2[0-3])(?:[0-5][0-9](?:[0-5][0-9])?)?)?)?)?"
+)
+
+
+class AtNameError(ValueError):
+    """A file name that does not follow the "@" format; `why` says what is wrong."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"{name!r}: {why}")
+        self.why = why
+
+
+class CoordinateError(ValueError):
+    """A parsed name whose position cannot be used; `reason` is a catalog.REASONS code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class AtName:
+    """The fields of one "@" name; None where the field is empty."""
+
+    utm_east: float | None  # metres
+    utm_north: float | None  # metres
+    utm_zone_number: int | None
+    utm_zone_letter: str | None
+    lat: float | None  # degrees
+    lon: float | None  # degrees
+    pano_id: str | None
+    tile_num: int | None
+    heading_deg: float | None  # as written, not normalised
+    pitch_deg: float | None
+    roll_deg: float | None
+    height: float | None
+    timestamp: str | None  # as written
+    note: str | None
+    extension: str  # e.g. ".jpg"; "" if none
+
+    @property
+    def captured_at(self) -> datetime | None:
+        return timestamp_to_datetime(self.timestamp)
+
+
+def parse_at_name(name: str) -> AtName:
+    """Parse one file name (a leading folder path is ignored); raises AtNameError."""
+    name = name.rsplit("/", 1)[-1]
+    dot = name.rfind(".")
+    extension = name[dot:] if dot >= 0 else ""
+    stem = name[: len(name) - len(extension)]
+    if not stem.startswith("@"):
+        raise AtNameError(name, "does not start with '@'")
+    parts = stem.split("@")
+    if len(parts) < 2 or parts[-1] != "":
+        raise AtNameError(name, "does not end with '@' before the extension")
+    texts = parts[1:-1]
+    if len(texts) != len(FIELDS):
+        raise AtNameError(name, f"has {len(texts)} '@' fields, expected {len(FIELDS)} ({'@'.join(FIELDS)})")
+    values: dict[str, object] = {}
+    for number, (field, text) in enumerate(zip(FIELDS, texts), start=1):
+        if text == "":
+            values[field] = None
+        elif field in FLOAT_FIELDS:
+            if not re.fullmatch(NUMBER_PATTERN, text):
+                raise AtNameError(name, f"field {number} ({field}) = {text!r} is not a number")
+            values[field] = float(text)
+        elif field in INT_FIELDS:
+            if not re.fullmatch(INT_PATTERN, text):
+                raise AtNameError(name, f"field {number} ({field}) = {text!r} is not an integer")
+            values[field] = int(text)
+        else:
+            values[field] = text
+    return AtName(**{ATTRIBUTE[f]: v for f, v in values.items()}, extension=extension)  # type: ignore[arg-type]
+
+
+def timestamp_to_datetime(timestamp: str | None) -> datetime | None:
+    """YYYY, YYYYMM, YYYYMMDD or YYYYMMDD_hh[mm[ss]] -> UTC datetime; anything else -> None."""
+    if not timestamp or not re.fullmatch(_TIMESTAMP, timestamp):
+        return None
+    date, _, time = timestamp.partition("_")
+    full = date + "0101"[len(date) - 4 :] + time.ljust(6, "0")
+    try:
+        return datetime.strptime(full, "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+    except ValueError:  # e.g. 30 February
+        return None
+
+
+def coordinates_of(at: AtName) -> tuple[float, float]:
+    """(lat, lon) in degrees: lat/lon when both valid, else from UTM; raises CoordinateError."""
+    latlon_given = at.lat is not None or at.lon is not None
+    utm_given = any(getattr(at, f) is not None for f in UTM_FIELDS)
+    if not latlon_given and not utm_given:
+        raise CoordinateError("no_coordinates", "no lat/lon and no UTM fields")
+    problems = []
+    if latlon_given:
+        problem = latlon_problem(at.lat, at.lon)
+        if problem is None:
+            return at.lat, at.lon  # type: ignore[return-value]
+        problems.append(problem)
+    if utm_given:
+        try:
+            return _utm_to_latlon_scalar(at)
+        except CoordinateError as err:
+            problems.append(err.detail)
+    raise CoordinateError("bad_coordinates", "; ".join(problems))
+
+
+def parse_at_names(names: pl.Series) -> pl.DataFrame:
+    """Parse [N] file names at once.
+
+    Returns:
+        [N] rows: `ok` (bool, False where parse_at_name would raise), one column per
+        AtName attribute except extension (f64 / i64 / str, null where the field is
+        empty), and `captured_at_s` (i64 Unix seconds, null where the timestamp is
+        unusable).  Fields are null on rows that are not ok.
+    """
+    frame = pl.DataFrame({"name": names.cast(pl.String)}).with_columns(extension=_extension(pl.col("name")))
+    stem = pl.col("name").str.head(pl.col("name").str.len_chars() - pl.col("extension").str.len_chars())
+    groups = frame.select(stem.str.extract_groups(whole(_NAME)).alias("fields")).unnest("fields")
+    groups.columns = list(FIELDS)
+    texts = groups.with_columns(matched=pl.col(FIELDS[0]).is_not_null())
+
+    typed, bad = [], []
+    for field in FIELDS:
+        text = pl.col(field)
+        if field in FLOAT_FIELDS or field in INT_FIELDS:
+            value, is_bad = (parse_float if field in FLOAT_FIELDS else parse_int)(text)
+            typed.append(value.alias(ATTRIBUTE[field]))
+            bad.append(is_bad)
+        else:
+            typed.append(pl.when(text != "").then(text).alias(ATTRIBUTE[field]))
+    ok = pl.col("matched") & ~pl.any_horizontal(bad)
+    parsed = texts.select(ok.alias("ok"), *typed)
+    parsed = parsed.with_columns(pl.when(pl.col("ok")).then(pl.col(a)).alias(a) for a in ATTRIBUTE.values())
+    return parsed.with_columns(captured_at_s=_timestamp_seconds(pl.col("timestamp")))
+
+
+def read_atname(root: str | Path) -> IngestResult:
+    """Catalog every file below `root` named in the "@" format (see the module docstring)."""
+    root = open_root(SOURCE, root)
+    listing = list_files(root)
+    if not listing.relpaths and not listing.skipped:
+        raise SourceError(f"{SOURCE} source {root} has no files (expected @...@.jpg images in any subfolder)")
+    rejects = RejectLog()
+    for entry in listing.skipped:
+        rejects.add(entry.relpath, entry.reason, entry.detail)
+
+    relpath = pl.col("relpath")
+    files = pl.DataFrame({"relpath": listing.relpaths}, schema={"relpath": pl.String})
+    files = files.with_columns(name=relpath.str.split("/").list.last())
+    parent = relpath.str.head(relpath.str.len_chars() - pl.col("name").str.len_chars() - 1)
+    files = files.with_columns(subset=pl.when(relpath.str.contains("/", literal=True)).then(parent))
+    extension = _extension(pl.col("name")).str.to_lowercase()
+    is_image = extension.is_in(sorted(IMAGE_EXTENSIONS))
+    valid_list = ", ".join(sorted(IMAGE_EXTENSIONS))
+    rejects.add_frame(files.filter(~is_image).select(
+        input="relpath", relpath="relpath", reason=pl.lit("not_an_image"),
+        detail=pl.format("extension '{}' is not one of {}", extension, pl.lit(valid_list)),
+    ))  # fmt: skip
+    files = files.filter(is_image)
+
+    parsed = pl.concat([files, parse_at_names(files["name"])], how="horizontal")
+    bad = parsed.filter(~pl.col("ok"))
+    rejects.add_frame(bad.select(
+        input="relpath", relpath="relpath", reason=pl.lit("bad_name"),
+        detail=pl.Series([_name_problem(n) for n in bad["name"]], dtype=pl.String),
+    ))  # fmt: skip
+    parsed = parsed.filter(pl.col("ok"))
+
+    lat, lon, usable = _resolve_coordinates(parsed)
+    parsed = parsed.with_columns(lat=pl.Series(lat), lon=pl.Series(lon), usable=pl.Series(usable))
+    unplaced = parsed.filter(~pl.col("usable"))
+    problems = [_coordinate_problem(n) for n in unplaced["name"]]
+    rejects.add_frame(unplaced.select(
+        input="relpath", relpath="relpath",
+        reason=pl.Series([p[0] for p in problems], dtype=pl.String),
+        detail=pl.Series([p[1] for p in problems], dtype=pl.String),
+    ))  # fmt: skip
+    candidates = parsed.filter(pl.col("usable")).select(
+        "relpath", "subset", "lat", "lon", "heading_deg", "captured_at_s", input="relpath"
+    )
+    return finish(SOURCE, root, candidates, rejects, missing_reason="unreadable")
+
+
+def _resolve_coordinates(parsed: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[N] (lat, lon, usable) for parsed names, by the same rule as `coordinates_of`."""
+    lat = parsed["lat"].fill_null(np.nan).to_numpy().copy()  # polars hands out read-only views
+    lon = parsed["lon"].fill_null(np.nan).to_numpy().copy()
+    from_latlon = valid_latlon(lat, lon)
+    letter = parsed["utm_zone_letter"].fill_null("")
+    utm_complete = (
+        parsed["utm_east"].is_not_null() & parsed["utm_north"].is_not_null()
+        & parsed["utm_zone_number"].is_not_null() & letter.str.contains(whole(_BAND_LETTER))
+    ).to_numpy()  # fmt: skip
+    need = np.flatnonzero(~from_latlon & utm_complete)  # usually none: lat/lon are given
+    utm_lat, utm_lon, utm_ok = utm_to_latlon(
+        parsed["utm_east"].to_numpy()[need],
+        parsed["utm_north"].to_numpy()[need],
+        parsed["utm_zone_number"].to_numpy()[need],
+        is_northern_letter(letter.to_numpy()[need].astype("<U1")),
+    )
+    from_utm = need[utm_ok & valid_latlon(utm_lat, utm_lon)]
+    lat[need], lon[need] = utm_lat, utm_lon
+    usable = from_latlon.copy()
+    usable[from_utm] = True
+    return lat, lon, usable
+
+
+def _utm_to_latlon_scalar(at: AtName) -> tuple[float, float]:
+    missing = [f for f in UTM_FIELDS if getattr(at, f) is None]
+    if missing:
+        raise CoordinateError("bad_coordinates", f"UTM is incomplete ({', '.join(missing)} empty)")
+    if not re.fullmatch(_BAND_LETTER, at.utm_zone_letter):  # type: ignore[arg-type]
+        raise CoordinateError("bad_coordinates", f"UTM zone letter {at.utm_zone_letter!r} is not a band C..X")
+    utm = f"UTM {at.utm_east} {at.utm_north} {at.utm_zone_number}{at.utm_zone_letter}"
+    if not 1 <= at.utm_zone_number <= 60:  # type: ignore[operator]
+        raise CoordinateError("bad_coordinates", f"{utm}: zone is not 1..60")
+    northern = is_northern_letter(np.array([at.utm_zone_letter]))
+    lat, lon, ok = utm_to_latlon(
+        np.array([at.utm_east]), np.array([at.utm_north]), np.array([at.utm_zone_number]), northern
+    )
+    if not ok[0]:
+        raise CoordinateError("bad_coordinates", f"{utm}: easting or northing is NaN or out of range")
+    problem = latlon_problem(float(lat[0]), float(lon[0]))
+    if problem:
+        raise CoordinateError("bad_coordinates", f"{utm} gives {problem}")
+    return float(lat[0]), float(lon[0])
+
+
+def _name_problem(name: str) -> str:
+    try:
+        parse_at_name(name)
+    except AtNameError as err:
+        return err.why
+    raise AssertionError(f"parse_at_names rejected {name!r} but parse_at_name accepts it")
+
+
+def _coordinate_problem(name: str) -> tuple[str, str]:
+    try:
+        coordinates_of(parse_at_name(name))
+    except CoordinateError as err:
+        return err.reason, err.detail
+    raise AssertionError(f"vectorised coordinates rejected {name!r} but coordinates_of accepts it")
+
+
+def _extension(name: pl.Expr) -> pl.Expr:
+    """Vectorised: the last dot and what follows it ("" if no dot), as in parse_at_name."""
+    after_last_dot = name.str.split(".").list.last()
+    return pl.when(name.str.contains(".", literal=True)).then("." + after_last_dot).otherwise(pl.lit(""))
+
+
+def _timestamp_seconds(text: pl.Expr) -> pl.Expr:
+    """Vectorised `timestamp_to_datetime`, as Unix seconds."""
+    length = text.str.len_chars()
+    date = text.str.head(8)
+    date = pl.when(length == 4).then(date + "0101").when(length == 6).then(date + "01").otherwise(date)
+    full = date + text.str.slice(9).fill_null("").str.pad_end(6, "0")
+    parsed = full.str.strptime(pl.Datetime("us", "UTC"), "%Y%m%d%H%M%S", strict=False)
+    return pl.when(text.str.contains(whole(_TIMESTAMP))).then(parsed.dt.epoch("s"))

@@ -1,0 +1,67 @@
+"""build_shards.py submitted with `ray job submit` to a Ray head the test starts on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shards.manifest import read_manifest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A head node as its own processes, dashboard (the job API) on 127.0.0.1 only."""
+    if not (BIN / "ray").exists():
+        pytest.skip(f"the ray CLI is not installed next to {sys.executable}")
+    gcs_port, dash_port = free_port(), free_port()
+    # Token auth on both sides: Ray 2.60 enables it whenever ~/.ray/auth_token exists
+    # (a local ray.init creates one), and the job client must then send the token.
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_DISABLE_USAGE_STATS="1", RAY_AUTH_MODE="token")
+    start = [
+        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+        "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+        "--include-dashboard=true", "--disable-usage-stats",
+    ]  # fmt: skip
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield env, f"http://127.0.0.1:{dash_port}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_builds_the_same_shards_as_a_local_run(ray_head, at_dataset, tmp_path):
+    env, address = ray_head
+    out = tmp_path / "submitted"
+    args = ["--source", f"atname:{at_dataset['root']}", "--out", str(out), "--min-shards", "2", "--short-side", "48"]
+    submit = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+        "--", "python", "pipelines/build_shards.py", *args,
+    ]  # fmt: skip
+    result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"inputs {at_dataset['inputs']} = in shards {at_dataset['good']}" in result.stdout
+
+    submitted = read_manifest(out)
+    from pipelines.build_shards import main
+
+    assert main([*args[:2], "--out", str(tmp_path / "local"), *args[4:]]) == 0
+    local = read_manifest(tmp_path / "local")
+    assert [s.sha256 for s in submitted.shards] == [s.sha256 for s in local.shards]
+    assert submitted.counts == local.counts
