@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+from collections import Counter
 import tarfile
 
 import pyarrow.parquet as pq
@@ -11,6 +11,7 @@ import pytest
 import webdataset as wds
 
 from pipelines.build_shards import main
+from tests.conftest import jpeg_bytes
 from shards.build import BuildConfig, _claim_out_dir, _fingerprint, build, build_one_shard
 from shards.layout import WORK_SUBDIR
 from shards.manifest import file_sha256, read_manifest
@@ -132,3 +133,66 @@ def test_out_dir_with_foreign_files_is_refused(at_dataset, tmp_path, capsys):
     assert run(at_dataset["root"], out) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "my_thesis.tex").read_text() == "precious"
+
+
+def write_gsv(root, seed0):
+    """2 places x 4 images in one city, plus a CSV row whose file is missing."""
+    (root / "Dataframes").mkdir(parents=True)
+    (root / "Images" / "Lyon").mkdir(parents=True)
+    lines = ["place_id,year,month,northdeg,city_id,lat,lon,panoid"]
+    for place in range(2):
+        for i in range(4):
+            lat, lon = f"45.76{place}{i}", f"4.83{place}{i}"
+            lines.append(f"{place},2019,{i + 1},{i * 90},Lyon,{lat},{lon},pano{place}x{i}")
+            name = f"Lyon_{place:07d}_2019_{i + 1:02d}_{i * 90:03d}_{lat}_{lon}_pano{place}x{i}.jpg"
+            (root / "Images" / "Lyon" / name).write_bytes(jpeg_bytes(seed0 + place * 10 + i))
+    lines.append("5,2019,1,0,Lyon,45.7,4.8,gone")
+    (root / "Dataframes" / "Lyon.csv").write_text("\n".join(lines) + "\n")
+    return 8, 9
+
+
+def write_msls(root, seed0):
+    """One city, 5 database images a metre apart (one place), plus an image with no row."""
+    side = root / "train_val" / "tokyo" / "database"
+    (side / "images").mkdir(parents=True)
+    rows = [",key,lon,lat,ca,captured_at,pano"]
+    for i in range(5):
+        rows.append(f"{i},k{i},139.70000{i},35.690000,{i * 10},{1500000000000 + i},False")
+        (side / "images" / f"k{i}.jpg").write_bytes(jpeg_bytes(seed0 + i))
+    (side / "raw.csv").write_text("\n".join(rows) + "\n")
+    (side / "images" / "orphan.jpg").write_bytes(jpeg_bytes(seed0 + 9))
+    return 5, 6
+
+
+def write_gldv2(root, seed0):
+    """One landmark with 4 images, plus an id that would escape the root."""
+    ids = [f"{i:x}" * 16 for i in range(10, 14)]
+    for n, image_id in enumerate(ids):
+        path = root / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg_bytes(seed0 + n))
+    (root / "train_clean.csv").write_text("landmark_id,images\n" f"42,{' '.join(ids)} ../../etc/passwd\n")
+    return 4, 5
+
+
+def test_every_format_round_trips_through_the_shards(local_ray, tmp_path):
+    writers = {"gsv_cities": write_gsv, "msls": write_msls, "gldv2": write_gldv2}
+    sources, expected_good, expected_inputs = [], {}, 0
+    for n, (fmt, writer) in enumerate(writers.items()):
+        root = tmp_path / fmt
+        good, inputs = writer(root, 1000 * (n + 1))
+        sources += ["--source", f"{fmt}:{root}"]
+        expected_good[fmt] = good
+        expected_inputs += inputs
+    out = tmp_path / "out"
+    assert main([*sources, "--out", str(out), *ARGS]) == 0
+    manifest, samples = read_all(out)
+    catalog = pq.read_table(out / "catalog.parquet")
+    assert manifest.counts["inputs"] == expected_inputs
+    assert Counter(catalog.column("source").to_pylist()) == expected_good
+    assert sorted(i for s in samples for i in (m["image_id"] for m in json.loads(s["json"])["images"])) == sorted(
+        catalog.column("image_id").to_pylist()
+    )
+    keys = {json.loads(s["json"])["place_key"] for s in samples}
+    assert any(k.startswith("gsv_cities:gsv_cities:Lyon/") for k in keys)
+    assert "gldv2:gldv2:42" in keys and any(k.startswith("utm:54N:") for k in keys)  # Tokyo is zone 54
