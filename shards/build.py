@@ -146,12 +146,9 @@ def _ingest(sources: list[tuple[str, Path]]) -> tuple[pa.Table, pa.Table, int]:
     catalog = concat([r.catalog for r in results], CATALOG_SCHEMA)
     rejects = concat([r.rejects for r in results], REJECTS_SCHEMA)
     inputs = sum(r.inputs for r in results)
-    ids = catalog.column("image_id").to_numpy()
-    paths = catalog.column("path").to_pylist()
-    first_seen = pl.DataFrame({"id": ids, "path": paths}).with_row_index("row")
-    dup_id = first_seen.select(pl.col("id").is_duplicated() & ~pl.col("id").is_first_distinct()).to_series()
-    dup_path = first_seen.select(pl.col("path").is_duplicated() & ~pl.col("path").is_first_distinct()).to_series()
-    dup = (dup_id | dup_path).to_numpy()
+    # The same folder given twice, or one dataset reachable under two names: keep the first.
+    ids = pl.from_arrow(catalog.select(["image_id", "path"]))
+    dup = ids.select(~pl.col("image_id").is_first_distinct() | ~pl.col("path").is_first_distinct()).to_series().to_numpy()
     if dup.any():
         dups = catalog.filter(pa.array(dup))
         rejects = concat(
