@@ -24,6 +24,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -124,12 +125,16 @@ def write_label_set(
     encoder_sha256: str | None = None,
     method: str = "kmeans",
     params: dict | None = None,
+    extras: Callable[[Path], None] | None = None,
 ) -> LabelManifest:
     """Write `table` as a new complete version under `root`, atomically.
 
     The version number is the table's `label_version`; an existing `vNNNN` is never
     overwritten.  `encoder_sha256` is computed from `encoder_checkpoint` when that is a
     file and no hash is given (a checkpoint folder is recorded by path only).
+    `extras(folder)` is called with the version's temporary folder before the manifest
+    is written: files it writes there (e.g. `plots/`) appear with the version, in the
+    same rename, and if it raises no version is written.
     Returns the manifest written.
     """
     table = table.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
@@ -150,6 +155,8 @@ def write_label_set(
     try:
         write_parquet_atomic(table, tmp / LABELS_FILE)
         _fsync(tmp / LABELS_FILE)
+        if extras is not None:
+            extras(tmp)
         manifest = LabelManifest(
             version=version,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

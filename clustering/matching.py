@@ -186,7 +186,7 @@ def match_to_previous(
         overlap[old_row, t_new[s:e]] = shared[s:e]
         similarity = _similarity(int(cells[c]), slots, k_new, old_centroids, new_centroids) if use_centroids else None
         matched = match_cell(overlap, similarity)
-        mapping[c, matched >= 0] = slots[matched[matched >= 0]]
+        mapping[c, np.flatnonzero(matched >= 0)] = slots[matched[matched >= 0]]  # matched is [k_new <= k_max]
 
     exists = np.arange(k_max)[None, :] < k_of_cell[:, None]
     fresh = exists & (mapping < 0)

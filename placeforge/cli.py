@@ -39,7 +39,7 @@ def demo(argv: list[str] | None = None) -> int:
         synth_cfg = preset(args.preset)
         started = time.perf_counter()
         print(f"[1/3] synthetic city -> {out / 'city'}")
-        generate(out / "city", synth_cfg, overwrite=args.overwrite)
+        generate(out / "city", synth_cfg, overwrite=args.overwrite, progress=True)
         print(f"[2/3] catalog + shards -> {out / 'shards'}")
         sources = [("atname", out / "city" / "atname" / "train"), ("gsv_cities", out / "city" / "gsv_cities")]
         summary = build(
