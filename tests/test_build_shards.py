@@ -196,3 +196,28 @@ def test_every_format_round_trips_through_the_shards(local_ray, tmp_path):
     keys = {json.loads(s["json"])["place_key"] for s in samples}
     assert any(k.startswith("gsv_cities:gsv_cities:Lyon/") for k in keys)
     assert "gldv2:gldv2:42" in keys and any(k.startswith("utm:54N:") for k in keys)  # Tokyo is zone 54
+
+
+def _keep(sample):
+    return sample
+
+
+def test_reader_splits_real_shards_by_rank_and_loader_worker(local_ray, at_dataset, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from shards.reader import ShardSet, place_sample_pipeline
+
+    out = tmp_path / "out"
+    assert main(["--source", f"atname:{at_dataset['root']}", "--out", str(out), "--min-shards", "3",
+                 "--images-per-shard", "4", "--short-side", "48"]) == 0  # fmt: skip
+    urls = ShardSet.open(out).urls
+    everything = {s["__key__"] for u in urls for s in wds.WebDataset(u, shardshuffle=False)}
+    assert len(urls) == 3 and len(everything) == 3
+
+    seen = []
+    for rank in range(2):
+        pipeline = place_sample_pipeline(urls, rank=rank, world_size=2, epoch=1, shuffle_buffer=4)
+        loader = DataLoader(pipeline, batch_size=None, num_workers=2, collate_fn=_keep)
+        seen.append([s.key for s in loader])
+    assert sorted(seen[0] + seen[1]) == sorted(everything)  # each sample once, across ranks and workers
+    assert not set(seen[0]) & set(seen[1])
