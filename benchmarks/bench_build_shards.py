@@ -27,9 +27,9 @@ from placeforge.synth.synth_config import SynthConfig
 from shards.build import BuildConfig, build
 
 
-def make_dataset(work: Path, width: int, height: int) -> Path:
+def make_dataset(work: Path, width: int, height: int, places: int) -> Path:
     cfg = SynthConfig(
-        train_places=400, test_places=8, queries=8, gsv_places=4, gsv_images_per_place=4, width=width, height=height
+        train_places=places, test_places=8, queries=8, gsv_places=4, gsv_images_per_place=4, width=width, height=height
     )
     generate(work / "city", cfg)
     return work / "city" / "atname" / "train"
@@ -80,9 +80,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--short-side", type=int, default=320)
+    parser.add_argument("--places", type=int, default=800, help="train places; 8 images each")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="pf-bench-"))
-    source = make_dataset(work, args.width, args.height)
+    source = make_dataset(work, args.width, args.height, args.places)
     paths = read_source("atname", source).catalog.column("path").to_pylist()
     n = len(paths)
     bench_loop(paths[:50], args.short_side)  # warm the page cache and PIL
