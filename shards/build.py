@@ -32,6 +32,7 @@ from placeforge.catalog import (
 )
 from placeforge.config import to_dict
 from placeforge.places import PlaceConfig, assign_places
+from placeforge.raysession import ray_session
 from shards.index import INDEX_SCHEMA, write_index
 from shards.layout import (
     CATALOG_FILE,
@@ -253,15 +254,7 @@ def _run_shard_tasks(out: Path, todo: list[int], cfg: BuildConfig, ray_address: 
     import ray
     from tqdm import tqdm
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
-        elif os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)  # inside `ray job submit`: join that cluster
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_session(ray_address, num_cpus):
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -275,9 +268,6 @@ def _run_shard_tasks(out: Path, todo: list[int], cfg: BuildConfig, ray_address: 
             for row in ds.iter_rows():
                 bar.update(1)
                 bar.set_postfix(images=row["images"], rejects=row["rejects"])
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _assemble(

@@ -1,0 +1,167 @@
+"""Encoder registry, global-descriptor model, preprocessing and the checkpoint format.
+
+Pure and fast: the tiny preset on CPU; the DINOv2 presets are only built on the meta device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import jpeg_bytes
+from trainer.checkpoint import (
+    CheckpointError,
+    inspect_model_checkpoint,
+    load_model_checkpoint,
+    save_model_checkpoint,
+)
+from trainer.encoders import (
+    ENCODERS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderConfig,
+    build_model,
+    encoder_spec,
+    preprocess,
+)
+
+
+def images(batch: int = 2, size: int = 112, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "gem"])
+def test_tiny_model_shapes_and_unit_norm(pooling):
+    torch.manual_seed(0)
+    model = build_model(EncoderConfig(pooling=pooling, descriptor_dim=32)).eval()
+    x = images(3)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (3, 1 + (112 // 14) ** 2, ENCODERS["vit_tiny_test"].embed_dim)
+    descriptors = model(x)
+    assert descriptors.shape == (3, 32)
+    assert torch.allclose(descriptors.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert model(images(1, size=140)).shape == (1, 32)  # dynamic image size: other multiples of 14 work
+
+
+@pytest.mark.parametrize("pooling", ["cls", "gem"])
+def test_every_parameter_receives_a_gradient(pooling):
+    torch.manual_seed(0)
+    model = build_model(EncoderConfig(pooling=pooling, descriptor_dim=16)).train()
+    descriptors = model(images(4))
+    target = torch.randn_like(descriptors)
+    (descriptors * target).sum().backward()
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    if pooling == "gem":
+        assert model.gem.p.grad is not None
+
+
+def test_unknown_encoder_lists_the_valid_names():
+    with pytest.raises(ValueError, match="unknown encoder 'vit_huge'.*vit_tiny_test.*vit_giant_patch14_dinov2"):
+        encoder_spec("vit_huge")
+    with pytest.raises(ValueError, match="valid: vit_tiny_test"):
+        EncoderConfig(name="resnet50").validate()
+    with pytest.raises(ValueError, match="multiple of the patch size 14"):
+        EncoderConfig(image_size=100).validate()
+    with pytest.raises(ValueError, match="pooling"):
+        EncoderConfig(pooling="avg").validate()
+
+
+@pytest.mark.parametrize("name", [n for n, s in ENCODERS.items() if s.timm_name])
+def test_dinov2_presets_have_the_shapes_their_names_spell(name):
+    spec = ENCODERS[name]
+    with torch.device("meta"):
+        model = build_model(EncoderConfig(name=name, image_size=224))
+    encoder = model.encoder
+    assert encoder.patch_embed.patch_size == (spec.patch_size, spec.patch_size)
+    assert (encoder.embed_dim, len(encoder.blocks), encoder.blocks[0].attn.num_heads) == (
+        spec.embed_dim, spec.depth, spec.num_heads)
+    assert model.head.weight.shape == (512, spec.embed_dim)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(1)
+    cfg = EncoderConfig(pooling="gem", descriptor_dim=24)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.gem.p.fill_(2.5)  # a non-default value must survive the round trip
+    path = save_model_checkpoint(model, cfg, tmp_path / "ckpt" / "model.pt")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]  # no temporary left behind
+    loaded, loaded_cfg = load_model_checkpoint(path)
+    assert loaded_cfg == cfg and not loaded.training
+    x = images(2)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert inspect_model_checkpoint(path) == cfg
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == 1 and raw["kind"] == "global_descriptor" and raw["encoder_config"]["pooling"] == "gem"
+
+
+def test_checkpoint_of_another_architecture_names_the_file_and_keys(tmp_path):
+    cfg = EncoderConfig(descriptor_dim=16)
+    path = save_model_checkpoint(build_model(cfg), cfg, tmp_path / "model.pt")
+    content = torch.load(path, weights_only=True)
+    content["encoder_config"]["descriptor_dim"] = 32  # the weights say 16
+    torch.save(content, tmp_path / "wrong_dim.pt")
+    with pytest.raises(CheckpointError, match=r"wrong_dim\.pt.*head\.weight \(16, 64\) != \(32, 64\)"):
+        load_model_checkpoint(tmp_path / "wrong_dim.pt")
+
+    content["encoder_config"].update(descriptor_dim=16, pooling="gem")  # expects gem.p, which is absent
+    torch.save(content, tmp_path / "no_gem.pt")
+    with pytest.raises(CheckpointError, match=r"no_gem\.pt.*missing key\(s\) \['gem\.p'\]"):
+        inspect_model_checkpoint(tmp_path / "no_gem.pt")
+
+    with pytest.raises(CheckpointError, match="does not match its encoder config"):
+        save_model_checkpoint(build_model(cfg), dataclasses.replace(cfg, pooling="gem"), tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+class NotATensor:
+    """Any class: unpickling it could run code, so weights_only loading must refuse it."""
+
+
+def test_checkpoint_with_pickled_objects_or_garbage_is_refused(tmp_path):
+    cfg = EncoderConfig(descriptor_dim=8)
+    content = torch.load(save_model_checkpoint(build_model(cfg), cfg, tmp_path / "ok.pt"), weights_only=True)
+    content["extra"] = NotATensor()
+    torch.save(content, tmp_path / "pickled.pt")
+    with pytest.raises(CheckpointError, match=r"pickled\.pt.*weights_only=True"):
+        load_model_checkpoint(tmp_path / "pickled.pt")
+
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"garbage\.pt: not a loadable model checkpoint"):
+        load_model_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"model": content["state_dict"]}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"other\.pt: not a placeforge global_descriptor checkpoint"):
+        load_model_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_model_checkpoint(tmp_path / "missing.pt")
+
+
+def test_encoder_weights_load_from_a_local_timm_file(tmp_path):
+    torch.manual_seed(2)
+    source = build_model(EncoderConfig()).encoder
+    torch.save(source.state_dict(), tmp_path / "encoder.pth")
+    model = build_model(EncoderConfig(checkpoint=str(tmp_path / "encoder.pth")))
+    assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_preprocess_shapes_crop_and_normalisation():
+    wide = Image.new("RGB", (200, 100), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 50, 100))  # blue left quarter: cut away by the centre crop
+    buffer = io.BytesIO()
+    wide.save(buffer, format="PNG")
+    batch = preprocess([buffer.getvalue(), jpeg_bytes(3, size=(96, 72))], image_size=56)
+    assert batch.shape == (2, 3, 56, 56) and batch.dtype == torch.float32
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    pixels = batch[0] * std + mean  # back to [0, 1]
+    assert torch.allclose(pixels[:, 5:-5, 5:-5], torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 46, 46),
+                          atol=0.02)
+    assert preprocess([], 28).shape == (0, 3, 28, 28)
+    assert np.isfinite(batch.numpy()).all()

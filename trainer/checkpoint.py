@@ -1,0 +1,145 @@
+"""The model-checkpoint contract: one file per global-descriptor model, safe to load.
+
+A checkpoint is a `torch.save` of plain types and tensors only:
+
+    {"format": 1, "kind": "global_descriptor",
+     "encoder_config": {...EncoderConfig fields...},
+     "state_dict": {name: tensor, ...}}
+
+so it always loads with `torch.load(path, weights_only=True)`: a file that needs
+arbitrary unpickling is refused, never executed.  The config travels with the weights,
+so a loader rebuilds exactly the architecture they belong to, and a file whose weights
+do not fit its config fails with the mismatched keys named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from placeforge.config import ConfigError, from_mapping
+from trainer.encoders import EncoderConfig, GlobalDescriptorModel, build_model
+
+CHECKPOINT_FORMAT = 1
+KIND = "global_descriptor"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable model checkpoint; the message names the file and why."""
+
+
+def save_model_checkpoint(model: GlobalDescriptorModel, cfg: EncoderConfig, path: str | os.PathLike) -> Path:
+    """Write `model`'s weights and `cfg` to `path` atomically (temporary name, then rename).
+
+    Raises:
+        CheckpointError: the model is not the architecture `cfg` describes.
+    """
+    path = Path(path)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    problem = _mismatch(_expected_shapes(cfg), {name: tuple(t.shape) for name, t in state.items()})
+    if problem:
+        raise CheckpointError(f"{path}: the model does not match its encoder config {cfg}: {problem}")
+    content = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": KIND,
+        "encoder_config": dataclasses.asdict(cfg),
+        "state_dict": state,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(content, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def inspect_model_checkpoint(path: str | os.PathLike) -> EncoderConfig:
+    """Check a checkpoint without building its weights; return its encoder config.
+
+    Tensors are memory-mapped and the architecture is built on the meta device, so this is
+    cheap even for a ViT-G checkpoint: a driver can validate before starting workers.
+
+    Raises:
+        CheckpointError: not a checkpoint, another format or kind, or weights that do not
+            fit the config (missing, unexpected or differently shaped keys).
+    """
+    cfg, state = _read(path)
+    _check_fits(path, cfg, {name: tuple(t.shape) for name, t in state.items()})
+    return cfg
+
+
+def load_model_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
+                          ) -> tuple[GlobalDescriptorModel, EncoderConfig]:
+    """The model saved in `path` (in eval mode, on `device`) and its encoder config.
+
+    Raises:
+        CheckpointError: as `inspect_model_checkpoint`.
+    """
+    cfg, state = _read(path)
+    _check_fits(path, cfg, {name: tuple(t.shape) for name, t in state.items()})
+    model = build_model(cfg, load_encoder_weights=False)  # the saved weights replace every parameter
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), cfg
+
+
+def _read(path: str | os.PathLike) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path}: not a loadable model checkpoint (torch.load with weights_only=True refused it: {reason})"
+        ) from error
+    if not isinstance(content, dict) or content.get("kind") != KIND:
+        found = content.get("kind") if isinstance(content, dict) else type(content).__name__
+        raise CheckpointError(f"{path}: not a placeforge {KIND} checkpoint (kind {found!r})")
+    if content.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {content.get('format')}, this code reads {CHECKPOINT_FORMAT}")
+    state = content.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{path}: 'state_dict' is not a mapping of names to tensors")
+    try:
+        cfg = from_mapping(EncoderConfig, dict(content.get("encoder_config") or {}), where=str(path))
+    except (ConfigError, ValueError) as error:
+        raise CheckpointError(f"{path}: bad encoder_config ({error})") from error
+    return cfg, state
+
+
+def _expected_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = build_model(cfg, load_encoder_weights=False)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _mismatch(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> str:
+    """'' if `shapes` has exactly the keys and shapes of `expected`, else what differs."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) {missing[:5]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) {unexpected[:5]}")
+    if wrong:
+        parts.append(f"{len(wrong)} key(s) of another shape " + ", ".join(
+            f"{k} {shapes[k]} != {expected[k]}" for k in wrong[:5]))
+    return "; ".join(parts)
+
+
+def _check_fits(path: str | os.PathLike, cfg: EncoderConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    problem = _mismatch(_expected_shapes(cfg), shapes)
+    if problem:
+        raise CheckpointError(
+            f"{path}: the weights do not match the architecture of its encoder_config "
+            f"(name={cfg.name}, descriptor_dim={cfg.descriptor_dim}, pooling={cfg.pooling}): {problem}"
+        )

@@ -1,0 +1,215 @@
+"""Encoders and the global-descriptor model: a registry of ViT presets, a head, preprocessing.
+
+    cfg = EncoderConfig(name="vit_base_patch14_dinov2", image_size=322)
+    model = build_model(cfg)                       # encoder + head; weights from cfg.checkpoint if set
+    descriptors = model(preprocess(jpegs, cfg.image_size))   # [B, 512], unit length
+
+Presets are named after their architecture (`ENCODERS`); `vit_tiny_test` is a ViT small
+enough to train on a laptop CPU and exists for tests and the demo.  The DINOv2 presets
+are timm's ViTs with patch 14; their weights come only from a local file
+(`EncoderConfig.checkpoint`), never from the network.
+
+Global head (Pair-VPR): class token -> Linear -> descriptor_dim -> L2 normalise.  With
+`pooling="gem"` (MutualVPR): patch tokens -> L2 normalise -> GeM (p = 3, learnable)
+-> Linear -> descriptor_dim -> L2 normalise.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+POOLINGS = ("cls", "gem")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The shape of one ViT preset; `timm_name` builds it with timm, None builds it here."""
+
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    timm_name: str | None = None
+
+    def build(self, image_size: int) -> VisionTransformer:
+        """The encoder with random weights, for images of `image_size` pixels (any size works)."""
+        if self.timm_name is not None:
+            import timm
+
+            return timm.create_model(
+                self.timm_name, pretrained=False, img_size=image_size, num_classes=0, dynamic_img_size=True
+            )
+        return VisionTransformer(
+            img_size=image_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            init_values=1e-5,  # layer scale, as in DINOv2, so the test preset trains like the real ones
+            num_classes=0,
+            dynamic_img_size=True,
+        )
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    # 8 x 8 patches at 112 px, ~0.2 M parameters: trains on 2 CPU cores.
+    "vit_tiny_test": EncoderSpec(patch_size=14, embed_dim=64, depth=4, num_heads=2),
+    "vit_small_patch14_dinov2": EncoderSpec(14, 384, 12, 6, timm_name="vit_small_patch14_dinov2"),
+    "vit_base_patch14_dinov2": EncoderSpec(14, 768, 12, 12, timm_name="vit_base_patch14_dinov2"),
+    "vit_large_patch14_dinov2": EncoderSpec(14, 1024, 24, 16, timm_name="vit_large_patch14_dinov2"),
+    "vit_giant_patch14_dinov2": EncoderSpec(14, 1536, 40, 24, timm_name="vit_giant_patch14_dinov2"),
+}
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    """The preset `name`; an unknown name fails with the list of valid names."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; valid: {', '.join(ENCODERS)}")
+    return ENCODERS[name]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    name: str = field(default="vit_tiny_test", metadata={"help": f"encoder preset: one of {', '.join(ENCODERS)}"})
+    image_size: int = field(default=112, metadata={"help": "square input side in pixels (a multiple of the patch)"})
+    descriptor_dim: int = field(default=512, metadata={"help": "global descriptor dimension"})
+    pooling: str = field(default="cls", metadata={"help": "cls (Pair-VPR: class token) or gem (MutualVPR: GeM)"})
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "local file of timm/DINOv2 encoder weights to start from (never downloaded)"}
+    )
+
+    def validate(self) -> None:
+        spec = encoder_spec(self.name)
+        if self.image_size < spec.patch_size or self.image_size % spec.patch_size:
+            raise ValueError(
+                f"image_size must be a multiple of the patch size {spec.patch_size}, got {self.image_size}")
+        if self.descriptor_dim < 1:
+            raise ValueError(f"descriptor_dim must be >= 1, got {self.descriptor_dim}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+
+
+class GeM(nn.Module):
+    """Generalised mean pooling over tokens, with a learnable exponent.
+
+    Args:
+        p: initial exponent (3 in CosPlace and MutualVPR; 1 = mean, large = max).
+        eps: floor applied before the power, so negative and zero entries stay differentiable.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] -> [B, C]."""
+        return tokens.clamp(min=self.eps).pow(self.p).mean(dim=1).pow(1.0 / self.p)
+
+
+class GlobalDescriptorModel(nn.Module):
+    """A ViT encoder and a global head that gives one unit-length descriptor per image.
+
+    Args:
+        encoder: a timm VisionTransformer with one class token and no classifier.
+        descriptor_dim: output dimension D.
+        pooling: "cls" (class token) or "gem" (GeM over L2-normalised patch tokens).
+    """
+
+    def __init__(self, encoder: VisionTransformer, descriptor_dim: int = 512, pooling: str = "cls") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        if encoder.num_prefix_tokens != 1:
+            raise ValueError(f"expected an encoder with exactly one class token, got {encoder.num_prefix_tokens}")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.gem = GeM() if pooling == "gem" else None
+        self.head = nn.Linear(encoder.embed_dim, descriptor_dim)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens after the final norm.  [B, 3, H, W] -> [B, 1 + N, C], class token first."""
+        return self.encoder.forward_features(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Global descriptors.  [B, 3, H, W] -> [B, D], each row of unit L2 norm."""
+        tokens = self.forward_features(images)  # [B, 1 + N, C]
+        if self.gem is None:
+            pooled = tokens[:, 0]  # [B, C] class token
+        else:
+            pooled = self.gem(F.normalize(tokens[:, 1:], dim=-1))  # [B, C] over the N patch tokens
+        return F.normalize(self.head(pooled), dim=-1)  # [B, D]
+
+
+def build_model(cfg: EncoderConfig, load_encoder_weights: bool = True) -> GlobalDescriptorModel:
+    """The model `cfg` describes; encoder weights from `cfg.checkpoint` when given and asked for.
+
+    `load_encoder_weights=False` gives the bare architecture, e.g. to load a full model
+    checkpoint into (trainer.checkpoint), where the starting weights do not matter.
+    """
+    cfg.validate()
+    encoder = encoder_spec(cfg.name).build(cfg.image_size)
+    if load_encoder_weights and cfg.checkpoint is not None:
+        load_encoder_weights_from(encoder, cfg.checkpoint)
+    return GlobalDescriptorModel(encoder, cfg.descriptor_dim, cfg.pooling)
+
+
+def load_encoder_weights_from(encoder: VisionTransformer, path: str) -> None:
+    """Load timm or original DINOv2 weights from a local file (.pth / .safetensors) into `encoder`.
+
+    timm's filter converts DINOv2's own key names and resizes the position embedding to
+    this encoder's image size.  Loading is `weights_only`, so the file cannot run code.
+    """
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = checkpoint_filter_fn(load_state_dict(str(path), weights_only=True), encoder)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # no classifier here
+    result = encoder.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: encoder weights do not fit this encoder (missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]})"
+        )
+
+
+def _resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
+    """Resize so the short side is `size`, then centre crop.  -> [size, size, 3] uint8."""
+    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is much larger than needed.
+    image.draft("RGB", (size, size))
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def preprocess(jpegs: list[bytes], image_size: int) -> torch.Tensor:
+    """Decode, resize the short side to S, centre crop, ImageNet-normalise.
+
+    Args:
+        jpegs: B encoded images (any format PIL reads).
+        image_size: S, pixels.
+    Returns:
+        [B, 3, S, S] float32.
+    """
+    pixels = np.empty((len(jpegs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
+    for i, data in enumerate(jpegs):
+        with Image.open(io.BytesIO(data)) as image:
+            pixels[i] = _resize_and_crop(image, image_size)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, S, S] in [0, 1]
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
