@@ -19,7 +19,8 @@ def demo(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="placeforge demo",
         description="Render the synthetic city, ingest it, build place-aware shards with a local Ray, "
-        "and stream them back. Everything is written under --out.",
+        "write the initial view-class labels (v0), and stream the shards back. Everything is "
+        "written under --out; a re-run reuses what is already complete.",
         allow_abbrev=False,
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -28,6 +29,8 @@ def demo(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="rebuild outputs made with another config")
     args = parser.parse_args(argv)
 
+    from clustering.job import ReclusterConfig, ReclusterError, recluster
+    from clustering.labels import latest_version
     from placeforge.config import ConfigError
     from placeforge.synth import generate
     from placeforge.synth.synth_config import preset
@@ -38,9 +41,9 @@ def demo(argv: list[str] | None = None) -> int:
     try:
         synth_cfg = preset(args.preset)
         started = time.perf_counter()
-        print(f"[1/3] synthetic city -> {out / 'city'}")
+        print(f"[1/4] synthetic city -> {out / 'city'}")
         generate(out / "city", synth_cfg, overwrite=args.overwrite, progress=True)
-        print(f"[2/3] catalog + shards -> {out / 'shards'}")
+        print(f"[2/4] catalog + shards -> {out / 'shards'}")
         sources = [("atname", out / "city" / "atname" / "train"), ("gsv_cities", out / "city" / "gsv_cities")]
         summary = build(
             sources,
@@ -49,12 +52,18 @@ def demo(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             num_cpus=args.num_cpus,
         )
-    except (ConfigError, BuildError, ValueError) as err:
+        print(summary.report())
+        print(f"[3/4] initial view-class labels -> {out / 'labels'}")
+        if summary.skipped and latest_version(out / "labels") is not None:
+            print(f"labels v{latest_version(out / 'labels'):04d} already written for these shards")
+        else:
+            labels = recluster(out / "shards", out / "labels", ReclusterConfig(), force=True, num_cpus=args.num_cpus)
+            print(labels.report())
+    except (ConfigError, BuildError, ReclusterError, ValueError) as err:
         print(f"placeforge demo: error: {err}", file=sys.stderr)
         return 2
-    print(summary.report())
 
-    print("[3/3] streaming the shards back through shards.reader")
+    print("[4/4] streaming the shards back through shards.reader")
     shard_set = ShardSet.open(out / "shards")
     samples = list(place_sample_pipeline(shard_set.urls, shuffle_buffer=64))
     pairs = list(same_place_pairs(samples, random.Random(0)))

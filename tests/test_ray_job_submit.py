@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from shards.manifest import read_manifest
@@ -64,3 +65,23 @@ def test_ray_job_submit_builds_the_same_shards_as_a_local_run(ray_head, at_datas
     local = read_manifest(tmp_path / "local")
     assert [s.sha256 for s in submitted.shards] == [s.sha256 for s in local.shards]
     assert submitted.counts == local.counts
+
+
+def test_ray_job_submit_writes_a_label_version(ray_head, at_dataset, tmp_path):
+    env, address = ray_head
+    from pipelines.build_shards import main as build_main
+
+    shards = tmp_path / "shards"
+    assert build_main(["--source", f"atname:{at_dataset['root']}", "--out", str(shards), "--min-shards", "2"]) == 0
+    labels = tmp_path / "labels"
+    submit = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+        "--", "python", "pipelines/recluster.py", "--shards", str(shards), "--labels", str(labels),
+    ]  # fmt: skip
+    result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from clustering.labels import latest_version, read_labels
+
+    assert latest_version(labels) == 0
+    catalog_ids = sorted(pq.read_table(shards / "catalog.parquet").column("image_id").to_pylist())
+    assert sorted(read_labels(labels).column("image_id").to_pylist()) == catalog_ids
