@@ -208,5 +208,14 @@ def place_sample_pipeline(
         to_place_samples,
     ]
     if shuffle_buffer > 1:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=seed + epoch))
+        stages.append(functools.partial(shuffle_place_samples, bufsize=shuffle_buffer, seed=seed, epoch=epoch, rank=rank))
     return wds.DataPipeline(*stages)
+
+
+def shuffle_place_samples(src: Iterable[PlaceSample], bufsize: int, seed: int, epoch: int, rank: int) -> Iterator[PlaceSample]:
+    """webdataset's buffer shuffle, seeded per (seed, epoch, rank, loader worker) at iteration time."""
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    rng = random.Random(f"{seed}/{epoch}/{rank}/{info.id if info else 0}")
+    yield from wds.shuffle(bufsize, initial=min(bufsize, 64), rng=rng)(src)

@@ -1,0 +1,99 @@
+"""Training-time decode and augmentation: random resized crop, colour jitter, ImageNet normalisation.
+
+PIL + numpy with an explicit `numpy.random.Generator`, not torchvision's global RNG, so a
+loader worker seeded by (seed, epoch, rank, worker) gives the same crops on every run.
+No horizontal flip: a mirrored street is a different place (left and right swap).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainer.encoders import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale: tuple[float, float] = (0.7, 1.0)  # crop area as a fraction of the image
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height
+    brightness: float = 0.4  # factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.4
+    saturation: float = 0.4
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) pixels of a crop covering `scale` of the area at aspect `ratio`.
+
+    Same sampling as torchvision's RandomResizedCrop: ten tries, then the largest centred
+    crop whose aspect ratio is inside `ratio`.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, S, S] -> [B, 1, S, S] luma (ITU-R 601, as PIL's "L")."""
+    return (0.299 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3])
+
+
+def color_jitter(images: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Per-image brightness, contrast and saturation.  [B, 3, S, S] in [0, 1] -> same, clipped."""
+    b = images.shape[0]
+
+    def factors(strength: float) -> torch.Tensor:  # [B, 1, 1, 1]
+        return torch.from_numpy(rng.uniform(1 - strength, 1 + strength, b).astype(np.float32)).view(b, 1, 1, 1)
+
+    images = images * factors(cfg.brightness)
+    mean = _grey(images).mean(dim=(1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
+    images = (images - mean) * factors(cfg.contrast) + mean
+    grey = _grey(images)
+    images = (images - grey) * factors(cfg.saturation) + grey
+    return images.clamp_(0.0, 1.0)
+
+
+def decode_augment(jpegs: list[bytes], image_size: int, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Decode, random-resized-crop to S x S, colour-jitter, ImageNet-normalise.
+
+    Args:
+        jpegs: B encoded images.
+        image_size: S, pixels.
+    Returns:
+        [B, 3, S, S] float32.
+    """
+    pixels = np.empty((len(jpegs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
+    for i, data in enumerate(jpegs):
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            box = random_resized_crop_box(image.width, image.height, rng, cfg.scale, cfg.ratio)
+            pixels[i] = np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, S, S] in [0, 1]
+    images = color_jitter(images, rng, cfg)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
