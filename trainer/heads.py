@@ -1,0 +1,126 @@
+"""Stage-2 heads: Pair-VPR's pair classifier (re-ranking) and a CosFace classifier (MutualVPR).
+
+    pair = PairClassifier(decoder)                         # decoder loaded with stage-1 weights
+    logits = pair(patches_a, patches_b, grid)              # [B], same-place logits
+    scores = pair.score(patches_q, patches_db, grid)       # [B], logit(q, db) + logit(db, q)
+
+    cosface = CosFaceClassifier(512, num_classes, scale=30.0, margin=0.4)
+    loss = F.cross_entropy(cosface(descriptors, labels), labels)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.decoder import SiameseMIMDecoder, sincos_2d_positions
+
+
+class PairClassifier(nn.Module):
+    """Same-place logit of an image pair from the stage-1 decoder's blocks.
+
+    A new learnable class token goes before image A's projected patch tokens; the decoder
+    blocks run self-attention over [class, A] and cross-attention to B; an MLP on the class
+    token gives the logit.  The decoder's `embed`, `blocks` and `norm` are shared, not
+    copied, so weights loaded into the decoder before this is built carry over; its mask
+    token and pixel head are not part of this module (they would receive no gradient).
+
+    Args:
+        decoder: a SiameseMIMDecoder, typically holding stage-1 weights.
+        hidden_dim: MLP hidden width (512 in Pair-VPR: width -> 512 -> 1).
+    """
+
+    def __init__(self, decoder: SiameseMIMDecoder, hidden_dim: int = 512) -> None:
+        super().__init__()
+        self.width = decoder.width
+        self.embed = decoder.embed
+        self.blocks = decoder.blocks
+        self.norm = decoder.norm
+        self.class_token = nn.Parameter(torch.zeros(1, 1, decoder.width))
+        self.mlp = nn.Sequential(nn.Linear(decoder.width, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
+        nn.init.normal_(self.class_token, std=0.02)
+
+    def forward(self, patches_a: torch.Tensor, patches_b: torch.Tensor, grid_a: tuple[int, int],
+                grid_b: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logit that A and B show the same place (A attends to B; not symmetric).
+
+        Args:
+            patches_a: [B, N, C] encoder patch tokens of image A (class token removed).
+            patches_b: [B, M, C] encoder patch tokens of image B.
+            grid_a: (gh, gw) of A, N = gh * gw; grid_b likewise, default grid_a.
+        Returns:
+            [B] logits.
+        """
+        grid_b = grid_a if grid_b is None else grid_b
+        for name, tokens, grid in (("A", patches_a, grid_a), ("B", patches_b, grid_b)):
+            if tokens.shape[1] != grid[0] * grid[1]:
+                raise ValueError(f"image {name} has {tokens.shape[1]} tokens, its grid {grid} has "
+                                 f"{grid[0] * grid[1]} (pass patch tokens, without the class token)")
+        x = self.embed(patches_a) + sincos_2d_positions(grid_a, self.width, patches_a.device)  # [B, N, D]
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1 + N, D]
+        y = self.embed(patches_b) + sincos_2d_positions(grid_b, self.width, patches_b.device)  # [B, M, D]
+        for block in self.blocks:
+            x = block(x, y)
+        return self.mlp(self.norm(x[:, 0])).squeeze(-1)  # [B]
+
+    def score(self, patches_a: torch.Tensor, patches_b: torch.Tensor, grid_a: tuple[int, int],
+              grid_b: tuple[int, int] | None = None) -> torch.Tensor:
+        """Symmetric re-ranking score logit(a, b) + logit(b, a).  -> [B]."""
+        grid_b = grid_a if grid_b is None else grid_b
+        return self(patches_a, patches_b, grid_a, grid_b) + self(patches_b, patches_a, grid_b, grid_a)
+
+
+class CosFaceClassifier(nn.Module):
+    """Large Margin Cosine Loss head (CosFace): logits s * (cos(x, w_c) - m * [c == label]).
+
+    CosPlace uses s = 30, m = 0.4 (the defaults); MutualVPR uses s = 60, m = 0.5.  Class
+    ids index the rows of `weight` and are stable across reclustering: `grow` only ever
+    appends rows, never permutes or drops them.
+
+    Args:
+        in_features: descriptor dimension D.
+        num_classes: initial number of classes C.
+        scale: s, multiplies every cosine.
+        margin: m, subtracted from the target class's cosine during training.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 30.0, margin: float = 0.4) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.in_features = in_features
+        self.scale = scale
+        self.margin = margin
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.xavier_uniform_(self.weight)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, descriptors: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """descriptors [B, D] (normalised here), labels [B] class ids -> logits [B, C].
+
+        Without labels, the plain scaled cosines (no margin), e.g. for accuracy.
+        """
+        cosine = F.normalize(descriptors, dim=-1) @ F.normalize(self.weight, dim=-1).T  # [B, C]
+        if labels is not None:
+            cosine = cosine - self.margin * F.one_hot(labels, self.num_classes).to(cosine.dtype)
+        return self.scale * cosine
+
+    @torch.no_grad()
+    def grow(self, num_classes: int) -> None:
+        """Add rows for new class ids up to `num_classes`, keeping every existing row.
+
+        This replaces the `weight` Parameter: rebuild the optimizer (or its parameter
+        group) afterwards, or it keeps updating the old tensor.
+        """
+        old = self.weight
+        if num_classes < old.shape[0]:
+            raise ValueError(f"cannot shrink from {old.shape[0]} to {num_classes} classes: class ids are stable")
+        if num_classes == old.shape[0]:
+            return
+        new_rows = torch.empty(num_classes - old.shape[0], self.in_features, dtype=old.dtype, device=old.device)
+        nn.init.xavier_uniform_(new_rows)
+        self.weight = nn.Parameter(torch.cat([old.detach(), new_rows], dim=0), requires_grad=old.requires_grad)

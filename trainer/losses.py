@@ -1,0 +1,128 @@
+"""Training losses: masked pixel MSE (stage 1), Multi-Similarity with its miner and pair BCE
+(stage 2, Pair-VPR).  Pure functions of tensors.
+
+Stage 2 of Pair-VPR, per batch of P places x 4 images:
+
+    descriptors = model(images)                                        # [B, D], unit length
+    anchor, positive, negative = hardest_pairs(descriptors, labels)
+    loss = multi_similarity_loss(descriptors, labels) + 2.0 * pair_bce_loss(
+        pair(patches[anchor], patches[positive], grid), pair(patches[anchor], patches[negative], grid))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_patch_mse(pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor,
+                     normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Mean squared error over the masked patches only (MAE's loss).
+
+    With `normalize` (MAE's `norm_pix_loss`), each target patch is first standardised by
+    its own mean and unbiased variance: (t - mean) / sqrt(var + eps).
+
+    Args:
+        pred: [B, N, K] predicted pixel values per patch (K = p * p * 3).
+        target_patches: [B, N, K] true values (trainer.decoder.patchify).
+        mask: [B, N] bool, True where the patch was masked.
+    Returns:
+        scalar: the per-patch mean squared error averaged over masked patches.
+    """
+    target = target_patches
+    if normalize:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as MAE
+        target = (target - mean) / (var + eps).sqrt()
+    per_patch = (pred - target).pow(2).mean(dim=-1)  # [B, N]
+    weights = mask.to(per_patch.dtype)
+    return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def _pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] labels -> (positive [B, B], negative [B, B]) bool; the diagonal is neither."""
+    same = labels[:, None] == labels[None, :]
+    positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return positive, ~same
+
+
+def multi_similarity_mine(similarity: torch.Tensor, labels: torch.Tensor,
+                          epsilon: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Multi-Similarity miner (as pytorch-metric-learning's, for cosine similarity).
+
+    For each anchor, a positive is kept if its similarity < the anchor's hardest (largest)
+    negative similarity + epsilon; a negative is kept if its similarity > the anchor's
+    hardest (smallest) positive similarity - epsilon.  An anchor without negatives keeps
+    no positives and vice versa.
+
+    Args:
+        similarity: [B, B] cosine similarities.
+        labels: [B] class ids.
+    Returns:
+        (kept positive pairs [B, B] bool, kept negative pairs [B, B] bool).
+    """
+    positive, negative = _pair_masks(labels)
+    inf = torch.tensor(float("inf"), dtype=similarity.dtype, device=similarity.device)
+    hardest_negative = torch.where(negative, similarity, -inf).amax(dim=1, keepdim=True)  # [B, 1]
+    hardest_positive = torch.where(positive, similarity, inf).amin(dim=1, keepdim=True)  # [B, 1]
+    keep_positive = positive & (similarity - epsilon < hardest_negative)
+    keep_negative = negative & (similarity + epsilon > hardest_positive)
+    return keep_positive, keep_negative
+
+
+def _log_one_plus_sum_exp(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """log(1 + sum_j exp(values[i, j]) over kept j), stably.  [B, B] -> [B]; 0 where none kept."""
+    zero = torch.zeros(values.shape[0], 1, dtype=values.dtype, device=values.device)  # the "1 +"
+    masked = values.masked_fill(~keep, float("-inf"))
+    return torch.logsumexp(torch.cat([zero, masked], dim=1), dim=1)
+
+
+def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
+                          beta: float = 50.0, base: float = 0.0, epsilon: float = 0.1) -> torch.Tensor:
+    """Multi-Similarity loss on the pairs its miner keeps (Pair-VPR: 1, 50, 0, 0.1).
+
+    Per anchor i, over kept positives P_i and negatives N_i:
+        1/alpha * log(1 + sum_P exp(-alpha (S_ip - base))) + 1/beta * log(1 + sum_N exp(beta (S_in - base)))
+    averaged over all B anchors (an anchor with nothing kept adds 0), as pytorch-metric-learning.
+
+    Args:
+        embeddings: [B, D], L2-normalised (the dot product is the cosine).
+        labels: [B] place ids.
+    Returns:
+        scalar loss.
+    """
+    similarity = embeddings @ embeddings.T  # [B, B]
+    keep_positive, keep_negative = multi_similarity_mine(similarity.detach(), labels, epsilon)
+    positive_term = _log_one_plus_sum_exp(-alpha * (similarity - base), keep_positive) / alpha  # [B]
+    negative_term = _log_one_plus_sum_exp(beta * (similarity - base), keep_negative) / beta  # [B]
+    return (positive_term + negative_term).mean()
+
+
+def hardest_pairs(embeddings: torch.Tensor, labels: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each anchor with a positive and a negative in the batch: its least similar
+    positive and its most similar negative by global-descriptor similarity.
+
+    Args:
+        embeddings: [B, D] L2-normalised descriptors.
+        labels: [B] place ids.
+    Returns:
+        (anchor_idx, positive_idx, negative_idx), each [A] int64, A <= B.
+    """
+    with torch.no_grad():
+        similarity = embeddings @ embeddings.T  # [B, B]
+        positive, negative = _pair_masks(labels)
+        inf = torch.tensor(float("inf"), dtype=similarity.dtype, device=similarity.device)
+        positive_idx = torch.where(positive, similarity, inf).argmin(dim=1)  # [B]
+        negative_idx = torch.where(negative, similarity, -inf).argmax(dim=1)  # [B]
+        anchor_idx = torch.nonzero(positive.any(dim=1) & negative.any(dim=1)).squeeze(1)  # [A]
+    return anchor_idx, positive_idx[anchor_idx], negative_idx[anchor_idx]
+
+
+def pair_bce_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over same-place logits: targets 1 for logits_pos [A], 0 for
+    logits_neg [A'], averaged over all A + A' pairs.  Pair-VPR weighs it 2.0 against MS
+    (the caller applies the weight)."""
+    logits = torch.cat([logits_pos, logits_neg])
+    targets = torch.cat([torch.ones_like(logits_pos), torch.zeros_like(logits_neg)])
+    return F.binary_cross_entropy_with_logits(logits, targets)
