@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.encoders import IMAGENET_MEAN, IMAGENET_STD
+from trainer.encoders import imagenet_normalize, to_unit_tensor
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,4 @@ def decode_augment(jpegs: list[bytes], image_size: int, rng: np.random.Generator
             image = image.convert("RGB")
             box = random_resized_crop_box(image.width, image.height, rng, cfg.scale, cfg.ratio)
             pixels[i] = np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, S, S] in [0, 1]
-    images = color_jitter(images, rng, cfg)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return imagenet_normalize(color_jitter(to_unit_tensor(pixels), rng, cfg))

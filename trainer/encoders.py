@@ -209,7 +209,16 @@ def preprocess(jpegs: list[bytes], image_size: int) -> torch.Tensor:
     for i, data in enumerate(jpegs):
         with Image.open(io.BytesIO(data)) as image:
             pixels[i] = _resize_and_crop(image, image_size)
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, S, S] in [0, 1]
+    return imagenet_normalize(to_unit_tensor(pixels))
+
+
+def to_unit_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> float32 [B, 3, S, S] in [0, 1]."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def imagenet_normalize(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> ImageNet mean/std normalised, as every encoder expects."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images - mean) / std
