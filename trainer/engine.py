@@ -1,0 +1,122 @@
+"""One training step of each stage, as a function of (model, batch, cfg) -> loss terms.
+
+    terms = pretrain_step(engine, batch, cfg, generator)   # {"loss", "mim"}
+    terms = finetune_step(engine, batch, cfg)               # {"loss", "ms", "pair_bce", "cosface"}
+    engine.backward(terms["loss"]); engine.step()
+
+`model` is the DeepSpeed engine (or the bare module in unit tests): both are called like
+the module.  The caller moves nothing: batches are moved to the model's device here.
+Also here: the AdamW the engine wraps, and growing the CosFace head with the optimizer
+state kept, which the loop needs after a reclustering round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.data import GroupBatch, PairBatch
+from trainer.decoder import patchify, random_patch_mask
+from trainer.heads import CosFaceClassifier
+from trainer.losses import masked_patch_mse, multi_similarity_loss, pair_bce_loss
+from trainer.schedules import layer_decay_groups
+from trainer.train_config import TrainConfig
+
+
+def step_generator(seed: int, rank: int, global_step: int) -> torch.Generator:
+    """The CPU generator of one step's random masks: a pure function of (seed, rank, step),
+    so a resumed run draws exactly the masks the uninterrupted run would have."""
+    state = np.random.SeedSequence([seed, rank, global_step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def pretrain_step(model: nn.Module, batch: PairBatch, cfg: TrainConfig, generator: torch.Generator,
+                  device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Stage 1: mask image 1, encode its visible patches, decode with all of image 2's tokens;
+    MSE on per-patch-normalised pixels of the masked patches.
+
+    Args:
+        batch: PairBatch, img_a / img_b [B, 3, S, S] of the same place row for row.
+    Returns:
+        {"loss": scalar to backpropagate, "mim": the same value}.
+    """
+    img_a = batch.img_a.to(device, dtype, non_blocking=True)
+    img_b = batch.img_b.to(device, dtype, non_blocking=True)
+    patch = _patch_size(model)
+    num_patches = (img_a.shape[-2] // patch) * (img_a.shape[-1] // patch)
+    mask, keep_idx = random_patch_mask(img_a.shape[0], num_patches, cfg.mask_ratio, generator, device)
+    pred = model(img_a, img_b, keep_idx)  # [B, N, p * p * 3]
+    loss = masked_patch_mse(pred.float(), patchify(img_a.float(), patch), mask)
+    return {"loss": loss, "mim": loss.detach()}
+
+
+def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Stage 2: MS loss on global descriptors + BCE of the pair classifier on each anchor's
+    hardest positive and negative + CosFace over view classes (class id -1 ignored).
+
+    Args:
+        batch: GroupBatch, images [P*K, 3, S, S] place-major, place_ids / class_ids [P*K].
+    Returns:
+        {"loss": weighted sum, "ms", "pair_bce", "cosface": unweighted terms (detached)}.
+    """
+    images = batch.images.to(device, dtype, non_blocking=True)
+    place_ids = batch.place_ids.to(device)
+    class_ids = batch.class_ids.to(device)
+    out = model(images, place_ids, class_ids)
+    descriptors = out["descriptors"].float()
+    ms = multi_similarity_loss(descriptors, place_ids)
+    if out["pair_pos"].numel():
+        bce = pair_bce_loss(out["pair_pos"].float(), out["pair_neg"].float())
+    else:  # no anchor with both a positive and a negative: keep the graph, add nothing
+        bce = out["pair_pos"].float().sum() * 0.0
+    if out["cosface_targets"].numel():
+        cosface = F.cross_entropy(out["cosface"].float(), out["cosface_targets"])
+    else:  # no labelled image in this batch
+        cosface = out["cosface"].float().sum() * 0.0
+    loss = cfg.ms_weight * ms + cfg.pair_bce_weight * bce + cfg.cosface_weight * cosface
+    return {"loss": loss, "ms": ms.detach(), "pair_bce": bce.detach(), "cosface": cosface.detach()}
+
+
+def _patch_size(model: nn.Module) -> int:
+    module = getattr(model, "module", model)  # DeepSpeed engine -> the SiameseMIM
+    return module.encoder.patch_embed.patch_size[0]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over layer-decay groups; the LR / weight decay in them are overwritten every step."""
+    prefix = "global_model.encoder." if hasattr(model, "global_model") else "encoder."  # FinetuneModel / SiameseMIM
+    groups = layer_decay_groups(model, base_lr=cfg.base_lr, layer_decay=cfg.layer_decay,
+                                weight_decay=cfg.weight_decay, encoder_prefix=prefix)
+    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, 0.95 if cfg.stage == "pretrain" else 0.999))
+
+
+def grow_cosface(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                 num_classes: int) -> torch.optim.AdamW:
+    """Grow `model.cosface` to `num_classes` rows and return a new AdamW over the model.
+
+    Adam moments and step counts carry over for every parameter (the CosFace weight's new
+    rows start with zero moments), so growing does not reset training.  This works when
+    `optimizer` holds the real parameters (ZeRO 0); a ZeRO-1/2 optimizer keeps flat
+    partitions instead, so pass None there and the new AdamW starts with fresh moments.
+    """
+    head: CosFaceClassifier = model.cosface
+    old_weight = head.weight
+    old_state = {} if optimizer is None else {id(p): s for p, s in optimizer.state.items()}
+    head.grow(num_classes)
+    new_optimizer = build_optimizer(model, cfg)
+    for group in new_optimizer.param_groups:
+        for param in group["params"]:
+            source = old_weight if param is head.weight else param
+            state = old_state.get(id(source))
+            if not state:
+                continue
+            state = dict(state)
+            if param is head.weight:
+                rows = param.shape[0] - source.shape[0]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = torch.cat([state[key], state[key].new_zeros(rows, *state[key].shape[1:])])
+            new_optimizer.state[param] = state
+    return new_optimizer

@@ -1,0 +1,361 @@
+"""Train Pair-VPR stage 1 (Siamese MIM) or stage 2 (joint fine-tuning + CosFace) with DeepSpeed.
+
+    python -m trainer.train --shards S --out runs/pre --epochs 2                  # 1 process, CPU or GPU
+    deepspeed --num_gpus 8 trainer/train.py --config configs/pretrain_vitb.yaml --shards S --out O
+    deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 trainer/train.py --config ... --resume
+
+Outputs in --out: train_config.json (resolved), deepspeed_config.json (generated from it),
+metrics.jsonl (rank 0; one line per step), checkpoints/<tag>/ (DeepSpeed states +
+train_state.json; `--resume` continues from checkpoints/latest, mid-epoch exactly: the
+epoch's loader is rebuilt and its consumed batches are skipped), export/model_epochNNNN.pt
+(trainer.checkpoint global-descriptor model, for pipelines/recluster.py and evaluation)
+and, in stage 1, export/mim_epochNNNN.pt (stage 2's --init-from).
+
+Stage 2 with --recluster-every-epochs N: after every N-th epoch rank 0 runs a clustering
+round (clustering.job.recluster, local Ray or --ray-address) with the exported model; a
+failure is logged and the previous labels stay.  The label version is broadcast from
+rank 0, the CosFace head grows to the version's next_class_id (class ids are stable, rows
+are only appended) and the next epoch's loader reads the new version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a script (the `deepspeed` launcher does): import this checkout's packages.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as torch_dist  # noqa: E402
+
+from placeforge.config import add_config_arguments, config_from_args, save_config, to_dict  # noqa: E402
+from trainer.data import BatchGeometry, make_loader  # noqa: E402
+from trainer.engine import build_optimizer, finetune_step, grow_cosface, pretrain_step, step_generator  # noqa: E402
+from trainer.schedules import base_lr_for_batch, cosine_with_warmup, set_optimizer_values  # noqa: E402
+from trainer.schedules import weight_decay_schedule  # noqa: E402
+from trainer.train_config import TrainConfig, deepspeed_config  # noqa: E402
+from trainer.train_models import build_finetune_model, build_pretrain_model, global_model_of, save_mim  # noqa: E402
+from trainer.train_state import (  # noqa: E402
+    DistState, TrainState, read_latest, restore_rng_states, rng_states, write_state,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer.train", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    parser.add_argument("--stop-after-steps", type=int, default=None,
+                        help="checkpoint and exit after this many global steps (a job time limit; tests)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster for reclustering (default: local Ray)")
+    parser.add_argument("--weights-digest", action="store_true",
+                        help="every rank prints a sha256 of its final weights (checks that ranks agree)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # launcher
+    add_config_arguments(parser, TrainConfig)
+    return parser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def planned_steps(cfg: TrainConfig, dist: DistState, epoch: int, label_version: int | None) -> int:
+    """Steps of `epoch` on every rank: the loader's count, capped by max_steps_per_epoch."""
+    _, steps = epoch_loader(cfg, dist, epoch, label_version)
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    if steps < 1:
+        raise ValueError(f"{cfg.shards}: epoch {epoch} has no full batch on some rank; use smaller batches")
+    return steps
+
+
+def epoch_loader(cfg: TrainConfig, dist: DistState, epoch: int, label_version: int | None):
+    geometry = BatchGeometry(cfg.pairs_per_batch, cfg.places_per_batch, cfg.images_per_place)
+    return make_loader(cfg.shards, "pairs" if cfg.stage == "pretrain" else "groups", rank=dist.rank,
+                       world_size=dist.world_size, num_workers=cfg.num_workers, geometry=geometry,
+                       image_size=cfg.image_size, epoch=epoch, seed=cfg.seed,
+                       labels_dir=cfg.labels if cfg.stage == "finetune" else None, label_version=label_version,
+                       pin_memory=torch.cuda.is_available())
+
+
+def reduce_terms(terms: dict[str, torch.Tensor], dist: DistState,
+                 device: torch.device) -> tuple[dict[str, float], bool]:
+    """Mean of each loss term over ranks, and whether every rank's loss is finite (one
+    all-reduce, so all ranks take the same decision to stop)."""
+    names = sorted(terms)
+    values = torch.stack([terms[n].detach().float().reshape(()).cpu() for n in names])  # [T]
+    finite = torch.isfinite(values).all()
+    packed = torch.cat([torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), (~finite).float().view(1)])
+    if dist.world_size > 1:
+        packed = packed.to(device)  # NCCL reduces CUDA tensors only
+        torch_dist.all_reduce(packed)
+        packed = packed.cpu()
+        packed[:-1] /= dist.world_size
+    if packed[-1] > 0:
+        return {n: float(v) for n, v in zip(names, values)}, False
+    return {n: float(v) for n, v in zip(names, packed[:-1])}, True
+
+
+class Run:
+    """The state of one training process: config, ranks, engine, outputs."""
+
+    def __init__(self, cfg: TrainConfig, dist: DistState, device: torch.device, ds_config: dict, args) -> None:
+        self.cfg, self.dist, self.device, self.ds_config, self.args = cfg, dist, device, ds_config, args
+        self.out = Path(cfg.out)
+        self.checkpoints = self.out / "checkpoints"
+        self.dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+        self.engine = None
+
+    # ---- engine ----
+    def initialize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+
+    def gathered(self):
+        """Whole weights on every rank for an export (ZeRO-3 partitions them)."""
+        if self.cfg.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+
+    # ---- outputs ----
+    def save(self, state: TrainState, tag: str | None = None, mark_latest: bool = True) -> str:
+        """All ranks: DeepSpeed states; then rank 0: train_state.json and `latest`."""
+        tag = tag or state.tag
+        self.engine.save_checkpoint(str(self.checkpoints), tag=tag, save_latest=False,
+                                    client_state={**dataclasses.asdict(state), "rng": rng_states()})
+        if self.dist.is_main:
+            write_state(self.checkpoints, tag, state, mark_latest)
+        self.barrier()
+        return tag
+
+    def export(self, epoch: int) -> Path:
+        """The epoch's global-descriptor model (and stage-1 MIM weights); returns the model path."""
+        from trainer.checkpoint import save_model_checkpoint
+
+        path = self.out / "export" / f"model_epoch{epoch:04d}.pt"
+        with self.gathered():
+            if self.dist.is_main:
+                module = self.engine.module
+                encoder_cfg = dataclasses.replace(self.cfg.encoder_config(), checkpoint=None)
+                save_model_checkpoint(global_model_of(module, self.cfg).float(), encoder_cfg, path)
+                if self.cfg.stage == "pretrain":
+                    save_mim(module, self.cfg, self.out / "export" / f"mim_epoch{epoch:04d}.pt")
+        self.barrier()
+        return path
+
+    def log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def barrier(self) -> None:
+        if self.dist.world_size > 1:
+            torch_dist.barrier()
+
+    # ---- stage 2 ----
+    def recluster(self, epoch: int, exported: Path, label_version: int) -> int:
+        """Rank 0 writes a new label version from `exported`; every rank gets the version to use."""
+        version = label_version
+        if self.dist.is_main:
+            try:
+                from clustering.job import ReclusterConfig, recluster
+                from clustering.labels import read_manifest
+                from placeforge.config import from_mapping
+
+                previous = read_manifest(self.cfg.labels, label_version).params.get("config", {})
+                summary = recluster(self.cfg.shards, self.cfg.labels, from_mapping(ReclusterConfig, previous),
+                                    checkpoint=exported, ray_address=self.args.ray_address)
+                version = summary.manifest.version
+                self.log({"event": "recluster", "epoch": epoch, "label_version": version,
+                          "seconds": round(summary.seconds, 2)})
+            except Exception as error:  # noqa: BLE001 - any failure keeps training on the old labels
+                print(f"reclustering after epoch {epoch} failed; keeping label version {label_version}: "
+                      f"{type(error).__name__}: {error}", file=sys.stderr)
+                self.log({"event": "recluster_failed", "epoch": epoch, "label_version": label_version,
+                          "error": f"{type(error).__name__}: {error}"})
+        self.barrier()
+        if self.dist.world_size > 1:
+            box = [version]
+            torch_dist.broadcast_object_list(box, src=0)
+            version = box[0]
+        return version
+
+    def grow_classes(self, num_classes: int) -> None:
+        """Grow CosFace and rebuild the engine around the same module with a new AdamW.
+
+        Adam moments carry over when DeepSpeed hands us the torch AdamW itself (ZeRO 0, fp32);
+        otherwise the new optimizer starts with fresh moments (documented limitation).
+        """
+        module = self.engine.module
+        if num_classes <= module.cosface.num_classes:
+            return
+        old = self.engine.optimizer if isinstance(self.engine.optimizer, torch.optim.AdamW) else None
+        optimizer = grow_cosface(module, old, self.cfg, num_classes)
+        module.cosface.to(self.device, self.dtype)
+        self.engine = None
+        self.initialize(module, optimizer)
+
+
+def label_setup(cfg: TrainConfig) -> tuple[int | None, int]:
+    """(label version, CosFace rows) a fresh stage-2 run starts with: the latest version."""
+    if cfg.stage != "finetune" or not cfg.labels:
+        return None, 1
+    from clustering.labels import read_manifest
+    from trainer.data import resolve_label_version
+
+    version = resolve_label_version(cfg.labels)
+    return version, read_manifest(cfg.labels, version).next_class_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(TrainConfig, args)
+    cfg.check_inputs()
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)  # a bare single-process run: a world of one
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    dist = DistState.from_env(os.environ)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    import deepspeed
+
+    timeout = datetime.timedelta(hours=2 if cfg.recluster_every_epochs else 0.5)  # ranks wait for clustering
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False,
+                               timeout=timeout)
+    ds_config = deepspeed_config(cfg, dist.world_size, device.type)
+    run = Run(cfg, dist, device, ds_config, args)
+    if dist.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.out / "train_config.json")
+        (run.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
+
+    resumed = read_latest(run.checkpoints) if args.resume else None
+    if args.resume and resumed is None and dist.is_main:
+        print(f"--resume: no checkpoint in {run.checkpoints}; starting from scratch", file=sys.stderr)
+    if resumed:
+        tag, state = resumed
+    else:
+        tag, (version, classes) = None, label_setup(cfg)
+        state = TrainState(label_version=version, num_classes=classes, config=to_dict(cfg))
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_pretrain_model(cfg) if cfg.stage == "pretrain" else build_finetune_model(cfg, state.num_classes)
+    run.initialize(model, build_optimizer(model, cfg))
+    if tag is not None:
+        _, client = run.engine.load_checkpoint(str(run.checkpoints), tag=tag)
+        restore_rng_states(client.get("rng"))
+        if dist.is_main:
+            print(f"resumed from {run.checkpoints / tag}: epoch {state.epoch}, step {state.step_in_epoch}, "
+                  f"global step {state.global_step}", file=sys.stderr)
+    code = train(run, state)
+    if args.weights_digest:
+        print(f"rank {dist.rank}: final weights sha256 {weights_digest(run.engine.module)}", flush=True)
+    return code
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train(run: Run, state: TrainState) -> int:
+    cfg, dist = run.cfg, run.dist
+    from tqdm import tqdm
+
+    steps_by_epoch = [planned_steps(cfg, dist, e, state.label_version) for e in range(cfg.epochs)]
+    total_steps = sum(steps_by_epoch)
+    warmup_steps = round(cfg.warmup_epochs * total_steps / cfg.epochs)
+    images_per_step = cfg.images_per_rank_step() * dist.world_size
+    peak_lr = base_lr_for_batch(cfg.base_lr, images_per_step) if cfg.lr_scaling == "linear" else cfg.base_lr
+    global_step, version = state.global_step, state.label_version
+
+    for epoch in range(state.epoch, cfg.epochs):
+        loader, _ = epoch_loader(cfg, dist, epoch, version)
+        steps = steps_by_epoch[epoch]
+        first = state.step_in_epoch if epoch == state.epoch else 0
+        batches = iter(loader)
+        for _ in range(first):  # mid-epoch resume: the loader is deterministic, skip what was consumed
+            next(batches)
+        progress = tqdm(range(first, steps), desc=f"epoch {epoch}", disable=not dist.is_main, leave=False)
+        for step_in_epoch in progress:
+            started = time.perf_counter()
+            batch = next(batches)
+            data_wait = time.perf_counter() - started
+            lr = cosine_with_warmup(global_step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            weight_decay = weight_decay_schedule(global_step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
+            set_optimizer_values(run.engine.optimizer, lr=lr, weight_decay=weight_decay)
+            if cfg.stage == "pretrain":
+                generator = step_generator(cfg.seed, dist.rank, global_step)
+                terms = pretrain_step(run.engine, batch, cfg, generator, run.device, run.dtype)
+            else:
+                terms = finetune_step(run.engine, batch, cfg, run.device, run.dtype)
+            values, finite = reduce_terms(terms, dist, run.device)
+            here = TrainState(epoch, step_in_epoch, global_step, version, _num_classes(run), to_dict(cfg))
+            if not finite:
+                tag = run.save(here, tag=f"diverged-{here.tag}", mark_latest=False)
+                if dist.is_main:
+                    print(f"loss is not finite at global step {global_step} (epoch {epoch}, step {step_in_epoch}): "
+                          f"{values}; the weights before this step are in {run.checkpoints / tag} ('latest' "
+                          f"still points at the last good checkpoint). Lower base_lr or clip_grad, or check the "
+                          f"data.", file=sys.stderr)
+                return 3
+            run.engine.backward(terms["loss"])
+            run.engine.step()
+            global_step += 1
+            seconds = time.perf_counter() - started
+            if global_step % cfg.log_every == 0:
+                run.log({"step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch + 1, **values,
+                         "lr": lr, "weight_decay": weight_decay, "images_per_s": images_per_step / seconds,
+                         "data_wait_s": data_wait, "label_version": version})
+                progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+            after = TrainState(epoch, step_in_epoch + 1, global_step, version, _num_classes(run), to_dict(cfg))
+            stop = run.args.stop_after_steps is not None and global_step >= run.args.stop_after_steps
+            periodic = cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0
+            if step_in_epoch + 1 < steps and (stop or periodic):
+                run.save(after)
+            if stop and step_in_epoch + 1 < steps:
+                return 0
+        del batches, loader  # stop this epoch's workers before the next (or clustering) starts
+        exported = run.export(epoch)
+        last = epoch + 1 == cfg.epochs
+        if cfg.recluster_every_epochs and (epoch + 1) % cfg.recluster_every_epochs == 0 and not last:
+            version = run.recluster(epoch, exported, version)
+            from clustering.labels import read_manifest
+
+            run.grow_classes(read_manifest(cfg.labels, version).next_class_id)
+        run.save(TrainState(epoch + 1, 0, global_step, version, _num_classes(run), to_dict(cfg)))
+        if run.args.stop_after_steps is not None and global_step >= run.args.stop_after_steps:
+            return 0
+    return 0
+
+
+def _num_classes(run: Run) -> int:
+    cosface = getattr(run.engine.module, "cosface", None)
+    return 1 if cosface is None else cosface.num_classes
+
+
+if __name__ == "__main__":
+    sys.exit(main())

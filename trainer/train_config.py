@@ -1,0 +1,151 @@
+"""The training configuration (both stages) and the DeepSpeed JSON generated from it.
+
+    cfg = from_mapping(TrainConfig, load_file("configs/finetune_vitb.yaml"))   # unknown keys rejected
+    ds = deepspeed_config(cfg, world_size=8, device_type="cuda")              # never hand-kept
+
+One frozen dataclass; its defaults are Pair-VPR stage 1 (ViT-B numbers, but the tiny
+test encoder so a bare run works on a laptop).  Stage 2 and the real presets are small
+override files under configs/.  `deepspeed_config` is the only source of DeepSpeed
+settings: batch size, clipping, ZeRO stage and precision all come from `TrainConfig`,
+the optimizer is ours (a torch AdamW over layer-decay groups) and so is the LR schedule
+(set per step from trainer.schedules), so the JSON has neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trainer.decoder import DECODERS
+from trainer.encoders import ENCODERS, EncoderConfig
+
+STAGES = ("pretrain", "finetune")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: Literal["pretrain", "finetune"] = field(
+        default="pretrain", metadata={"help": "pretrain (stage 1, Siamese MIM) or finetune (stage 2, joint)"})
+    shards: str = field(default="", metadata={"help": "shard set folder (pipelines/build_shards.py)"})
+    labels: str = field(default="", metadata={"help": "label-set folder (finetune: view classes for CosFace)"})
+    out: str = field(default="runs/train", metadata={"help": "output folder: config, metrics, checkpoints, exports"})
+    # ---- model ----
+    encoder: str = field(default="vit_tiny_test", metadata={"help": f"encoder preset: {', '.join(ENCODERS)}"})
+    image_size: int = field(default=112, metadata={"help": "training image side, pixels (224 stage 1, 322 stage 2)"})
+    descriptor_dim: int = field(default=512, metadata={"help": "global descriptor dimension"})
+    encoder_weights: str | None = field(
+        default=None, metadata={"help": "local DINOv2/timm encoder weights to start stage 1 from"})
+    decoder: str = field(default="dec64d2b", metadata={"help": f"decoder preset: {', '.join(DECODERS)}"})
+    mask_ratio: float = field(default=0.9, metadata={"help": "share of image 1's patches masked in stage 1"})
+    init_from: str | None = field(
+        default=None, metadata={"help": "stage 2: a stage-1 export (out/export/mim_epochNNNN.pt) to start from"})
+    trainable_last_blocks: int = field(
+        default=6, metadata={"help": "stage 2: encoder blocks trained, counted from the top (-1: all)"})
+    # ---- batches ----
+    pairs_per_batch: int = field(default=32, metadata={"help": "stage 1: place pairs per rank per step"})
+    places_per_batch: int = field(default=16, metadata={"help": "stage 2: places P per rank per step"})
+    images_per_place: int = field(default=4, metadata={"help": "stage 2: images K per place"})
+    num_workers: int = field(default=2, metadata={"help": "data-loader processes per rank"})
+    # ---- schedule ----
+    epochs: int = field(default=10, metadata={"help": "epochs (each a full pass over the rank's shards)"})
+    max_steps_per_epoch: int | None = field(
+        default=None, metadata={"help": "cap on steps per epoch (tests, demos); None: the loader's steps"})
+    base_lr: float = field(default=3e-4, metadata={"help": "top-layer LR (per 1024 images with lr_scaling=linear)"})
+    lr_scaling: Literal["linear", "none"] = field(
+        default="linear", metadata={"help": "linear: LR = base_lr x global batch / 1024; none: LR = base_lr"})
+    min_lr: float = field(default=1e-6, metadata={"help": "LR at the end of the cosine"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear LR warm-up, in epochs"})
+    weight_decay: float = field(default=0.04, metadata={"help": "weight decay at the start"})
+    weight_decay_end: float = field(default=0.4, metadata={"help": "weight decay at the end (cosine)"})
+    layer_decay: float = field(default=0.9, metadata={"help": "layer-wise LR decay (0.9 ViT-B, 0.95 L/G; 1: none)"})
+    clip_grad: float = field(default=3.0, metadata={"help": "global gradient-norm clip (0: none)"})
+    # ---- stage-2 losses ----
+    ms_weight: float = field(default=1.0, metadata={"help": "weight of the Multi-Similarity loss"})
+    pair_bce_weight: float = field(default=2.0, metadata={"help": "weight of the pair-classifier BCE (Pair-VPR 2)"})
+    cosface_weight: float = field(default=1.0, metadata={"help": "weight of CosFace over view classes (0: off)"})
+    cosface_scale: float = field(default=30.0, metadata={"help": "CosFace s (CosPlace 30, MutualVPR 60)"})
+    cosface_margin: float = field(default=0.4, metadata={"help": "CosFace m (CosPlace 0.4, MutualVPR 0.5)"})
+    recluster_every_epochs: int = field(
+        default=0, metadata={"help": "stage 2: new view classes every N epochs from the current model (0: never)"})
+    # ---- system ----
+    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
+    precision: Literal["auto", "fp32", "bf16"] = field(
+        default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, masks and initial weights"})
+    checkpoint_every_steps: int = field(
+        default=0, metadata={"help": "also checkpoint every N global steps (0: at epoch ends only)"})
+    log_every: int = field(default=1, metadata={"help": "write a metrics line every N steps"})
+
+    def validate(self) -> None:
+        EncoderConfig(self.encoder, self.image_size, self.descriptor_dim).validate()
+        if self.decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {self.decoder!r}; valid: {', '.join(DECODERS)}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        for name in ("pairs_per_batch", "places_per_batch", "images_per_place", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.images_per_place < 2:
+            raise ValueError("images_per_place must be >= 2 (positives are needed)")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.recluster_every_epochs and self.stage != "finetune":
+            raise ValueError("recluster_every_epochs needs stage finetune")
+        if self.recluster_every_epochs and self.zero_stage == 3:
+            raise ValueError("growing the CosFace head after reclustering is not supported with ZeRO-3; use 0-2")
+        for name in ("num_workers", "checkpoint_every_steps", "recluster_every_epochs", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def check_inputs(self) -> None:
+        """The folders a run needs (checked at launch, not per override file, so a preset
+        file need not name them)."""
+        if not self.shards:
+            raise ValueError("shards is required (a shard set folder, --shards)")
+        if self.stage == "finetune" and not self.labels:
+            raise ValueError("stage finetune needs labels (a label-set folder, --labels)")
+
+    def encoder_config(self) -> EncoderConfig:
+        """The global-descriptor architecture (what trainer.checkpoint exports record)."""
+        return EncoderConfig(self.encoder, self.image_size, self.descriptor_dim, "cls", self.encoder_weights)
+
+    def images_per_rank_step(self) -> int:
+        """Images one rank's micro-batch holds (stage 1 counts both images of a pair)."""
+        if self.stage == "pretrain":
+            return 2 * self.pairs_per_batch
+        return self.places_per_batch * self.images_per_place
+
+
+def resolve_bf16(cfg: TrainConfig, device_type: str) -> bool:
+    """bf16 on CUDA under "auto"; CPU trains in fp32 (bf16 matmuls there are slow and inexact)."""
+    if cfg.precision == "auto":
+        return device_type == "cuda"
+    return cfg.precision == "bf16"
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> dict:
+    """The DeepSpeed JSON for `cfg` on `world_size` ranks.
+
+    The micro-batch is one loader batch (pairs in stage 1, P x K images in stage 2), one
+    optimizer step per batch.  No "optimizer" / "scheduler" blocks: `deepspeed.initialize`
+    gets a torch AdamW (layer-decay groups) and the LR is written per step, so nothing
+    here needs a JIT-built op.
+    """
+    micro = cfg.pairs_per_batch if cfg.stage == "pretrain" else cfg.places_per_batch * cfg.images_per_place
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # exports need whole weights
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro * world_size,
+        "gradient_clipping": cfg.clip_grad,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO 1-3
+        "bf16": {"enabled": resolve_bf16(cfg, device_type)},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # we log ourselves (metrics.jsonl)
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,146 @@
+"""The models each training stage optimises, and the files they hand to the next stage.
+
+    mim = build_pretrain_model(cfg)                        # stage 1: SiameseMIM (encoder + decoder)
+    save_mim(mim, cfg, "out/export/mim_epoch0009.pt")      # what stage 2's init_from reads
+    model = build_finetune_model(cfg, num_classes)         # stage 2: FinetuneModel, stage-1 weights loaded
+
+Stage-1 exports are plain tensors (`torch.load(weights_only=True)`), like trainer.checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from trainer.decoder import SiameseMIM, SiameseMIMDecoder, decoder_config, patch_grid
+from trainer.encoders import GlobalDescriptorModel, build_model
+from trainer.heads import CosFaceClassifier, PairClassifier
+from trainer.losses import hardest_pairs
+from trainer.train_config import TrainConfig
+
+MIM_KIND = "siamese_mim"
+
+
+def build_decoder(cfg: TrainConfig, encoder: nn.Module) -> SiameseMIMDecoder:
+    return SiameseMIMDecoder(decoder_config(cfg.decoder), encoder.embed_dim, encoder.patch_embed.patch_size[0])
+
+
+def build_pretrain_model(cfg: TrainConfig) -> SiameseMIM:
+    """Stage 1: the encoder (DINOv2 weights when `encoder_weights` is set) and a new decoder."""
+    encoder = build_model(cfg.encoder_config()).encoder
+    return SiameseMIM(encoder, build_decoder(cfg, encoder))
+
+
+class FinetuneModel(nn.Module):
+    """Stage 2 as one module, so DeepSpeed (DDP / ZeRO) sees one forward per step.
+
+    Args:
+        global_model: encoder + global head (the part exported for retrieval / reclustering).
+        decoder: the stage-1 decoder; only its embed / blocks / norm are kept (inside `pair`).
+        num_classes: CosFace rows (`next_class_id` of the label version; 1 when CosFace is off).
+        scale, margin: CosFace s and m.
+    """
+
+    def __init__(self, global_model: GlobalDescriptorModel, decoder: SiameseMIMDecoder, num_classes: int,
+                 scale: float, margin: float) -> None:
+        super().__init__()
+        self.global_model = global_model
+        self.pair = PairClassifier(decoder)
+        self.cosface = CosFaceClassifier(global_model.head.out_features, num_classes, scale, margin)
+
+    def forward(self, images: torch.Tensor, place_ids: torch.Tensor, class_ids: torch.Tensor) -> dict:
+        """Everything the stage-2 losses read, from one batch of P places x K images.
+
+        Args:
+            images: [B, 3, S, S]; place_ids [B]; class_ids [B] (-1: no view class).
+        Returns:
+            descriptors [B, D]; pair_pos / pair_neg [A] logits of each anchor with its hardest
+            positive / negative; cosface [B', C] margin logits of the B' labelled images
+            and their class ids `cosface_targets` [B'].
+        """
+        encoder = self.global_model.encoder
+        tokens = self.global_model.forward_features(images)  # [B, 1 + N, C]
+        descriptors = nn.functional.normalize(self.global_model.head(tokens[:, 0]), dim=-1)  # [B, D]
+        patches = tokens[:, encoder.num_prefix_tokens:]  # [B, N, C]
+        grid = patch_grid(encoder, images)
+        anchor, positive, negative = hardest_pairs(descriptors, place_ids)  # [A] each
+        pair_pos = self.pair(patches[anchor], patches[positive], grid)  # [A]
+        pair_neg = self.pair(patches[anchor], patches[negative], grid)  # [A]
+        labelled = class_ids >= 0
+        targets = class_ids[labelled]  # [B']
+        cosface = self.cosface(descriptors[labelled], targets)  # [B', C]
+        return {"descriptors": descriptors, "pair_pos": pair_pos, "pair_neg": pair_neg,
+                "cosface": cosface, "cosface_targets": targets}
+
+
+def freeze_encoder_except_last(encoder: nn.Module, trainable_last_blocks: int) -> None:
+    """Train only the top `trainable_last_blocks` blocks and the final norm (-1: everything).
+
+    Pair-VPR stage 2 trains the last 6 blocks; patch / position embeddings stay frozen.
+    """
+    if trainable_last_blocks < 0:
+        return
+    depth = len(encoder.blocks)
+    first = max(0, depth - trainable_last_blocks)
+    for name, param in encoder.named_parameters():
+        in_trained_block = name.startswith("blocks.") and int(name.split(".")[1]) >= first
+        param.requires_grad_(in_trained_block or name.startswith(("norm.", "fc_norm.")))
+
+
+def build_finetune_model(cfg: TrainConfig, num_classes: int) -> FinetuneModel:
+    """Stage 2: stage-1 encoder + decoder from `cfg.init_from` (else as stage 1 starts), a new
+    global head, pair class token and MLP, and a CosFace head of `num_classes` rows."""
+    mim = build_pretrain_model(cfg)
+    if cfg.init_from:
+        load_mim(mim, cfg.init_from)
+    global_model = build_model(cfg.encoder_config(), load_encoder_weights=False)
+    global_model.encoder = mim.encoder  # keep the stage-1 encoder; the head is new
+    freeze_encoder_except_last(global_model.encoder, cfg.trainable_last_blocks)
+    return FinetuneModel(global_model, mim.decoder, num_classes, cfg.cosface_scale, cfg.cosface_margin)
+
+
+def global_model_of(model: nn.Module, cfg: TrainConfig) -> GlobalDescriptorModel:
+    """The encoder + global head to export.  Stage 1 has no head: a fixed-seed random
+    projection stands in (a class-token descriptor, good enough to recluster with)."""
+    if isinstance(model, FinetuneModel):
+        return model.global_model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        global_model = GlobalDescriptorModel(model.encoder, cfg.descriptor_dim, "cls")  # shares the encoder
+    return global_model
+
+
+def save_mim(mim: SiameseMIM, cfg: TrainConfig, path: str | os.PathLike) -> Path:
+    """Write stage-1 weights (encoder.*, decoder.*) with their presets, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {"format": 1, "kind": MIM_KIND, "encoder": cfg.encoder, "decoder": cfg.decoder,
+               "state_dict": {k: v.detach().cpu().contiguous() for k, v in mim.state_dict().items()}}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(content, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_mim(mim: SiameseMIM, path: str | os.PathLike) -> None:
+    """Load a `save_mim` file; the position embedding is resampled when the image size differs
+    (stage 1 at 224 px, stage 2 at 322 px)."""
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(content, dict) or content.get("kind") != MIM_KIND:
+        raise ValueError(f"{path}: not a stage-1 export (kind {MIM_KIND!r}); pass out/export/mim_epochNNNN.pt")
+    state = dict(content["state_dict"])
+    pos = state.get("encoder.pos_embed")
+    target = mim.encoder.pos_embed
+    if pos is not None and pos.shape != target.shape:
+        prefix = mim.encoder.num_prefix_tokens
+        side = int(round((target.shape[1] - prefix) ** 0.5))
+        state["encoder.pos_embed"] = resample_abs_pos_embed(pos, (side, side), num_prefix_tokens=prefix)
+    result = mim.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: weights do not fit encoder {content.get('encoder')} / decoder "
+                         f"{content.get('decoder')} (missing {result.missing_keys[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]})")
