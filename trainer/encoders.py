@@ -55,7 +55,10 @@ class EncoderSpec:
             embed_dim=self.embed_dim,
             depth=self.depth,
             num_heads=self.num_heads,
-            init_values=1e-5,  # layer scale, as in DINOv2, so the test preset trains like the real ones
+            # No layer scale: DINOv2 starts it at 1e-5 because its weights are pre-trained; from random
+            # weights it keeps the class token almost independent of the image, and global
+            # descriptors of every image start out identical (MS loss stalls).
+            init_values=None,
             num_classes=0,
             dynamic_img_size=True,
         )
