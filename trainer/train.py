@@ -223,6 +223,14 @@ def label_setup(cfg: TrainConfig) -> tuple[int | None, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return run_main(args)
+    except (ValueError, FileNotFoundError) as err:  # bad config, inputs that do not fit: say so, no traceback
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run_main(args: argparse.Namespace) -> int:
     cfg = config_from_args(TrainConfig, args)
     cfg.check_inputs()
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
@@ -291,6 +299,7 @@ def train(run: Run, state: TrainState) -> int:
     images_per_step = cfg.images_per_rank_step() * dist.world_size
     peak_lr = base_lr_for_batch(cfg.base_lr, images_per_step) if cfg.lr_scaling == "linear" else cfg.base_lr
     global_step, version = state.global_step, state.label_version
+    totals = {"steps": 0, "seconds": 0.0, "data_wait_s": 0.0}  # for the closing summary
 
     for epoch in range(state.epoch, cfg.epochs):
         loader, _ = epoch_loader(cfg, dist, epoch, version)
@@ -326,10 +335,13 @@ def train(run: Run, state: TrainState) -> int:
             run.engine.step()
             global_step += 1
             seconds = time.perf_counter() - started
+            totals["steps"] += 1
+            totals["seconds"] += seconds
+            totals["data_wait_s"] += data_wait
             if global_step % cfg.log_every == 0:
                 run.log({"step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch + 1, **values,
                          "lr": lr, "weight_decay": weight_decay, "images_per_s": images_per_step / seconds,
-                         "data_wait_s": data_wait, "label_version": version})
+                         "step_s": seconds, "data_wait_s": data_wait, "label_version": version})
                 progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
             after = TrainState(epoch, step_in_epoch + 1, global_step, version, _num_classes(run), to_dict(cfg))
             stop = run.args.stop_after_steps is not None and global_step >= run.args.stop_after_steps
@@ -349,6 +361,11 @@ def train(run: Run, state: TrainState) -> int:
         run.save(TrainState(epoch + 1, 0, global_step, version, _num_classes(run), to_dict(cfg)))
         if run.args.stop_after_steps is not None and global_step >= run.args.stop_after_steps:
             return 0
+    if dist.is_main and totals["steps"]:
+        # Data wait is time the step spent blocked on the loader: the share says whether it keeps up.
+        print(f"{cfg.stage}: {totals['steps']} steps, {images_per_step * totals['steps'] / totals['seconds']:.0f} "
+              f"images/s, data wait {100 * totals['data_wait_s'] / totals['seconds']:.1f} % of step time, "
+              f"label version {version}")
     return 0
 
 
