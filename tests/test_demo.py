@@ -1,4 +1,4 @@
-"""The README's main job at the tiny preset: synthetic city -> catalog -> shards -> read back."""
+"""The README's main job at the tiny preset: city -> catalog -> shards -> labels -> stage 1 -> stage 2."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from shards.manifest import read_manifest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_demo_tiny_end_to_end(tmp_path, capsys):
+def test_demo_tiny_end_to_end(tmp_path, capfd):  # capfd: the trainer prints from its own process
     out = tmp_path / "demo"
     assert demo(["--out", str(out), "--preset", "tiny", "--num-cpus", "2"]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     manifest = read_manifest(out / "shards")
     counts = manifest.counts
     assert counts["inputs"] == counts["in_shards"] + counts["rejected"] and counts["in_shards"] > 100
@@ -25,12 +25,19 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert set(catalog.column("utm_zone").to_pylist()) == {10, 55}  # San Francisco and Melbourne
     letters = set(catalog.column("utm_letter").to_pylist())
     assert any(l >= "N" for l in letters) and any(l < "N" for l in letters)
-    assert latest_version(out / "labels") == 0
-    labels = read_labels(out / "labels")
-    assert sorted(labels.column("image_id").to_pylist()) == sorted(catalog.column("image_id").to_pylist())
+    # v0 from headings, then stage 2 reclustered once with its own model (tiny preset: after epoch 1).
+    assert latest_version(out / "labels") == 1
+    for version in (0, 1):
+        labels = read_labels(out / "labels", version)
+        assert sorted(labels.column("image_id").to_pylist()) == sorted(catalog.column("image_id").to_pylist())
+    assert "finetune:" in printed and "data wait" in printed
+    for stage in ("pretrain", "finetune"):
+        assert (out / "train" / stage / "export" / "model_epoch0001.pt").is_file()
 
     assert demo(["--out", str(out), "--preset", "tiny", "--num-cpus", "2"]) == 0  # a re-run reuses everything
-    assert "nothing to do" in capsys.readouterr().out and latest_version(out / "labels") == 0
+    rerun = capfd.readouterr().out
+    assert "nothing to do" in rerun and rerun.count("already trained") == 2
+    assert latest_version(out / "labels") == 1
 
 
 def test_cli_lists_commands_and_rejects_unknown_ones(capsys):
