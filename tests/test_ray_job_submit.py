@@ -39,6 +39,9 @@ def ray_head(tmp_path):
         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
         "--include-dashboard=true", "--disable-usage-stats",
     ]  # fmt: skip
+    # A fresh machine has no token yet: make one (kept in ~/.ray/auth_token, as Ray expects).
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                   timeout=60)
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
         yield env, f"http://127.0.0.1:{dash_port}"
