@@ -89,6 +89,9 @@ def decode_augment(jpegs: list[bytes], image_size: int, rng: np.random.Generator
     pixels = np.empty((len(jpegs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
     for i, data in enumerate(jpegs):
         with Image.open(io.BytesIO(data)) as image:
+            # libjpeg DCT scaling: decode at the smallest 1/2^k size still >= S x S; the crop is
+            # drawn in relative terms, so only the pixels it is cut from change, not its extent.
+            image.draft("RGB", (image_size, image_size))
             image = image.convert("RGB")
             box = random_resized_crop_box(image.width, image.height, rng, cfg.scale, cfg.ratio)
             pixels[i] = np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
