@@ -19,11 +19,8 @@ import torch
 from PIL import Image
 
 from clustering.labels import label_table, write_label_set
-from shards.index import index_table, write_index
-from shards.layout import INDEX_FILE, SHARD_SUBDIR, sample_key
-from shards.manifest import Manifest, write_manifest
 from shards.reader import PlaceSample, ReaderSlot, place_groups, shard_order, shards_for_slot
-from shards.writer import write_shard
+from tests.shardsets import write_shard_set as write_shards
 from trainer.augment import random_resized_crop_box
 from trainer.data import BatchGeometry, batched, make_loader, usable_samples
 from trainer.data_plan import group_reserve, rank_worker_capacities, steps_per_epoch, worker_quotas
@@ -145,29 +142,11 @@ def image_id_of(place: int, i: int) -> int:
 
 def write_shard_set(root, layout: list[list[tuple[int, int]]]):
     """A complete shard set: layout[shard] = [(place, images), ...], one sample per entry."""
-    (root / SHARD_SUBDIR).mkdir(parents=True)
-    (root / "src").mkdir()
-    records, index_rows, sample_index = [], [], 0
-    for shard, entries in enumerate(layout):
-        rows = []
-        for place, n in entries:
-            parts = sum(1 for s in layout for p, _ in s if p == place)
-            for i in range(n):
-                image_id = image_id_of(place, sample_index * 50 + i)
-                path = root / "src" / f"{image_id}.jpg"
-                path.write_bytes(place_jpeg(place, sample_index * 50 + i))
-                rows.append({
-                    "path": str(path), "relpath": path.name, "source": "test", "dataset": "test",
-                    "image_id": image_id, "place_id": place, "place_key": f"p{place}",
-                    "sample_key": sample_key(sample_index), "part": 0, "parts": parts,
-                    "lat": None, "lon": None, "utm_east": None, "utm_north": None, "utm_zone": None, "heading_deg": None,
-                })
-            sample_index += 1
-        result = write_shard(root / SHARD_SUBDIR, shard, pa.Table.from_pylist(rows), 40, 90)
-        records.append(result.record)
-        index_rows += result.index_rows
-    write_index(index_table(index_rows), root / INDEX_FILE)
-    write_manifest(Manifest(config={}, sources=[], counts={}, shards=records), root)
+
+    def image(place: int, sample_index: int, i: int) -> tuple[int, bytes]:
+        return image_id_of(place, sample_index * 50 + i), place_jpeg(place, sample_index * 50 + i)
+
+    write_shards(root, layout, image, short_side=40)
     return root
 
 

@@ -15,15 +15,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 from clustering.labels import label_table, write_label_set
-from shards.index import index_table, write_index
-from shards.layout import INDEX_FILE, SHARD_SUBDIR, sample_key
-from shards.manifest import Manifest, write_manifest
-from shards.writer import write_shard
+from tests.shardsets import write_shard_set
 from tests.conftest import REPO, jpeg_bytes
 from trainer.engine import build_optimizer, grow_cosface
 from trainer.train_config import TrainConfig, deepspeed_config
@@ -37,31 +33,11 @@ TINY = ["--encoder", "vit_tiny_test", "--decoder", "dec64d2b", "--image-size", "
 
 def write_shards(root: Path, layout: list[list[tuple[int, int]]]) -> list[int]:
     """layout[shard] = [(place, images), ...]; returns every image id written."""
-    (root / SHARD_SUBDIR).mkdir(parents=True)
-    (root / "src").mkdir()
-    records, index_rows, ids, serial = [], [], [], 0
-    for shard, entries in enumerate(layout):
-        rows = []
-        for place, n in entries:
-            key = sample_key(serial)
-            for i in range(n):
-                image_id = place * 1000 + i
-                path = root / "src" / f"{image_id}.jpg"
-                path.write_bytes(jpeg_bytes(image_id, size=(64, 64)))
-                rows.append({
-                    "path": str(path), "relpath": path.name, "source": "test", "dataset": "test",
-                    "image_id": image_id, "place_id": place, "place_key": f"p{place}", "sample_key": key,
-                    "part": 0, "parts": 1, "lat": None, "lon": None, "utm_east": None, "utm_north": None,
-                    "utm_zone": None, "heading_deg": None,
-                })
-                ids.append(image_id)
-            serial += 1
-        result = write_shard(root / SHARD_SUBDIR, shard, pa.Table.from_pylist(rows), 64, 90)
-        records.append(result.record)
-        index_rows += result.index_rows
-    write_index(index_table(index_rows), root / INDEX_FILE)
-    write_manifest(Manifest(config={}, sources=[], counts={}, shards=records), root)
-    return ids
+
+    def image(place: int, sample_index: int, i: int) -> tuple[int, bytes]:
+        return place * 1000 + i, jpeg_bytes(place * 1000 + i, size=(64, 64))
+
+    return write_shard_set(root, layout, image, short_side=64)
 
 
 def write_v0_labels(root: Path, image_ids: list[int]) -> int:
