@@ -165,3 +165,29 @@ def test_preprocess_shapes_crop_and_normalisation():
                           atol=0.02)
     assert preprocess([], 28).shape == (0, 3, 28, 28)
     assert np.isfinite(batch.numpy()).all()
+
+
+def test_pair_classifier_travels_with_the_model_and_scores_identically(tmp_path):
+    from trainer.checkpoint import load_pair_classifier
+    from trainer.decoder import SiameseMIMDecoder, decoder_config
+    from trainer.heads import PairClassifier
+
+    torch.manual_seed(3)
+    cfg = EncoderConfig(descriptor_dim=16, image_size=56)
+    model = build_model(cfg).eval()
+    pair = PairClassifier(SiameseMIMDecoder(decoder_config("dec64d2b"), 64, 14), hidden_dim=32).eval()
+    plain = save_model_checkpoint(model, cfg, tmp_path / "plain.pt")
+    assert load_pair_classifier(plain) is None  # a model without one: global recall only
+
+    path = save_model_checkpoint(model, cfg, tmp_path / "with_pair.pt", pair=pair, decoder="dec64d2b")
+    loaded = load_pair_classifier(path)
+    patches_a, patches_b = torch.randn(3, 16, 64), torch.randn(3, 16, 64)  # [B, N, C], 4 x 4 grid
+    with torch.no_grad():
+        assert torch.equal(pair.score(patches_a, patches_b, (4, 4)), loaded.score(patches_a, patches_b, (4, 4)))
+    assert load_model_checkpoint(path)[1] == cfg  # the model part reads as before
+
+    content = torch.load(path, weights_only=True)
+    content["pair_classifier"]["decoder"] = "dec768d12b"  # weights of another decoder width
+    torch.save(content, tmp_path / "wrong_decoder.pt")
+    with pytest.raises(CheckpointError, match=r"wrong_decoder\.pt: the stored pair classifier does not fit"):
+        load_pair_classifier(tmp_path / "wrong_decoder.pt")

@@ -4,7 +4,9 @@ A checkpoint is a `torch.save` of plain types and tensors only:
 
     {"format": 1, "kind": "global_descriptor",
      "encoder_config": {...EncoderConfig fields...},
-     "state_dict": {name: tensor, ...}}
+     "state_dict": {name: tensor, ...},
+     "pair_classifier": {"decoder": "dec64d2b", "hidden_dim": 512,      # optional: stage-2
+                         "state_dict": {name: tensor, ...}}}            # exports, for re-ranking
 
 so it always loads with `torch.load(path, weights_only=True)`: a file that needs
 arbitrary unpickling is refused, never executed.  The config travels with the weights,
@@ -22,7 +24,9 @@ from pathlib import Path
 import torch
 
 from placeforge.config import ConfigError, from_mapping
-from trainer.encoders import EncoderConfig, GlobalDescriptorModel, build_model
+from trainer.decoder import SiameseMIMDecoder, decoder_config
+from trainer.encoders import EncoderConfig, GlobalDescriptorModel, build_model, encoder_spec
+from trainer.heads import PairClassifier
 
 CHECKPOINT_FORMAT = 1
 KIND = "global_descriptor"
@@ -32,14 +36,18 @@ class CheckpointError(ValueError):
     """A file that is not a usable model checkpoint; the message names the file and why."""
 
 
-def save_model_checkpoint(model: GlobalDescriptorModel, cfg: EncoderConfig, path: str | os.PathLike) -> Path:
+def save_model_checkpoint(model: GlobalDescriptorModel, cfg: EncoderConfig, path: str | os.PathLike,
+                          pair: PairClassifier | None = None, decoder: str | None = None) -> Path:
     """Write `model`'s weights and `cfg` to `path` atomically (temporary name, then rename).
+
+    `pair` (with its decoder preset name `decoder`) is stored too when given: the stage-2
+    pair classifier that evaluation re-ranks with.
 
     Raises:
         CheckpointError: the model is not the architecture `cfg` describes.
     """
     path = Path(path)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: _float32_copy(tensor) for name, tensor in model.state_dict().items()}
     problem = _mismatch(_expected_shapes(cfg), {name: tuple(t.shape) for name, t in state.items()})
     if problem:
         raise CheckpointError(f"{path}: the model does not match its encoder config {cfg}: {problem}")
@@ -49,6 +57,13 @@ def save_model_checkpoint(model: GlobalDescriptorModel, cfg: EncoderConfig, path
         "encoder_config": dataclasses.asdict(cfg),
         "state_dict": state,
     }
+    if pair is not None:
+        if decoder is None:
+            raise ValueError("save_model_checkpoint: pass the decoder preset name with the pair classifier")
+        content["pair_classifier"] = {
+            "decoder": decoder, "hidden_dim": pair.mlp[0].out_features,
+            "state_dict": {name: _float32_copy(t) for name, t in pair.state_dict().items()},
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -57,6 +72,12 @@ def save_model_checkpoint(model: GlobalDescriptorModel, cfg: EncoderConfig, path
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _float32_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy, floating point as float32 (bf16 training weights are saved full width)."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).contiguous()
 
 
 def inspect_model_checkpoint(path: str | os.PathLike) -> EncoderConfig:
@@ -88,7 +109,34 @@ def load_model_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     return model.to(device).eval(), cfg
 
 
+def load_pair_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> PairClassifier | None:
+    """The pair classifier stored with the model in `path` (eval mode), or None if it has none
+    (a stage-1 export or an older file: evaluation then reports global recall only).
+
+    Raises:
+        CheckpointError: as `inspect_model_checkpoint`, or pair weights that do not fit their decoder.
+    """
+    cfg, _, content = _read_content(path)
+    stored = content.get("pair_classifier")
+    if stored is None:
+        return None
+    spec = encoder_spec(cfg.name)
+    try:
+        decoder = SiameseMIMDecoder(decoder_config(str(stored["decoder"])), spec.embed_dim, spec.patch_size)
+        pair = PairClassifier(decoder, int(stored["hidden_dim"]))
+        pair.load_state_dict(dict(stored["state_dict"]), strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: the stored pair classifier does not fit its decoder preset: {first}") from error
+    return pair.to(device).eval()
+
+
 def _read(path: str | os.PathLike) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
+    cfg, state, _ = _read_content(path)
+    return cfg, state
+
+
+def _read_content(path: str | os.PathLike) -> tuple[EncoderConfig, dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -111,7 +159,7 @@ def _read(path: str | os.PathLike) -> tuple[EncoderConfig, dict[str, torch.Tenso
         cfg = from_mapping(EncoderConfig, dict(content.get("encoder_config") or {}), where=str(path))
     except (ConfigError, ValueError) as error:
         raise CheckpointError(f"{path}: bad encoder_config ({error})") from error
-    return cfg, state
+    return cfg, state, content
 
 
 def _expected_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:

@@ -146,7 +146,10 @@ class GlobalDescriptorModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Global descriptors.  [B, 3, H, W] -> [B, D], each row of unit L2 norm."""
-        tokens = self.forward_features(images)  # [B, 1 + N, C]
+        return self.pool(self.forward_features(images))
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens [B, 1 + N, C] -> global descriptors [B, D] (evaluation also keeps the tokens)."""
         if self.gem is None:
             pooled = tokens[:, 0]  # [B, C] class token
         else:
@@ -186,7 +189,7 @@ def load_encoder_weights_from(encoder: VisionTransformer, path: str) -> None:
         )
 
 
-def _resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
+def resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
     """Resize so the short side is `size`, then centre crop.  -> [size, size, 3] uint8."""
     # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is much larger than needed.
     image.draft("RGB", (size, size))
@@ -211,7 +214,7 @@ def preprocess(jpegs: list[bytes], image_size: int) -> torch.Tensor:
     pixels = np.empty((len(jpegs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
     for i, data in enumerate(jpegs):
         with Image.open(io.BytesIO(data)) as image:
-            pixels[i] = _resize_and_crop(image, image_size)
+            pixels[i] = resize_and_crop(image, image_size)
     return imagenet_normalize(to_unit_tensor(pixels))
 
 

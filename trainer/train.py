@@ -151,7 +151,10 @@ class Run:
             if self.dist.is_main:
                 module = self.engine.module
                 encoder_cfg = dataclasses.replace(self.cfg.encoder_config(), checkpoint=None)
-                save_model_checkpoint(global_model_of(module, self.cfg).float(), encoder_cfg, path)
+                # Not `.float()` on the modules: that would cast the engine's bf16 weights in place;
+                # save_model_checkpoint writes float32 copies.
+                save_model_checkpoint(global_model_of(module, self.cfg), encoder_cfg, path,
+                                      pair=getattr(module, "pair", None), decoder=self.cfg.decoder)
                 if self.cfg.stage == "pretrain":
                     save_mim(module, self.cfg, self.out / "export" / f"mim_epoch{epoch:04d}.pt")
         self.barrier()
