@@ -1,0 +1,123 @@
+"""The evaluation feature store: descriptors and dense patch tokens of one test split, on disk.
+
+    OUT/features/database/
+        store.json        what the arrays hold: checkpoint sha256, image-list sha256, shapes
+        descriptors.npy   [M, D] float16 global descriptors
+        tokens.npy        [M, N, C] float16 encoder patch tokens (re-ranking input), optional
+        done.npy          [M] uint8: 1 once row i of both arrays is on disk, 2 if the image failed
+
+The arrays are `.npy` memory maps: a database larger than RAM is written in batches and
+read back one candidate list at a time, so memory holds only the rows being used.  A
+row's done flag is set only after its data are flushed, so a killed run resumes with
+exactly the rows that are missing, and a store made for another checkpoint or another
+image list is recognised (store.json) and rebuilt, never mixed.  Pair-VPR keeps 1.55 MB of
+float32 tokens per ViT-B image in RAM; this keeps half of that on disk per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+STORE_FORMAT = 1
+PENDING, DONE, FAILED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class StoreKey:
+    """Everything the stored rows depend on; a store whose key differs is rebuilt."""
+
+    checkpoint_sha256: str
+    images_sha256: str  # of the ordered image paths
+    image_size: int
+    descriptor_dim: int
+    tokens_shape: tuple[int, int] | None  # (N, C), None: descriptors only
+    format: int = STORE_FORMAT
+
+
+def images_sha256(paths: list[str]) -> str:
+    return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def bytes_per_image(key: StoreKey) -> int:
+    """Disk per image: descriptor + tokens, float16, plus the done flag."""
+    tokens = 0 if key.tokens_shape is None else key.tokens_shape[0] * key.tokens_shape[1]
+    return 2 * (key.descriptor_dim + tokens) + 1
+
+
+class FeatureStore:
+    """Memory-mapped rows of one split; open with `FeatureStore.open(folder, key, rows)`."""
+
+    def __init__(self, folder: Path, key: StoreKey, descriptors: np.memmap, tokens: np.memmap | None,
+                 done: np.memmap) -> None:
+        self.folder, self.key = folder, key
+        self.descriptors, self.tokens, self.done = descriptors, tokens, done
+        self._written: list[np.ndarray] = []  # rows written since the last commit
+        self._ok: list[np.ndarray] = []
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike, key: StoreKey, rows: int) -> "FeatureStore":
+        """Reuse the store in `folder` if it was made with `key`, else create it empty."""
+        folder = Path(folder)
+        if _read_key(folder) != key:
+            shutil.rmtree(folder, ignore_errors=True)  # another checkpoint or image list: start over
+            tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            np.lib.format.open_memmap(tmp / "descriptors.npy", "w+", np.float16, (rows, key.descriptor_dim)).flush()
+            if key.tokens_shape is not None:
+                np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.float16, (rows, *key.tokens_shape)).flush()
+            np.lib.format.open_memmap(tmp / "done.npy", "w+", np.uint8, (rows,)).flush()
+            (tmp / "store.json").write_text(json.dumps(asdict(key), indent=2) + "\n")
+            os.rename(tmp, folder)  # store.json inside: the folder is valid from here on
+        descriptors = np.load(folder / "descriptors.npy", mmap_mode="r+")
+        tokens = np.load(folder / "tokens.npy", mmap_mode="r+") if key.tokens_shape is not None else None
+        done = np.load(folder / "done.npy", mmap_mode="r+")
+        if len(descriptors) != rows or len(done) != rows:
+            raise ValueError(f"{folder}: holds {len(descriptors)} rows, expected {rows}")
+        return cls(folder, key, descriptors, tokens, done)
+
+    def pending(self) -> np.ndarray:
+        """Row indices still to compute. -> [P] int64."""
+        return np.flatnonzero(self.done == PENDING)
+
+    def write(self, rows: np.ndarray, descriptors: np.ndarray, tokens: np.ndarray | None, ok: np.ndarray) -> None:
+        """Store a batch: rows [B], descriptors [B, D], tokens [B, N, C] or None, ok [B] bool."""
+        order = np.argsort(rows)  # ascending rows: sequential writes into the memmaps
+        rows = np.asarray(rows)[order]
+        self.descriptors[rows] = descriptors[order]
+        if self.tokens is not None:
+            self.tokens[rows] = tokens[order]
+        self._written.append(rows)
+        self._ok.append(np.asarray(ok, bool)[order])
+
+    def commit(self) -> None:
+        """Flush written rows to disk, then mark them done (the order that makes resume exact)."""
+        if not self._written:
+            return
+        written, ok = np.concatenate(self._written), np.concatenate(self._ok)
+        self.descriptors.flush()
+        if self.tokens is not None:
+            self.tokens.flush()
+        self.done[written] = np.where(ok, DONE, FAILED)
+        self.done.flush()
+        self._written, self._ok = [], []
+
+    def failed(self) -> np.ndarray:
+        """Rows whose image could not be decoded. -> [F] int64."""
+        return np.flatnonzero(self.done == FAILED)
+
+
+def _read_key(folder: Path) -> StoreKey | None:
+    try:
+        raw = json.loads((folder / "store.json").read_text())
+        raw["tokens_shape"] = tuple(raw["tokens_shape"]) if raw.get("tokens_shape") else None
+        return StoreKey(**raw)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

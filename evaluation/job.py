@@ -1,0 +1,275 @@
+"""One evaluation: a checkpoint and a test set -> recall before and after re-ranking, and a report.
+
+    summary = evaluate("model_epoch0003.pt", read_split(db_spec), read_split(q_spec, "queries"), out, EvalConfig())
+    print(summary.report())
+
+Steps, each checked before the next costs minutes:
+  1. the checkpoint (and its pair classifier, if any) loads; K fits the database;
+  2. database and queries are embedded by a Ray Data actor pool into feature stores under
+     OUT/features/ (descriptors + float16 patch tokens, memory-mapped; a re-run resumes);
+  3. exact faiss search of every query among the database descriptors;
+  4. the top K re-ranked by the pair classifier, both directions;
+  5. Recall@N with positives within `radius_m`, before and after;
+  6. OUT/report.json, OUT/predictions.parquet, OUT/rejects.parquet, OUT/report.html, OUT/recall.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from evaluation.dense_store import DONE, FeatureStore, StoreKey, bytes_per_image, images_sha256
+from evaluation.recall import correct_matrix, first_correct, positives_within, recall_at, recall_curve
+from evaluation.search import exact_search
+from evaluation.testset import Split
+from placeforge.catalog import REJECTS_SCHEMA, concat, write_parquet_atomic
+from placeforge.config import to_dict
+
+REPORT_FORMAT = 1
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot start or finish; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    radius_m: float = field(default=25.0, metadata={"help": "a database image within this distance is right"})
+    recall_at: tuple[int, ...] = field(default=(1, 5, 10, 20), metadata={"help": "N of the Recall@N reported"})
+    rerank_top_k: int = field(default=100, metadata={"help": "global candidates re-ranked per query (0: none)"})
+    batch_size: int = field(default=32, metadata={"help": "images per encoder batch"})
+    embed_actors: int = field(default=0, metadata={"help": "encoder actors (0: one per GPU, else one per 2 CPUs)"})
+    pairs_per_batch: int = field(default=256, metadata={"help": "pairs per pair-classifier call"})
+    sample_queries: int = field(default=12, metadata={"help": "queries shown in report.html"})
+    seed: int = field(default=0, metadata={"help": "seed of the report's query sample"})
+
+    def validate(self) -> None:
+        if not self.radius_m > 0:
+            raise EvaluationError(f"radius_m must be > 0, got {self.radius_m}")
+        if not self.recall_at or min(self.recall_at) < 1:
+            raise EvaluationError(f"recall_at must be N >= 1, got {self.recall_at}")
+        for name in ("batch_size", "pairs_per_batch"):
+            if getattr(self, name) < 1:
+                raise EvaluationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rerank_top_k", "embed_actors", "sample_queries"):
+            if getattr(self, name) < 0:
+                raise EvaluationError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    out: Path
+    report: dict
+
+    def recall(self, kind: str = "global") -> dict[int, float] | None:
+        values = self.report["recall"][kind]
+        return None if values is None else {int(n): r for n, r in values.items()}
+
+    def text(self) -> str:
+        r, c = self.report, self.report["counts"]
+        lines = [f"evaluated {c['queries']} queries against {c['database']} database images "
+                 f"({c['rejected']} image(s) set aside, see rejects.parquet)"]
+        for kind, title in (("global", "global descriptor"), ("reranked", f"re-ranked top {r['rerank']['top_k']}")):
+            if r["recall"][kind] is not None:
+                lines.append(f"{title:>24}: " + "  ".join(f"R@{n} {100 * v:5.1f}" for n, v in r["recall"][kind].items()))
+        lines.append(r["rerank"]["note"])
+        lines.append(f"report: {self.out / 'report.html'}")
+        return "\n".join(lines)
+
+
+def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out: str | os.PathLike,
+             cfg: EvalConfig, ray_address: str | None = None, num_cpus: int | None = None,
+             title: str | None = None) -> EvalSummary:
+    """Run the whole evaluation; see the module docstring.  Writes only under `out`."""
+    from placeforge.raysession import ray_session
+    from trainer.checkpoint import inspect_model_checkpoint, load_pair_classifier
+    from trainer.encoders import encoder_spec
+
+    cfg.validate()
+    started = time.perf_counter()
+    checkpoint = Path(checkpoint).resolve()
+    out = Path(out).resolve()
+    encoder_cfg = inspect_model_checkpoint(checkpoint)  # a wrong file fails here, before any work
+    pair = load_pair_classifier(checkpoint) if cfg.rerank_top_k else None
+    labelled = database.east_north is not None and queries.east_north is not None
+    spec = encoder_spec(encoder_cfg.name)
+    side = encoder_cfg.image_size // spec.patch_size
+    tokens_shape = (side * side, spec.embed_dim) if pair is not None else None
+    top_k = min(cfg.rerank_top_k, len(database)) if pair is not None else 0
+    notes = [_rerank_note(cfg, pair is not None, len(database))]
+
+    from shards.manifest import file_sha256
+
+    sha = file_sha256(checkpoint)
+    stores = {}
+    for split in (database, queries):
+        key = StoreKey(sha, images_sha256(split.paths), encoder_cfg.image_size, encoder_cfg.descriptor_dim, tokens_shape)
+        stores[split.name] = FeatureStore.open(out / "features" / split.name, key, len(split))
+    timings: dict[str, float] = {}
+    with ray_session(ray_address, num_cpus):
+        import ray
+
+        from evaluation.embed import embed_split
+
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+        actors = cfg.embed_actors or (gpus if gpus else max(1, cpus // 2))
+        embedded_now = {}  # rows computed by this run (a resumed run computes only the missing ones)
+        for split in (database, queries):
+            tick = time.perf_counter()
+            embedded_now[split.name] = embed_split(stores[split.name], split.paths, str(checkpoint), cfg.batch_size,
+                                                   actors, split.name)
+            timings[f"embed_{split.name}"] = time.perf_counter() - tick
+
+    db_store, q_store = stores[database.name], stores[queries.name]
+    db_rows = np.flatnonzero(db_store.done == DONE)
+    q_rows = np.flatnonzero(q_store.done == DONE)
+    if len(db_rows) == 0 or len(q_rows) == 0:
+        raise EvaluationError(f"no decodable images: {len(db_rows)} database, {len(q_rows)} queries")
+    k = min(max(max(cfg.recall_at), top_k), len(db_rows))
+    tick = time.perf_counter()
+    scores, local = exact_search(db_store.descriptors[db_rows], q_store.descriptors[q_rows], k)
+    candidates = db_rows[local]  # [Q, k] indices into database.paths
+    timings["search"] = time.perf_counter() - tick
+
+    reranked = rerank_scores = None
+    if pair is not None:
+        from evaluation.rerank import pair_scores, rerank_order
+
+        top_k = min(top_k, k)
+        tick = time.perf_counter()
+        rerank_scores = pair_scores(pair, q_store.tokens[q_rows], db_store.tokens, candidates[:, :top_k],
+                                    (side, side), cfg.pairs_per_batch)
+        timings["rerank"] = time.perf_counter() - tick
+        order, top = rerank_order(candidates[:, :top_k], rerank_scores)
+        reranked = np.concatenate([top, candidates[:, top_k:]], axis=1)  # below K: the global order
+        rerank_scores = np.pad(np.take_along_axis(rerank_scores, order, axis=1), ((0, 0), (0, k - top_k)),
+                               constant_values=np.nan)  # [Q, k]: NaN where not re-ranked
+
+    recall = {"global": None, "reranked": None}
+    curves = {"global": None, "reranked": None}
+    correct = {"global": None, "reranked": None}
+    with_positive = None
+    if labelled:
+        positives = positives_within(database.east_north, database.zone, queries.east_north[q_rows],
+                                     queries.zone[q_rows], cfg.radius_m)
+        with_positive = np.array([len(p) > 0 for p in positives])
+        for kind, ranked in (("global", candidates), ("reranked", reranked)):
+            if ranked is None:
+                continue
+            correct[kind] = correct_matrix(ranked, positives)
+            first = first_correct(correct[kind])
+            recall[kind] = {str(n): r for n, r in recall_at(first, cfg.recall_at).items()}
+            curves[kind] = recall_curve(first, ranked.shape[1])
+        if reranked is not None:
+            notes.append(_effect_note(recall, top_k))
+    else:
+        notes.append("no positions (--no-labels): predictions written, no recall")
+
+    rejects = _rejects(database, queries, db_store, q_store)
+    timings["total"] = time.perf_counter() - started
+    report = {
+        "format": REPORT_FORMAT, "title": title or f"{checkpoint.name} on {_test_set_name(database, queries)}",
+        "checkpoint": str(checkpoint), "checkpoint_sha256": sha, "encoder": encoder_cfg.name,
+        "image_size": encoder_cfg.image_size, "positive_radius_m": cfg.radius_m, "config": to_dict(cfg),
+        "counts": {"database": int(len(db_rows)), "queries": int(len(q_rows)),
+                   "queries_with_positive": None if with_positive is None else int(with_positive.sum()),
+                   "rejected": rejects.num_rows, "embedded_now": embedded_now},
+        "recall": recall, "recall_curve": curves,
+        "rerank": {"available": pair is not None, "top_k": top_k, "note": " ".join(n for n in notes if n)},
+        "feature_store": {"bytes_per_database_image": bytes_per_image(db_store.key),
+                          "folder": str(db_store.folder)},
+        "timings_s": {name: round(value, 3) for name, value in timings.items()},
+        "throughput": _throughput(timings, len(q_rows), top_k),
+    }
+    predictions = _predictions(queries, q_rows, candidates, scores, correct, reranked, rerank_scores, with_positive)
+    write_parquet_atomic(predictions, out / "predictions.parquet")
+    write_parquet_atomic(rejects, out / "rejects.parquet")
+    _write_json_atomic(report, out / "report.json")
+    from evaluation.report import write_report
+
+    write_report(out, report, predictions, database.paths, sample_queries=cfg.sample_queries, seed=cfg.seed)
+    return EvalSummary(out, report)
+
+
+def _test_set_name(database: Split, queries: Split) -> str:
+    """The folder both splits live in (e.g. "test" for test/database + test/queries)."""
+    common = Path(os.path.commonpath([database.paths[0], queries.paths[0]]))
+    return common.name or str(common)
+
+
+def _rerank_note(cfg: EvalConfig, has_pair: bool, database_size: int) -> str:
+    if cfg.rerank_top_k == 0:
+        return "re-ranking off (rerank_top_k 0): global recall only."
+    if not has_pair:
+        return "the checkpoint has no pair classifier (not a stage-2 export): global recall only."
+    if cfg.rerank_top_k > database_size:
+        return f"rerank_top_k {cfg.rerank_top_k} > database size {database_size}: every database image re-ranked."
+    return ""
+
+
+def _effect_note(recall: dict, top_k: int) -> str:
+    before, after = recall["global"]["1"], recall["reranked"]["1"]
+    if after > before:
+        return f"re-ranking the top {top_k} raised Recall@1 by {100 * (after - before):.1f} points."
+    if after == before:
+        return f"re-ranking the top {top_k} left Recall@1 unchanged."
+    return f"re-ranking the top {top_k} LOWERED Recall@1 by {100 * (before - after):.1f} points."
+
+
+def _throughput(timings: dict[str, float], queries: int, top_k: int) -> dict[str, float | None]:
+    search = timings["search"] + timings.get("embed_queries", 0.0)
+    return {"queries_per_s_global": round(queries / search, 2) if search > 0 else None,
+            "pairs_per_s_rerank": round(queries * top_k / timings["rerank"], 2) if timings.get("rerank") else None}
+
+
+def _rejects(database: Split, queries: Split, db_store: FeatureStore, q_store: FeatureStore) -> pa.Table:
+    tables = [s.rejects for s in (database, queries) if s.rejects is not None and s.rejects.num_rows]
+    for split, store in ((database, db_store), (queries, q_store)):
+        failed = store.failed()
+        if len(failed):
+            tables.append(pa.table({
+                "input": [split.paths[i] for i in failed], "source": ["evaluate"] * len(failed),
+                "dataset": [split.name] * len(failed), "stage": ["encode"] * len(failed),
+                "reason": ["decode_error"] * len(failed),
+                "detail": ["the image could not be decoded; left out of the evaluation"] * len(failed),
+                "image_id": pa.nulls(len(failed), pa.int64()),
+            }, schema=REJECTS_SCHEMA))
+    return concat(tables, REJECTS_SCHEMA)
+
+
+def _predictions(queries: Split, q_rows: np.ndarray, candidates: np.ndarray, scores: np.ndarray, correct: dict,
+                 reranked: np.ndarray | None, rerank_scores: np.ndarray | None,
+                 with_positive: np.ndarray | None) -> pa.Table:
+    """One row per evaluated query; list columns best first (report.py reads this contract)."""
+    n = len(q_rows)
+
+    def lists(values: np.ndarray | None, tp: pa.DataType) -> pa.Array:
+        if values is None:
+            return pa.nulls(n, pa.list_(tp))
+        return pa.array(list(values), type=pa.list_(tp))
+
+    return pa.table({
+        "query_index": pa.array(q_rows, pa.int32()),
+        "query_path": [queries.paths[i] for i in q_rows],
+        "has_positive": pa.nulls(n, pa.bool_()) if with_positive is None else pa.array(with_positive),
+        "global_candidates": lists(candidates.astype(np.int32), pa.int32()),
+        "global_scores": lists(scores, pa.float32()),
+        "global_correct": lists(correct["global"], pa.bool_()),
+        "reranked_candidates": lists(None if reranked is None else reranked.astype(np.int32), pa.int32()),
+        "rerank_scores": lists(rerank_scores, pa.float32()),
+        "reranked_correct": lists(correct["reranked"], pa.bool_()),
+    })
+
+
+def _write_json_atomic(content: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(tmp, path)

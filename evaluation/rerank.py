@@ -1,0 +1,64 @@
+"""Re-ranking the global top K with the pair classifier (Pair-VPR's second stage).
+
+    scores = pair_scores(pair, query_tokens, db_tokens, candidates, grid)    # [Q, K]
+    order, reranked = rerank_order(candidates, scores)                       # [Q, K] each
+
+Each candidate's score is logit(query, candidate) + logit(candidate, query): the pair
+classifier is not symmetric (A attends to B), so both directions are scored, as Pair-VPR
+does.  Tokens are read from the feature store's memory maps one chunk of queries at a
+time, so only ~`pairs_per_batch` candidates' tokens are in memory at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer.heads import PairClassifier
+
+
+def pair_scores(pair: PairClassifier, query_tokens: np.ndarray, db_tokens: np.ndarray, candidates: np.ndarray,
+                grid: tuple[int, int], pairs_per_batch: int = 512, progress: bool = True) -> np.ndarray:
+    """Symmetric same-place scores of every (query, candidate) pair.
+
+    Args:
+        pair: the stage-2 pair classifier (eval mode, on the device to use).
+        query_tokens: [Q, N, C] float16 patch tokens (a memmap is fine).
+        db_tokens: [M, N, C] float16.
+        candidates: [Q, K] database indices.
+        grid: (gh, gw) patch grid, N = gh * gw.
+        pairs_per_batch: pairs per classifier call.
+    Returns:
+        [Q, K] float32 scores, higher = more likely the same place.
+    """
+    device = next(pair.parameters()).device
+    queries, k = candidates.shape
+    scores = np.empty((queries, k), dtype=np.float32)
+    per_chunk = max(1, pairs_per_batch // k)  # whole queries per call
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"), \
+            tqdm(total=queries * k, desc="re-rank", unit="pair", mininterval=2.0, disable=not progress) as bar:
+        for start in range(0, queries, per_chunk):
+            rows = slice(start, min(start + per_chunk, queries))
+            chunk = candidates[rows]  # [q, K]
+            wanted = np.unique(chunk)  # each database row read once per chunk, in file order
+            db = torch.from_numpy(np.asarray(db_tokens[wanted])).to(device).float()  # [u, N, C]
+            where = torch.from_numpy(np.searchsorted(wanted, chunk.ravel())).to(device)  # [q * K]
+            query = torch.from_numpy(np.asarray(query_tokens[rows])).to(device).float()  # [q, N, C]
+            query = query.repeat_interleave(k, dim=0)  # [q * K, N, C]
+            logits = pair.score(query, db[where], grid)  # [q * K]
+            scores[rows] = logits.float().cpu().numpy().reshape(chunk.shape)
+            bar.update(chunk.size)
+    return scores
+
+
+def rerank_order(candidates: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each query's candidates by pair score (ties: the global order is kept).
+
+    Args:
+        candidates: [Q, K] database indices in global-descriptor order; scores [Q, K].
+    Returns:
+        order [Q, K] (positions into the global list), reranked candidates [Q, K].
+    """
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return order, np.take_along_axis(candidates, order, axis=1)

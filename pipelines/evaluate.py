@@ -1,0 +1,93 @@
+"""Recall@N of a checkpoint on a test set, before and after pair-classifier re-ranking.
+
+    python pipelines/evaluate.py --checkpoint run/export/model_epoch0003.pt --test-set /data/pitts30k/test --out eval/
+    python pipelines/evaluate.py --checkpoint M.pt --database msls:/data/msls --database-subset '*/database' \\
+        --queries msls:/data/msls --queries-subset '*/query' --out eval/
+    ray job submit --working-dir . -- python pipelines/evaluate.py --checkpoint /shared/M.pt ...
+
+--test-set DIR is the standard layout: DIR/database/ and DIR/queries/ with "@"-named images
+(UTM and lat/lon in the name).  --database / --queries take FORMAT:PATH for any catalog
+reader (atname, gsv_cities, msls, gldv2), with --*-subset globs over the catalog's subset.
+
+Global descriptors come from a Ray Data actor pool (GPUs when the cluster has them); the
+database's patch tokens go to a float16 memory-mapped store under OUT/features/, so a
+database larger than RAM works and a killed run resumes where it stopped.  Each query's
+top --rerank-top-k candidates (exact faiss search) are re-ranked by the checkpoint's pair
+classifier, scored in both directions; a checkpoint without one (a stage-1 export) gives
+global recall only, and says so.  A database image within --radius-m (25 m) of the query
+is right; a query with none counts as a miss at every N.  With --no-labels the images may
+have any names: predictions are written, recall is not.
+
+Writes OUT/report.json (recall before/after, counts, timings, config), OUT/predictions.parquet
+(per query: candidates, scores, right or not), OUT/rejects.parquet, and OUT/report.html with
+OUT/recall.png, a page to open in a browser.  Nothing is written outside OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a script (also under `ray job submit --working-dir .`): import this checkout's packages.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.job import EvalConfig  # noqa: E402
+from placeforge.config import add_config_arguments, config_from_args  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a model file from trainer export/")
+    parser.add_argument("--test-set", type=Path, help="folder with database/ and queries/ (@-named images)")
+    parser.add_argument("--database", metavar="FORMAT:PATH", help="database images (instead of --test-set)")
+    parser.add_argument("--queries", metavar="FORMAT:PATH", help="query images (instead of --test-set)")
+    parser.add_argument("--database-subset", metavar="GLOB", help="keep catalog rows whose subset matches")
+    parser.add_argument("--queries-subset", metavar="GLOB", help="keep catalog rows whose subset matches")
+    parser.add_argument("--no-labels", action="store_true", help="images without positions: predictions only")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (nothing is written outside it)")
+    parser.add_argument("--title", help="title of the report (default: checkpoint and test-set names)")
+    parser.add_argument("--ray-address", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    add_config_arguments(parser, EvalConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evaluation.job import EvaluationError, evaluate
+    from evaluation.testset import read_split
+    from placeforge.config import ConfigError
+    from placeforge.ingest import SourceError
+    from trainer.checkpoint import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.test_set is not None and (args.database or args.queries):
+        parser.error("give --test-set, or --database and --queries, not both")
+    if args.test_set is None and not (args.database and args.queries):
+        parser.error("give --test-set DIR, or both --database and --queries")
+    database = args.database or f"atname:{args.test_set / 'database'}"
+    queries = args.queries or f"atname:{args.test_set / 'queries'}"
+    try:
+        cfg = config_from_args(EvalConfig, args)
+        db_split = read_split(database, "database", args.database_subset, args.no_labels)
+        q_split = read_split(queries, "queries", args.queries_subset, args.no_labels)
+        for split in (db_split, q_split):
+            if split.rejected:
+                print(f"{split.name}: {split.rejected} file(s) set aside by the reader (listed in rejects.parquet)")
+        summary = evaluate(args.checkpoint, db_split, q_split, args.out, cfg, ray_address=args.ray_address,
+                           num_cpus=args.num_cpus, title=args.title)
+    except (ConfigError, SourceError, CheckpointError, EvaluationError, FileNotFoundError, ValueError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
