@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from shards.manifest import read_manifest
+from tests.raycluster import RAY, local_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -19,34 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def ray_head(tmp_path):
-    """A head node as its own processes, dashboard (the job API) on 127.0.0.1 only."""
-    if not (BIN / "ray").exists():
+def ray_head():
+    """A head node as its own processes, dashboard (the job API) on 127.0.0.1 only.
+
+    tests/raycluster.py gives it free ports, its own short --temp-dir, and token auth (Ray
+    2.60 enables it whenever ~/.ray/auth_token exists, and the job client must then send the
+    token); teardown kills only its processes, never `ray stop`, which stops every Ray here.
+    """
+    if not RAY.exists():
         pytest.skip(f"the ray CLI is not installed next to {sys.executable}")
-    gcs_port, dash_port = free_port(), free_port()
-    # Token auth on both sides: Ray 2.60 enables it whenever ~/.ray/auth_token exists
-    # (a local ray.init creates one), and the job client must then send the token.
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_DISABLE_USAGE_STATS="1", RAY_AUTH_MODE="token")
-    start = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-        "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        "--include-dashboard=true", "--disable-usage-stats",
-    ]  # fmt: skip
-    # A fresh machine has no token yet: make one (kept in ~/.ray/auth_token, as Ray expects).
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
-                   timeout=60)
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
-    try:
-        yield env, f"http://127.0.0.1:{dash_port}"
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    with local_cluster(head_cpus=2, dashboard=True) as cluster:
+        yield cluster.env, cluster.dashboard_url
 
 
 def test_ray_job_submit_builds_the_same_shards_as_a_local_run(ray_head, at_dataset, tmp_path):
