@@ -28,6 +28,7 @@ from trainer.losses import (
     multi_similarity_loss,
     multi_similarity_mine,
     pair_bce_loss,
+    positive_keys,
 )
 from trainer.schedules import (
     base_lr_for_batch,
@@ -338,6 +339,40 @@ def test_tiny_mim_overfits_one_batch():
     losses = []
     for _ in range(60):
         loss = masked_patch_mse(mim(x1, x2, keep_idx), target, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_positive_keys_use_view_classes_where_known():
+    place = torch.tensor([10**12, 10**12, 10**12, 7 * 10**12, 7 * 10**12])
+    view = torch.tensor([3, 3, 4, -1, -1])  # the last place has no view class in this version
+    assert positive_keys(place, view, "place").tolist() == place.tolist()
+    keys = positive_keys(place, view, "view_class")
+    same = (keys[:, None] == keys[None, :]).int().tolist()
+    # Images 0 and 1 share view 3; image 2 (same place, view 4) is no longer their positive;
+    # the unlabelled images 3 and 4 fall back to their shared place.
+    assert same == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 1], [0, 0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="positives must be"):
+        positive_keys(place, view, "views")
+
+
+def test_gem_descriptor_overfits_one_batch():
+    """From random weights the tiny ViT's class token barely depends on the image; GeM over the
+    patch tokens does, which is why the tiny recipe pools with GeM.  MS loss on one batch of
+    4 places x 4 images must fall by half within 40 steps with GeM."""
+    g = torch.Generator().manual_seed(0)
+    base = F.interpolate(torch.rand(4, 3, 4, 4, generator=g), size=56, mode="bilinear")  # 4 places
+    x = (base.repeat_interleave(4, dim=0) + 0.05 * torch.randn(16, 3, 56, 56, generator=g)).clamp(0, 1)
+    labels = torch.arange(4).repeat_interleave(4)
+    torch.manual_seed(0)
+    model = build_model(EncoderConfig(name="vit_tiny_test", image_size=56, pooling="gem"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss = multi_similarity_loss(model(x), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

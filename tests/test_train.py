@@ -219,3 +219,28 @@ def test_two_ranks_on_uneven_shards_finish_with_identical_weights(tmp_path):
     digests = [[line.split()[-1] for line in out.splitlines() if "final weights sha256" in line] for out in outputs]
     assert len(digests[0]) == 1 and digests[0] == digests[1]
     assert len(steps_of(tmp_path / "ddp")) > 0
+
+
+def test_follow_latest_labels_switches_at_the_next_epoch_boundary(data, tmp_path):
+    """An external relabel.py writes v1 while stage 2 runs on v0: the next epoch uses v1."""
+    labels = tmp_path / "labels"
+    import shutil
+
+    shutil.copytree(data["labels"], labels)
+    out = tmp_path / "fine"
+    args = ["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(labels), "--out", str(out),
+            "--places-per-batch", "4", "--images-per-place", "4", "--epochs", "2", "--max-steps-per-epoch", "2",
+            "--follow-latest-labels", "true", *TINY]
+    train([*args, "--stop-after-steps", "1"])  # mid epoch 0, on v0
+    ids = np.array(sorted(i for i in range(24 * 1000) if i % 1000 < 4), dtype=np.int64)
+    classes = (ids // 1000) * 2 + ids % 2 + 100  # new ids: CosFace must grow to 148 rows
+    table = label_table(ids, ids // 1000, np.array([f"p{i // 1000}" for i in ids], dtype=object),
+                        np.zeros(len(ids)), np.zeros(len(ids)), classes, None, 1)
+    write_label_set(labels, table, k=2, seed=0, cell_size_m=15.0, previous_version=0, retired_class_ids=[],
+                    next_class_id=int(classes.max()) + 1, images_changed_class=None, images_new=0)
+    train([*args, "--resume"])
+    rows = steps_of(out)
+    assert [r["label_version"] for r in rows] == [0, 0, 1, 1]
+    assert [m["label_version"] for m in metrics(out) if m.get("event") == "labels_followed"] == [1]
+    state = json.loads((out / "checkpoints" / "epoch0002-step0" / "train_state.json").read_text())
+    assert state["label_version"] == 1 and state["num_classes"] == int(classes.max()) + 1

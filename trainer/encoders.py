@@ -112,7 +112,8 @@ class GeM(nn.Module):
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
-        self.p = nn.Parameter(torch.tensor(float(p)))
+        # Shape [1], not a 0-d scalar: DeepSpeed's parameter broadcast cannot view a 0-d tensor.
+        self.p = nn.Parameter(torch.full((1,), float(p)))
         self.eps = eps
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from trainer.data import GroupBatch, PairBatch
 from trainer.decoder import patchify, random_patch_mask
 from trainer.heads import CosFaceClassifier
-from trainer.losses import masked_patch_mse, multi_similarity_loss, pair_bce_loss
+from trainer.losses import masked_patch_mse, multi_similarity_loss, pair_bce_loss, positive_keys
 from trainer.schedules import layer_decay_groups
 from trainer.train_config import TrainConfig
 
@@ -56,6 +56,7 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Stage 2: MS loss on global descriptors + BCE of the pair classifier on each anchor's
     hardest positive and negative + CosFace over view classes (class id -1 ignored).
+    Positives are images of the same place, or of the same view class (`cfg.positives`).
 
     Args:
         batch: GroupBatch, images [P*K, 3, S, S] place-major, place_ids / class_ids [P*K].
@@ -65,9 +66,10 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
     images = batch.images.to(device, dtype, non_blocking=True)
     place_ids = batch.place_ids.to(device)
     class_ids = batch.class_ids.to(device)
-    out = model(images, place_ids, class_ids)
+    keys = positive_keys(place_ids, class_ids, cfg.positives)  # [B]: equal keys are positives
+    out = model(images, keys, class_ids)
     descriptors = out["descriptors"].float()
-    ms = multi_similarity_loss(descriptors, place_ids)
+    ms = multi_similarity_loss(descriptors, keys)
     if out["pair_pos"].numel():
         bce = pair_bce_loss(out["pair_pos"].float(), out["pair_neg"].float())
     else:  # no anchor with both a positive and a negative: keep the graph, add nothing

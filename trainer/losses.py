@@ -98,6 +98,26 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha:
     return (positive_term + negative_term).mean()
 
 
+def positive_keys(place_ids: torch.Tensor, class_ids: torch.Tensor, mode: str) -> torch.Tensor:
+    """Which images of a P x K batch count as positives of each other, as one id per image.
+
+    "place": the same place.  "view_class": the same view class where an image has one
+    (class id >= 0), else the same place, so two images of one street corner looking in
+    opposite directions are not pulled together.  Class ids are small (< 2**40) and
+    place ids are 63-bit hashes, so the two never collide in practice.
+
+    Args:
+        place_ids, class_ids: [B] int64.
+    Returns:
+        [B] int64.
+    """
+    if mode == "place":
+        return place_ids
+    if mode != "view_class":
+        raise ValueError(f"positives must be 'place' or 'view_class', got {mode!r}")
+    return torch.where(class_ids >= 0, class_ids, place_ids)
+
+
 def hardest_pairs(embeddings: torch.Tensor, labels: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each anchor with a positive and a negative in the batch: its least similar

@@ -197,6 +197,23 @@ class Run:
             version = box[0]
         return version
 
+    def newest_labels(self, epoch: int, label_version: int) -> int:
+        """The newest complete label version (an external relabeler writes them); same on every rank."""
+        version = label_version
+        if self.dist.is_main:
+            from clustering.labels import latest_version
+
+            newest = latest_version(self.cfg.labels)
+            if newest is not None and newest > label_version:
+                version = newest
+                print(f"epoch {epoch + 1} uses label version {version} (was {label_version})", file=sys.stderr)
+                self.log({"event": "labels_followed", "epoch": epoch, "label_version": version})
+        if self.dist.world_size > 1:
+            box = [version]
+            torch_dist.broadcast_object_list(box, src=0)
+            version = box[0]
+        return version
+
     def grow_classes(self, num_classes: int) -> None:
         """Grow CosFace and rebuild the engine around the same module with a new AdamW.
 
@@ -356,10 +373,15 @@ def train(run: Run, state: TrainState) -> int:
         del batches, loader  # stop this epoch's workers before the next (or clustering) starts
         exported = run.export(epoch)
         last = epoch + 1 == cfg.epochs
+        new_version = version
         if cfg.recluster_every_epochs and (epoch + 1) % cfg.recluster_every_epochs == 0 and not last:
-            version = run.recluster(epoch, exported, version)
+            new_version = run.recluster(epoch, exported, version)
+        elif cfg.follow_latest_labels and not last:
+            new_version = run.newest_labels(epoch, version)
+        if new_version != version:
             from clustering.labels import read_manifest
 
+            version = new_version
             run.grow_classes(read_manifest(cfg.labels, version).next_class_id)
         run.save(TrainState(epoch + 1, 0, global_step, version, _num_classes(run), to_dict(cfg)))
         if run.args.stop_after_steps is not None and global_step >= run.args.stop_after_steps:

@@ -33,6 +33,8 @@ class TrainConfig:
     encoder: str = field(default="vit_tiny_test", metadata={"help": f"encoder preset: {', '.join(ENCODERS)}"})
     image_size: int = field(default=112, metadata={"help": "training image side, pixels (224 stage 1, 322 stage 2)"})
     descriptor_dim: int = field(default=512, metadata={"help": "global descriptor dimension"})
+    pooling: Literal["cls", "gem"] = field(
+        default="cls", metadata={"help": "global head input: class token (Pair-VPR) or GeM over patch tokens"})
     encoder_weights: str | None = field(
         default=None, metadata={"help": "local DINOv2/timm encoder weights to start stage 1 from"})
     decoder: str = field(default="dec64d2b", metadata={"help": f"decoder preset: {', '.join(DECODERS)}"})
@@ -60,6 +62,8 @@ class TrainConfig:
     layer_decay: float = field(default=0.9, metadata={"help": "layer-wise LR decay (0.9 ViT-B, 0.95 L/G; 1: none)"})
     clip_grad: float = field(default=3.0, metadata={"help": "global gradient-norm clip (0: none)"})
     # ---- stage-2 losses ----
+    positives: Literal["view_class", "place"] = field(
+        default="view_class", metadata={"help": "stage 2 MS / pair positives: same view class (else place) or place"})
     ms_weight: float = field(default=1.0, metadata={"help": "weight of the Multi-Similarity loss"})
     pair_bce_weight: float = field(default=2.0, metadata={"help": "weight of the pair-classifier BCE (Pair-VPR 2)"})
     cosface_weight: float = field(default=1.0, metadata={"help": "weight of CosFace over view classes (0: off)"})
@@ -67,6 +71,9 @@ class TrainConfig:
     cosface_margin: float = field(default=0.4, metadata={"help": "CosFace m (CosPlace 0.4, MutualVPR 0.5)"})
     recluster_every_epochs: int = field(
         default=0, metadata={"help": "stage 2: new view classes every N epochs from the current model (0: never)"})
+    follow_latest_labels: bool = field(
+        default=False, metadata={"help": "stage 2: at each epoch boundary switch to the newest label version "
+                                         "in `labels` (written by pipelines/relabel.py --watch)"})
     # ---- system ----
     zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
     precision: Literal["auto", "fp32", "bf16"] = field(
@@ -93,6 +100,9 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.recluster_every_epochs and self.stage != "finetune":
             raise ValueError("recluster_every_epochs needs stage finetune")
+        if self.follow_latest_labels and (self.stage != "finetune" or self.recluster_every_epochs):
+            raise ValueError("follow_latest_labels needs stage finetune and recluster_every_epochs 0 "
+                             "(labels come either from this run or from an external relabel.py, not both)")
         if self.recluster_every_epochs and self.zero_stage == 3:
             raise ValueError("growing the CosFace head after reclustering is not supported with ZeRO-3; use 0-2")
         for name in ("num_workers", "checkpoint_every_steps", "recluster_every_epochs", "warmup_epochs"):
@@ -109,7 +119,7 @@ class TrainConfig:
 
     def encoder_config(self) -> EncoderConfig:
         """The global-descriptor architecture (what trainer.checkpoint exports record)."""
-        return EncoderConfig(self.encoder, self.image_size, self.descriptor_dim, "cls", self.encoder_weights)
+        return EncoderConfig(self.encoder, self.image_size, self.descriptor_dim, self.pooling, self.encoder_weights)
 
     def images_per_rank_step(self) -> int:
         """Images one rank's micro-batch holds (stage 1 counts both images of a pair)."""

@@ -64,7 +64,7 @@ class FinetuneModel(nn.Module):
         """
         encoder = self.global_model.encoder
         tokens = self.global_model.forward_features(images)  # [B, 1 + N, C]
-        descriptors = nn.functional.normalize(self.global_model.head(tokens[:, 0]), dim=-1)  # [B, D]
+        descriptors = self.global_model.pool(tokens)  # [B, D], unit length (class token or GeM)
         patches = tokens[:, encoder.num_prefix_tokens:]  # [B, N, C]
         grid = patch_grid(encoder, images)
         anchor, positive, negative = hardest_pairs(descriptors, place_ids)  # [A] each
@@ -105,12 +105,12 @@ def build_finetune_model(cfg: TrainConfig, num_classes: int) -> FinetuneModel:
 
 def global_model_of(model: nn.Module, cfg: TrainConfig) -> GlobalDescriptorModel:
     """The encoder + global head to export.  Stage 1 has no head: a fixed-seed random
-    projection stands in (a class-token descriptor, good enough to recluster with)."""
+    projection stands in (of the class token or GeM, as `cfg.pooling`; good enough to recluster with)."""
     if isinstance(model, FinetuneModel):
         return model.global_model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        global_model = GlobalDescriptorModel(model.encoder, cfg.descriptor_dim, "cls")  # shares the encoder
+        global_model = GlobalDescriptorModel(model.encoder, cfg.descriptor_dim, cfg.pooling)  # shares the encoder
     return global_model
 
 
