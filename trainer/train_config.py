@@ -66,6 +66,9 @@ class TrainConfig:
         default="view_class", metadata={"help": "stage 2 MS / pair positives: same view class (else place) or place"})
     ms_weight: float = field(default=1.0, metadata={"help": "weight of the Multi-Similarity loss"})
     pair_bce_weight: float = field(default=2.0, metadata={"help": "weight of the pair-classifier BCE (Pair-VPR 2)"})
+    pair_trains_encoder: bool = field(
+        default=True, metadata={"help": "the pair BCE's gradient reaches the encoder (Pair-VPR); false: the pair "
+                                        "classifier learns on detached tokens and only MS / CosFace shape the encoder"})
     cosface_weight: float = field(default=1.0, metadata={"help": "weight of CosFace over view classes (0: off)"})
     cosface_scale: float = field(default=30.0, metadata={"help": "CosFace s (CosPlace 30, MutualVPR 60)"})
     cosface_margin: float = field(default=0.4, metadata={"help": "CosFace m (CosPlace 0.4, MutualVPR 0.5)"})
@@ -103,8 +106,8 @@ class TrainConfig:
         if self.follow_latest_labels and (self.stage != "finetune" or self.recluster_every_epochs):
             raise ValueError("follow_latest_labels needs stage finetune and recluster_every_epochs 0 "
                              "(labels come either from this run or from an external relabel.py, not both)")
-        if self.recluster_every_epochs and self.zero_stage == 3:
-            raise ValueError("growing the CosFace head after reclustering is not supported with ZeRO-3; use 0-2")
+        if (self.recluster_every_epochs or self.follow_latest_labels) and self.zero_stage == 3:
+            raise ValueError("growing the CosFace head for a new label version is not supported with ZeRO-3; use 0-2")
         for name in ("num_workers", "checkpoint_every_steps", "recluster_every_epochs", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
