@@ -378,3 +378,18 @@ def test_gem_descriptor_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+@pytest.mark.parametrize("pair_trains_encoder", [True, False])
+def test_pair_bce_reaches_the_encoder_only_when_asked(pair_trains_encoder):
+    from trainer.train_config import TrainConfig
+    from trainer.train_models import build_finetune_model
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pair_trains_encoder=pair_trains_encoder)
+    model = build_finetune_model(cfg, num_classes=4)
+    out = model(images(4, 56), torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1]))
+    pair_bce_loss(out["pair_pos"], out["pair_neg"]).backward()
+    encoder_grads = [p.grad for p in model.global_model.encoder.parameters() if p.grad is not None]
+    assert bool(encoder_grads) == pair_trains_encoder
+    assert all(p.grad is not None for p in model.pair.mlp.parameters())  # the classifier learns either way

@@ -43,11 +43,13 @@ class FinetuneModel(nn.Module):
         decoder: the stage-1 decoder; only its embed / blocks / norm are kept (inside `pair`).
         num_classes: CosFace rows (`next_class_id` of the label version; 1 when CosFace is off).
         scale, margin: CosFace s and m.
+        pair_trains_encoder: False detaches the patch tokens the pair classifier reads.
     """
 
     def __init__(self, global_model: GlobalDescriptorModel, decoder: SiameseMIMDecoder, num_classes: int,
-                 scale: float, margin: float) -> None:
+                 scale: float, margin: float, pair_trains_encoder: bool = True) -> None:
         super().__init__()
+        self.pair_trains_encoder = pair_trains_encoder
         self.global_model = global_model
         self.pair = PairClassifier(decoder)
         self.cosface = CosFaceClassifier(global_model.head.out_features, num_classes, scale, margin)
@@ -66,6 +68,8 @@ class FinetuneModel(nn.Module):
         tokens = self.global_model.forward_features(images)  # [B, 1 + N, C]
         descriptors = self.global_model.pool(tokens)  # [B, D], unit length (class token or GeM)
         patches = tokens[:, encoder.num_prefix_tokens:]  # [B, N, C]
+        if not self.pair_trains_encoder:  # a small encoder serves the global descriptor better alone
+            patches = patches.detach()
         grid = patch_grid(encoder, images)
         anchor, positive, negative = hardest_pairs(descriptors, place_ids)  # [A] each
         pair_pos = self.pair(patches[anchor], patches[positive], grid)  # [A]
@@ -100,7 +104,8 @@ def build_finetune_model(cfg: TrainConfig, num_classes: int) -> FinetuneModel:
     global_model = build_model(cfg.encoder_config(), load_encoder_weights=False)
     global_model.encoder = mim.encoder  # keep the stage-1 encoder; the head is new
     freeze_encoder_except_last(global_model.encoder, cfg.trainable_last_blocks)
-    return FinetuneModel(global_model, mim.decoder, num_classes, cfg.cosface_scale, cfg.cosface_margin)
+    return FinetuneModel(global_model, mim.decoder, num_classes, cfg.cosface_scale, cfg.cosface_margin,
+                         cfg.pair_trains_encoder)
 
 
 def global_model_of(model: nn.Module, cfg: TrainConfig) -> GlobalDescriptorModel:
