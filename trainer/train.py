@@ -320,16 +320,26 @@ def train(run: Run, state: TrainState) -> int:
     peak_lr = base_lr_for_batch(cfg.base_lr, images_per_step) if cfg.lr_scaling == "linear" else cfg.base_lr
     global_step, version = state.global_step, state.label_version
     totals = {"steps": 0, "seconds": 0.0, "data_wait_s": 0.0}  # for the closing summary
+    ahead = None  # (epoch, label version, loader, iterator): the next epoch's loader, started early
 
     for epoch in range(state.epoch, cfg.epochs):
-        loader, _ = epoch_loader(cfg, dist, epoch, version)
         steps = steps_by_epoch[epoch]
         first = state.step_in_epoch if epoch == state.epoch else 0
-        batches = iter(loader)
+        if ahead is not None and ahead[:2] == (epoch, version):
+            loader, batches = ahead[2], ahead[3]
+        else:
+            loader, _ = epoch_loader(cfg, dist, epoch, version)
+            batches = iter(loader)
+        ahead = None
         for _ in range(first):  # mid-epoch resume: the loader is deterministic, skip what was consumed
             next(batches)
         progress = tqdm(range(first, steps), desc=f"epoch {epoch}", disable=not dist.is_main, leave=False)
         for step_in_epoch in progress:
+            if step_in_epoch == max(first, steps - PREFETCH_STEPS) and _loader_carries_over(cfg, epoch):
+                # Start the next epoch's workers now: their start-up (shard open, shuffle buffer,
+                # first decode) then overlaps the last steps and the export instead of stalling step 1.
+                next_loader, _ = epoch_loader(cfg, dist, epoch + 1, version)
+                ahead = (epoch + 1, version, next_loader, iter(next_loader))
             started = time.perf_counter()
             batch = next(batches)
             data_wait = time.perf_counter() - started
@@ -370,7 +380,7 @@ def train(run: Run, state: TrainState) -> int:
                 run.save(after)
             if stop and step_in_epoch + 1 < steps:
                 return 0
-        del batches, loader  # stop this epoch's workers before the next (or clustering) starts
+        del batches, loader  # stop this epoch's workers (the next epoch's, if started, keep going)
         exported = run.export(epoch)
         last = epoch + 1 == cfg.epochs
         new_version = version
@@ -392,6 +402,18 @@ def train(run: Run, state: TrainState) -> int:
               f"images/s, data wait {100 * totals['data_wait_s'] / totals['seconds']:.1f} % of step time, "
               f"label version {version}")
     return 0
+
+
+PREFETCH_STEPS = 3  # steps before an epoch's end at which the next epoch's loader starts
+
+
+def _loader_carries_over(cfg: TrainConfig, epoch: int) -> bool:
+    """True when the next epoch will read with the same label version, so its loader can start early
+    (not after the last epoch, and not when this run reclusters at the boundary; a version that
+    changes under follow_latest_labels discards the early loader)."""
+    if epoch + 1 >= cfg.epochs:
+        return False
+    return not (cfg.recluster_every_epochs and (epoch + 1) % cfg.recluster_every_epochs == 0)
 
 
 def _num_classes(run: Run) -> int:
