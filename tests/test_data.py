@@ -285,3 +285,29 @@ def test_too_few_shards_and_unknown_stage_fail_with_a_message(four_shards, tmp_p
     with pytest.raises(FileNotFoundError, match="no complete label version"):
         make_loader(root, "groups", rank=0, world_size=1, num_workers=1, geometry=BatchGeometry(), image_size=16,
                     epoch=0, seed=0, labels_dir=tmp_path / "none")
+
+
+def test_fused_colour_jitter_equals_the_three_steps_one_by_one():
+    import numpy as np
+
+    from trainer.augment import AugmentConfig, color_jitter
+
+    def grey(x):  # [B, 1, H, W]
+        return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+    def reference(images, rng, cfg):  # brightness, contrast, saturation as separate passes
+        b = images.shape[0]
+        f = [torch.from_numpy(rng.uniform(1 - s, 1 + s, b).astype(np.float32)).view(b, 1, 1, 1)
+             for s in (cfg.brightness, cfg.contrast, cfg.saturation)]
+        images = images * f[0]
+        mean = grey(images).mean(dim=(1, 2, 3), keepdim=True)
+        images = (images - mean) * f[1] + mean
+        g = grey(images)
+        return ((images - g) * f[2] + g).clamp(0.0, 1.0)
+
+    images = torch.rand(5, 3, 16, 12, generator=torch.Generator().manual_seed(0))
+    cfg = AugmentConfig()
+    fused = color_jitter(images.clone(), np.random.default_rng(7), cfg)
+    expected = reference(images.clone(), np.random.default_rng(7), cfg)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fused, images)  # it did change the images

@@ -57,24 +57,34 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
-def _grey(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, S, S] -> [B, 1, S, S] luma (ITU-R 601, as PIL's "L")."""
-    return (0.299 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3])
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L"
 
 
 def color_jitter(images: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
-    """Per-image brightness, contrast and saturation.  [B, 3, S, S] in [0, 1] -> same, clipped."""
+    """Per-image brightness, contrast and saturation (in that order, as torchvision's factors).
+
+    [B, 3, S, S] in [0, 1] -> same, clipped.  Each step is affine per pixel, so the three
+    compose into one 3 x 3 matrix and one offset per image, applied in a single pass (half
+    the loader's time went to running them one by one):
+        brightness  x -> b x
+        contrast    y -> c y + (1 - c) m,     m = mean luma of b x = b (w . mean(x))
+        saturation  z -> s z + (1 - s) (w . z) 1 = M_s z,  M_s 1 = 1 since sum(w) = 1
+        => x -> c b M_s x + (1 - c) m 1
+    """
     b = images.shape[0]
 
-    def factors(strength: float) -> torch.Tensor:  # [B, 1, 1, 1]
-        return torch.from_numpy(rng.uniform(1 - strength, 1 + strength, b).astype(np.float32)).view(b, 1, 1, 1)
+    def factors(strength: float) -> torch.Tensor:  # [B]
+        return torch.from_numpy(rng.uniform(1 - strength, 1 + strength, b).astype(np.float32))
 
-    images = images * factors(cfg.brightness)
-    mean = _grey(images).mean(dim=(1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
-    images = (images - mean) * factors(cfg.contrast) + mean
-    grey = _grey(images)
-    images = (images - grey) * factors(cfg.saturation) + grey
-    return images.clamp_(0.0, 1.0)
+    brightness, contrast, saturation = factors(cfg.brightness), factors(cfg.contrast), factors(cfg.saturation)
+    luma = torch.tensor(LUMA, dtype=images.dtype)  # [3] = w
+    mean_luma = brightness * (images.mean(dim=(2, 3)) @ luma)  # [B]
+    s = saturation.view(b, 1, 1)
+    sat = s * torch.eye(3, dtype=images.dtype) + (1 - s) * luma.view(1, 1, 3)  # [B, 3, 3], row i: s e_i + (1-s) w
+    matrix = (contrast * brightness).view(b, 1, 1) * sat  # [B, 3, 3]
+    offset = ((1 - contrast) * mean_luma).view(b, 1, 1).expand(b, 3, 1)  # [B, 3, 1]
+    flat = images.reshape(b, 3, images.shape[2] * images.shape[3])  # [B, 3, S*S]
+    return torch.baddbmm(offset, matrix, flat).clamp_(0.0, 1.0).view_as(images)
 
 
 def decode_augment(jpegs: list[bytes], image_size: int, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
