@@ -123,8 +123,12 @@ def recluster(
     force: bool = False,
     ray_address: str | None = None,
     num_cpus: int | None = None,
+    actor_resources: dict[str, float] | None = None,
 ) -> ReclusterSummary:
-    """Write the next label version of `labels_dir` for the shard set in `shards_dir`."""
+    """Write the next label version of `labels_dir` for the shard set in `shards_dir`.
+
+    `actor_resources`: custom Ray resources each encoder actor asks for (e.g. placeforge_gpu_node).
+    """
     started = time.perf_counter()
     shard_set = ShardSet.open(shards_dir)
     labels_dir = Path(labels_dir).resolve()
@@ -157,7 +161,7 @@ def recluster(
               f"{encoder_cfg.image_size} px) and clustering them -> v{version:04d}")
         with ray_session(ray_address, num_cpus):
             rows = _embed_and_cluster(shard_set, images, checkpoint, sha, encoder_cfg.descriptor_dim, cfg, keep_dir,
-                                      plot_cells)
+                                      plot_cells, actor_resources)
         clusters, distance, projection = check_cluster_rows(rows, images, shard_set, checkpoint, sha, latest)
 
     relabeled = relabel(images.image_id, images.cell_id, clusters, previous)
@@ -221,7 +225,8 @@ def _previous_version(labels_dir: Path, cfg: ReclusterConfig) -> tuple[PreviousL
 
 
 def _embed_and_cluster(shard_set: ShardSet, images: ImageCells, checkpoint: Path, sha: str, descriptor_dim: int,
-                       cfg: ReclusterConfig, keep_dir: Path | None, plot_cells: np.ndarray) -> pa.Table:
+                       cfg: ReclusterConfig, keep_dir: Path | None, plot_cells: np.ndarray,
+                       actor_resources: dict[str, float] | None = None) -> pa.Table:
     """The Ray Data job (clustering/stages.py); returns the cluster rows of every image read."""
     import ray
 
@@ -248,7 +253,7 @@ def _embed_and_cluster(shard_set: ShardSet, images: ImageCells, checkpoint: Path
             .map_batches(
                 Embedder, fn_constructor_kwargs={"checkpoint": str(checkpoint)}, batch_size=cfg.batch_size,
                 batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-                num_gpus=1 if gpus else 0,
+                num_gpus=1 if gpus else 0, **({"resources": actor_resources} if actor_resources else {}),
             )
         )
         if keep_dir is not None:

@@ -68,7 +68,7 @@ class SplitEmbedder:
 
 
 def embed_split(store: FeatureStore, paths: list[str], checkpoint: str, batch_size: int, actors: int,
-                label: str, commit_every_s: float = 10.0) -> int:
+                label: str, commit_every_s: float = 10.0, actor_resources: dict[str, float] | None = None) -> int:
     """Fill every pending row of `store` (the rows of `paths`) with a Ray Data job.
 
     Returns the number of rows computed now (0 when the store was already complete).
@@ -86,7 +86,7 @@ def embed_split(store: FeatureStore, paths: list[str], checkpoint: str, batch_si
     embedded = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 4 * actors))).map_batches(
         SplitEmbedder, fn_constructor_kwargs={"checkpoint": checkpoint, "keep_tokens": store.tokens is not None},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1, num_gpus=1 if gpus else 0,
+        num_cpus=1, num_gpus=1 if gpus else 0, **({"resources": actor_resources} if actor_resources else {}),
     )
     last_commit = time.monotonic()
     with tqdm(total=len(rows), desc=f"embed {label}", unit="img", mininterval=2.0) as bar:

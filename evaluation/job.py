@@ -85,8 +85,11 @@ class EvalSummary:
 
 def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out: str | os.PathLike,
              cfg: EvalConfig, ray_address: str | None = None, num_cpus: int | None = None,
-             title: str | None = None) -> EvalSummary:
-    """Run the whole evaluation; see the module docstring.  Writes only under `out`."""
+             title: str | None = None, actor_resources: dict[str, float] | None = None) -> EvalSummary:
+    """Run the whole evaluation; see the module docstring.  Writes only under `out`.
+
+    `actor_resources`: custom Ray resources each encoder actor asks for (e.g. placeforge_gpu_node).
+    """
     from placeforge.raysession import ray_session
     from trainer.checkpoint import inspect_model_checkpoint, load_pair_classifier
     from trainer.encoders import encoder_spec
@@ -124,7 +127,7 @@ def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out
         for split in (database, queries):
             tick = time.perf_counter()
             embedded_now[split.name] = embed_split(stores[split.name], split.paths, str(checkpoint), cfg.batch_size,
-                                                   actors, split.name)
+                                                   actors, split.name, actor_resources=actor_resources)
             timings[f"embed_{split.name}"] = time.perf_counter() - tick
 
     db_store, q_store = stores[database.name], stores[queries.name]

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)"
     )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--task-resources", metavar="NAME=AMOUNT[,...]", default=None,
+                        help="custom Ray resources each shard task asks for, e.g. placeforge_cpu_node=0.01 "
+                             "to keep decoding on CPU nodes (cluster.yaml)")
     add_config_arguments(parser, BuildConfig)
     return parser
 
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from placeforge.config import ConfigError
     from placeforge.ingest import SourceError, parse_source_spec
+    from placeforge.raysession import parse_resources
     from shards.build import BuildError, build
 
     parser = build_parser()
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(BuildConfig, args)
         sources = [parse_source_spec(spec) for spec in args.source]
         summary = build(
-            sources, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address, num_cpus=args.num_cpus
+            sources, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address, num_cpus=args.num_cpus,
+            task_resources=parse_resources(args.task_resources),
         )
     except (ConfigError, SourceError, BuildError, ValueError) as err:
         print(f"build_shards: error: {err}", file=sys.stderr)

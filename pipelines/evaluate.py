@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--title", help="title of the report (default: checkpoint and test-set names)")
     parser.add_argument("--ray-address", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--actor-resources", metavar="NAME=AMOUNT[,...]",
+                        help="custom Ray resources each encoder actor asks for, e.g. placeforge_gpu_node=0.01")
     add_config_arguments(parser, EvalConfig)
     return parser
 
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.testset import read_split
     from placeforge.config import ConfigError
     from placeforge.ingest import SourceError
+    from placeforge.raysession import parse_resources
     from trainer.checkpoint import CheckpointError
 
     parser = build_parser()
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             if split.rejected:
                 print(f"{split.name}: {split.rejected} file(s) set aside by the reader (listed in rejects.parquet)")
         summary = evaluate(args.checkpoint, db_split, q_split, args.out, cfg, ray_address=args.ray_address,
-                           num_cpus=args.num_cpus, title=args.title)
+                           num_cpus=args.num_cpus, title=args.title,
+                           actor_resources=parse_resources(args.actor_resources))
     except (ConfigError, SourceError, CheckpointError, EvaluationError, FileNotFoundError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)"
     )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--actor-resources", metavar="NAME=AMOUNT[,...]", default=None,
+                        help="custom Ray resources each encoder actor asks for, e.g. placeforge_gpu_node=0.01")
     add_config_arguments(parser, ReclusterConfig)
     return parser
 
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from clustering.job import ReclusterError, recluster
     from placeforge.config import ConfigError
+    from placeforge.raysession import parse_resources
     from trainer.checkpoint import CheckpointError
 
     parser = build_parser()
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = recluster(
             args.shards, args.labels, cfg, checkpoint=args.checkpoint, keep_descriptors=args.keep_descriptors,
             force=args.force, ray_address=args.ray_address, num_cpus=args.num_cpus,
+            actor_resources=parse_resources(args.actor_resources),
         )
     except (ConfigError, CheckpointError, ReclusterError, ValueError, OSError) as err:
         print(f"recluster: error: {err}", file=sys.stderr)

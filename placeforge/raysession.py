@@ -7,6 +7,55 @@ import os
 from typing import Iterator
 
 
+class RayAddressError(ValueError):
+    """A Ray address that does not answer; raised before Ray spends minutes retrying it."""
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when a HOST:PORT Ray address (GCS) accepts no connection.
+
+    `ray.init` would retry an unreachable GCS for minutes; a wrong address should cost
+    seconds and say which address was tried.  "auto", "local" and ray:// client addresses
+    are left to Ray.
+    """
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        raise RayAddressError(f"Ray address {address!r}: expected HOST:PORT of the head's GCS (e.g. 10.0.0.1:6379)")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise RayAddressError(f"Ray address {address} does not answer ({error.strerror or error}); "
+                              f"is the head running (`ray start --head`), and is the port right?") from error
+
+
+def parse_resources(text: str | None) -> dict[str, float] | None:
+    """"placeforge_cpu_node=0.01,decode=1" -> {"placeforge_cpu_node": 0.01, "decode": 1.0}; None/"" -> None.
+
+    Custom Ray resources a job's tasks or actors ask for, so they run only on nodes that
+    offer them (cluster.yaml gives each node kind one: placeforge_cpu_node, placeforge_gpu_node).
+    A small amount (0.01) pins work to a node kind without limiting how much runs there.
+    """
+    if not text:
+        return None
+    resources = {}
+    for item in text.split(","):
+        name, eq, amount = item.strip().partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not eq or not name or value <= 0:
+            raise ValueError(f"resource {item.strip()!r}: expected NAME=AMOUNT with AMOUNT > 0, "
+                             f"e.g. placeforge_cpu_node=0.01")
+        resources[name.strip()] = value
+    return resources
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
     """Use the running Ray, else join `address` / $RAY_ADDRESS (set by `ray job submit`),
@@ -19,8 +68,10 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
     started_here = not ray.is_initialized()
     if started_here:
         if address:
+            check_reachable(address)
             ray.init(address=address, log_to_driver=False)
         elif os.environ.get("RAY_ADDRESS"):
+            check_reachable(os.environ["RAY_ADDRESS"])
             ray.init(log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)

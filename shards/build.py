@@ -109,8 +109,13 @@ def build(
     overwrite: bool = False,
     ray_address: str | None = None,
     num_cpus: int | None = None,
+    task_resources: dict[str, float] | None = None,
 ) -> BuildSummary:
-    """Build (or resume, or confirm) the shard set in `out_dir` from `sources`."""
+    """Build (or resume, or confirm) the shard set in `out_dir` from `sources`.
+
+    `task_resources`: custom Ray resources every shard task asks for (placeforge.raysession.
+    parse_resources), e.g. to keep decode work on CPU nodes; not part of the build's config.
+    """
     started = time.perf_counter()
     out = Path(out_dir).resolve()
     catalog, rejects, inputs = _ingest(sources)
@@ -131,7 +136,7 @@ def build(
     todo = [i for i in range(num_shards) if i not in done]
     print(f"{inputs} inputs, {plan.num_rows} images planned into {num_shards} shards; {len(todo)} to build")
     if todo:
-        _run_shard_tasks(out, todo, cfg, ray_address, num_cpus)
+        _run_shard_tasks(out, todo, cfg, ray_address, num_cpus, task_resources)
     manifest = _assemble(out, plan, rejects, inputs, num_shards, cfg, sources, fingerprint)
     shutil.rmtree(work)
     return BuildSummary(out, manifest, len(done), time.perf_counter() - started)
@@ -250,7 +255,8 @@ def build_one_shard(row: dict, out_dir: str, short_side: int, jpeg_quality: int)
     return {"shard_index": shard_index, "images": result.record.images, "rejects": len(result.reject_rows)}
 
 
-def _run_shard_tasks(out: Path, todo: list[int], cfg: BuildConfig, ray_address: str | None, num_cpus: int | None) -> None:
+def _run_shard_tasks(out: Path, todo: list[int], cfg: BuildConfig, ray_address: str | None, num_cpus: int | None,
+                     task_resources: dict[str, float] | None = None) -> None:
     import ray
     from tqdm import tqdm
 
@@ -263,6 +269,7 @@ def _run_shard_tasks(out: Path, todo: list[int], cfg: BuildConfig, ray_address: 
             build_one_shard,
             fn_kwargs={"out_dir": str(out), "short_side": cfg.short_side, "jpeg_quality": cfg.jpeg_quality},
             num_cpus=1,
+            **({"resources": task_resources} if task_resources else {}),
         )
         with tqdm(total=len(todo), desc="shards", unit="shard") as bar:
             for row in ds.iter_rows():

@@ -62,3 +62,32 @@ def test_save_config_round_trip(tmp_path):
     cfg = from_mapping(BuildConfig, {"seed": 3})
     save_config(cfg, tmp_path / "cfg.json")
     assert from_mapping(BuildConfig, json.loads((tmp_path / "cfg.json").read_text())) == cfg
+
+
+def test_parse_resources():
+    from placeforge.raysession import parse_resources
+
+    assert parse_resources(None) is None and parse_resources("") is None
+    assert parse_resources("placeforge_cpu_node=0.01, decode=2") == {"placeforge_cpu_node": 0.01, "decode": 2.0}
+    for bad in ("decode", "decode=", "=1", "decode=-1", "decode=x"):
+        with pytest.raises(ValueError, match="expected NAME=AMOUNT"):
+            parse_resources(bad)
+
+
+def test_a_ray_address_that_does_not_answer_fails_before_ray_init():
+    import socket
+
+    from placeforge.raysession import RayAddressError, check_reachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")  # something answers: no error
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]  # free again once closed: nothing listens there
+    with pytest.raises(RayAddressError, match=rf"127\.0\.0\.1:{closed_port} does not answer"):
+        check_reachable(f"127.0.0.1:{closed_port}")  # refused at once, not retried for minutes by ray.init
+    with pytest.raises(RayAddressError, match="expected HOST:PORT"):
+        check_reachable("my-head-node")
+    check_reachable("auto")  # left to Ray

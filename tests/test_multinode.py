@@ -112,6 +112,27 @@ def test_build_shards_across_two_nodes_accounts_for_every_input(cluster, shard_s
     assert sum(ran.values()) >= 4  # one per shard (a task event can lag, never be double-counted as FINISHED)
 
 
+def test_task_resources_keep_shard_tasks_on_the_nodes_that_offer_them(cluster, shard_set, tmp_path):
+    """--task-resources decode=0.01: every shard task runs on the worker node (the only one with
+    `decode`), as cluster.yaml's placeforge_cpu_node keeps decoding on CPU nodes."""
+    nodes = cluster.wait_for_nodes(2)
+    worker_id = next(n["NodeID"] for n in nodes if "decode" in n["Resources"])
+    before = nodes_that_ran(cluster, "build_one_shard")
+    out = tmp_path / "pinned"
+    result = run_driver(cluster, "build_shards.py", "--source", f"atname:{shard_set['root']}", "--out", str(out),
+                        "--min-shards", "4", "--images-per-shard", "8", "--short-side", "48",
+                        "--task-resources", "decode=0.01")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_shard_set(out, shard_set)
+    after = nodes_that_ran(cluster, "build_one_shard")
+    new = {node: after[node] - before.get(node, 0) for node in after if after[node] > before.get(node, 0)}
+    assert set(new) == {worker_id} and sum(new.values()) >= 4, (before, after)
+
+    bad = run_driver(cluster, "build_shards.py", "--source", f"atname:{shard_set['root']}", "--out",
+                     str(tmp_path / "bad"), "--task-resources", "decode")
+    assert bad.returncode == 2 and "expected NAME=AMOUNT" in bad.stderr
+
+
 def test_recluster_across_two_nodes_writes_versions_covering_every_image(cluster, shard_set, tmp_path):
     from clustering.labels import latest_version, read_labels
     from pipelines.recluster import main as recluster_main
