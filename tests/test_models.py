@@ -393,3 +393,23 @@ def test_pair_bce_reaches_the_encoder_only_when_asked(pair_trains_encoder):
     encoder_grads = [p.grad for p in model.global_model.encoder.parameters() if p.grad is not None]
     assert bool(encoder_grads) == pair_trains_encoder
     assert all(p.grad is not None for p in model.pair.mlp.parameters())  # the classifier learns either way
+
+
+def test_a_batch_without_positives_still_reaches_every_parameter():
+    """View-class positives can leave a P x K batch with no anchor that has a positive; the
+    step must still run one graph over every parameter (ranks must agree) and add no pair loss."""
+    from trainer.engine import finetune_step
+    from trainer.data import GroupBatch
+    from trainer.train_config import TrainConfig
+    from trainer.train_models import build_finetune_model
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pooling="gem")
+    model = build_finetune_model(cfg, num_classes=8)
+    batch = GroupBatch(images=images(4, 56), place_ids=torch.tensor([1, 1, 2, 2]),
+                       image_ids=torch.arange(4), class_ids=torch.tensor([0, 1, 2, 3]))  # every view differs
+    terms = finetune_step(model, batch, cfg, torch.device("cpu"))
+    assert float(terms["pair_bce"]) == 0.0 and float(terms["ms"]) == 0.0
+    terms["loss"].backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not trainable

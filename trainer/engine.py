@@ -70,10 +70,10 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
     out = model(images, keys, class_ids)
     descriptors = out["descriptors"].float()
     ms = multi_similarity_loss(descriptors, keys)
-    if out["pair_pos"].numel():
+    if out["has_pairs"]:
         bce = pair_bce_loss(out["pair_pos"].float(), out["pair_neg"].float())
     else:  # no anchor with both a positive and a negative: keep the graph, add nothing
-        bce = out["pair_pos"].float().sum() * 0.0
+        bce = (out["pair_pos"].float().sum() + out["pair_neg"].float().sum()) * 0.0
     if out["cosface_targets"].numel():
         cosface = F.cross_entropy(out["cosface"].float(), out["cosface_targets"])
     else:  # no labelled image in this batch

@@ -61,7 +61,7 @@ class FinetuneModel(nn.Module):
             images: [B, 3, S, S]; place_ids [B]; class_ids [B] (-1: no view class).
         Returns:
             descriptors [B, D]; pair_pos / pair_neg [A] logits of each anchor with its hardest
-            positive / negative; cosface [B', C] margin logits of the B' labelled images
+            positive / negative (has_pairs False: one stand-in pair, not a training signal); cosface [B', C] margin logits of the B' labelled images
             and their class ids `cosface_targets` [B'].
         """
         encoder = self.global_model.encoder
@@ -72,12 +72,17 @@ class FinetuneModel(nn.Module):
             patches = patches.detach()
         grid = patch_grid(encoder, images)
         anchor, positive, negative = hardest_pairs(descriptors, place_ids)  # [A] each
+        has_pairs = anchor.numel() > 0
+        if not has_pairs:
+            # No anchor has both a positive and a negative (possible with view-class positives):
+            # score one stand-in pair so every rank runs the same graph; the loss weighs it 0.
+            anchor = positive = negative = torch.zeros(1, dtype=torch.long, device=images.device)
         pair_pos = self.pair(patches[anchor], patches[positive], grid)  # [A]
         pair_neg = self.pair(patches[anchor], patches[negative], grid)  # [A]
         labelled = class_ids >= 0
         targets = class_ids[labelled]  # [B']
         cosface = self.cosface(descriptors[labelled], targets)  # [B', C]
-        return {"descriptors": descriptors, "pair_pos": pair_pos, "pair_neg": pair_neg,
+        return {"descriptors": descriptors, "pair_pos": pair_pos, "pair_neg": pair_neg, "has_pairs": has_pairs,
                 "cosface": cosface, "cosface_targets": targets}
 
 
