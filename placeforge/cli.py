@@ -1,8 +1,9 @@
 """`placeforge` command: one entry point over the stages.
 
-    placeforge demo --out runs/demo        synthetic city -> catalog -> shards -> read back
+    placeforge demo --out runs/demo        synthetic city -> shards -> labels -> stage 1 -> stage 2 -> recall
     placeforge synth --out DIR             render the synthetic city (python -m placeforge.synth)
     placeforge build-shards ...            pipelines/build_shards.py
+    placeforge evaluate ...                pipelines/evaluate.py
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ def demo(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="placeforge demo",
         description="Render the synthetic city, ingest it, build place-aware shards with a local Ray, "
-        "write the initial view-class labels (v0), stream the shards back, then train the tiny "
+        "write the initial view-class labels (v0), stream the shards back, train the tiny "
         "preset with DeepSpeed: stage 1 (Siamese MIM) and stage 2 (global descriptor + pair "
-        "classifier + CosFace, reclustering between epochs). Everything is written under --out; "
-        "a re-run reuses what is already complete.",
+        "classifier + CosFace, reclustering between epochs), then evaluate Recall@N on the "
+        "city's test split: the untrained encoder, the trained global descriptor, and after "
+        "pair-classifier re-ranking. Everything is written under --out; a re-run reuses what "
+        "is already complete.",
         allow_abbrev=False,
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -30,6 +33,7 @@ def demo(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild outputs made with another config")
     parser.add_argument("--no-train", action="store_true", help="stop after the shards and labels")
+    parser.add_argument("--no-eval", action="store_true", help="stop after training")
     args = parser.parse_args(argv)
 
     from clustering.job import ReclusterConfig, ReclusterError, recluster
@@ -44,9 +48,9 @@ def demo(argv: list[str] | None = None) -> int:
     try:
         synth_cfg = preset(args.preset)
         started = time.perf_counter()
-        print(f"[1/6] synthetic city -> {out / 'city'}")
+        print(f"[1/7] synthetic city -> {out / 'city'}")
         generate(out / "city", synth_cfg, overwrite=args.overwrite, progress=True)
-        print(f"[2/6] catalog + shards -> {out / 'shards'}")
+        print(f"[2/7] catalog + shards -> {out / 'shards'}")
         sources = [("atname", out / "city" / "atname" / "train"), ("gsv_cities", out / "city" / "gsv_cities")]
         summary = build(
             sources,
@@ -56,7 +60,7 @@ def demo(argv: list[str] | None = None) -> int:
             num_cpus=args.num_cpus,
         )
         print(summary.report())
-        print(f"[3/6] initial view-class labels -> {out / 'labels'}")
+        print(f"[3/7] initial view-class labels -> {out / 'labels'}")
         if summary.skipped and latest_version(out / "labels") is not None:
             print(f"labels v{latest_version(out / 'labels'):04d} already written for these shards")
         else:
@@ -66,7 +70,7 @@ def demo(argv: list[str] | None = None) -> int:
         print(f"placeforge demo: error: {err}", file=sys.stderr)
         return 2
 
-    print("[4/6] streaming the shards back through shards.reader")
+    print("[4/7] streaming the shards back through shards.reader")
     shard_set = ShardSet.open(out / "shards")
     samples = list(place_sample_pipeline(shard_set.urls, shuffle_buffer=64))
     pairs = list(same_place_pairs(samples, random.Random(0)))
@@ -80,7 +84,7 @@ def demo(argv: list[str] | None = None) -> int:
         return 1
     if not args.no_train:
         pretrain = out / "train" / "pretrain"
-        print(f"[5/6] stage 1, Siamese MIM pre-training (configs/demo_pretrain.yaml) -> {pretrain}")
+        print(f"[5/7] stage 1, Siamese MIM pre-training (configs/demo_pretrain.yaml) -> {pretrain}")
         # The tiny city has ~16 place samples: smaller batches and fewer epochs so every rank has full batches.
         tiny = args.preset == "tiny"
         overrides1 = {"pairs_per_batch": 4, "epochs": 2} if tiny else {}
@@ -89,13 +93,68 @@ def demo(argv: list[str] | None = None) -> int:
             return 1
         finetune = out / "train" / "finetune"
         init_from = sorted((pretrain / "export").glob("mim_epoch*.pt"))[-1]
-        print(f"[6/6] stage 2, joint fine-tuning with reclustering (configs/demo_finetune.yaml) -> {finetune}")
+        print(f"[6/7] stage 2, joint fine-tuning with reclustering (configs/demo_finetune.yaml) -> {finetune}")
         stage2 = ["--shards", str(out / "shards"), "--labels", str(out / "labels"), "--init-from", str(init_from),
                   "--out", str(finetune)]
         if run_training("demo_finetune.yaml", stage2, overrides2):
             return 1
+        if not args.no_eval:
+            epochs = overrides2.get("epochs", _config_epochs("demo_finetune.yaml"))
+            trained = finetune / "export" / f"model_epoch{epochs - 1:04d}.pt"
+            print(f"[7/7] Recall@N on the synthetic test split -> {out / 'eval'}")
+            if evaluate_demo(out, trained, args.num_cpus):
+                return 1
     print(f"demo done in {time.perf_counter() - started:.1f} s; outputs in {out}")
     return 0
+
+
+def evaluate_demo(out: Path, trained: Path, num_cpus: int | None) -> int:
+    """Evaluate the untrained encoder and the trained model on the city's test split; print both."""
+    from evaluation.job import EvalConfig, EvaluationError, evaluate
+    from evaluation.testset import read_split
+    from placeforge.config import from_mapping, load_file
+    from trainer.checkpoint import save_model_checkpoint
+    from trainer.encoders import build_model
+    from trainer.train_config import TrainConfig
+
+    recipe = from_mapping(TrainConfig, load_file(CONFIGS / "demo_finetune.yaml"), where="demo_finetune.yaml")
+    untrained = out / "eval" / "untrained.pt"
+    if not untrained.is_file():  # the same architecture from the recipe's seed, before any training
+        import torch
+
+        encoder_cfg = recipe.encoder_config()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            save_model_checkpoint(build_model(encoder_cfg), encoder_cfg, untrained)
+    test = out / "city" / "atname" / "test"
+    try:
+        database = read_split(f"atname:{test / 'database'}", "database")
+        queries = read_split(f"atname:{test / 'queries'}", "queries")
+        results = {}
+        for name, checkpoint in (("untrained", untrained), ("trained", trained)):
+            summary = evaluate(checkpoint, database, queries, out / "eval" / name, EvalConfig(), num_cpus=num_cpus,
+                               title=f"demo: {name} ({checkpoint.name}) on the synthetic test split")
+            results[name] = summary
+    except (EvaluationError, ValueError, OSError) as err:
+        print(f"placeforge demo: error: evaluation failed: {err}", file=sys.stderr)
+        return 1
+    rows = [("untrained encoder", results["untrained"].recall("global")),
+            ("trained, global descriptor", results["trained"].recall("global")),
+            ("trained, re-ranked", results["trained"].recall("reranked"))]
+    print(f"Recall@N on {len(queries)} queries, {len(database)} database images (right: within 25 m)")
+    print(f"{'':>28}  {'R@1':>6}  {'R@5':>6}  {'R@10':>6}")
+    for title, recall in rows:
+        if recall is not None:
+            print(f"{title:>28}  " + "  ".join(f"{100 * recall[n]:6.1f}" for n in (1, 5, 10)))
+    print(results["trained"].report["rerank"]["note"])
+    print(f"reports: {out / 'eval' / 'untrained' / 'report.html'}, {out / 'eval' / 'trained' / 'report.html'}")
+    return 0
+
+
+def _config_epochs(config_name: str) -> int:
+    from placeforge.config import load_file
+
+    return int(load_file(CONFIGS / config_name)["epochs"])
 
 
 def run_training(config_name: str, args: list[str], overrides: dict[str, int]) -> int:
@@ -105,11 +164,9 @@ def run_training(config_name: str, args: list[str], overrides: dict[str, int]) -
     """
     import subprocess
 
-    import yaml
-
     config = CONFIGS / config_name
     out = Path(args[args.index("--out") + 1])
-    epochs = overrides.get("epochs", yaml.safe_load(config.read_text())["epochs"])
+    epochs = overrides.get("epochs", _config_epochs(config_name))
     if (out / "export" / f"model_epoch{epochs - 1:04d}.pt").is_file():
         print(f"already trained: {out / 'export'}")
         return 0
@@ -127,7 +184,14 @@ COMMANDS = {
     "demo": ("run the embedded default end to end", demo),
     "synth": ("render the synthetic city", lambda argv: _synth_main(argv)),
     "build-shards": ("build place-aware WebDataset shards (Ray Data)", lambda argv: _build_shards_main(argv)),
+    "evaluate": ("Recall@N before and after re-ranking, with a report", lambda argv: _evaluate_main(argv)),
 }
+
+
+def _evaluate_main(argv: list[str]) -> int:
+    from pipelines.evaluate import main
+
+    return main(argv)
 
 
 def _synth_main(argv: list[str]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -33,6 +35,16 @@ def test_demo_tiny_end_to_end(tmp_path, capfd):  # capfd: the trainer prints fro
     assert "finetune:" in printed and "data wait" in printed
     for stage in ("pretrain", "finetune"):
         assert (out / "train" / stage / "export" / "model_epoch0001.pt").is_file()
+    # [7/7] recall of the untrained encoder and of the trained model, before and after re-ranking.
+    assert "Recall@N on 24 queries, 32 database images" in printed
+    untrained = json.loads((out / "eval" / "untrained" / "report.json").read_text())
+    trained = json.loads((out / "eval" / "trained" / "report.json").read_text())
+    assert untrained["recall"]["reranked"] is None  # a bare encoder has no pair classifier
+    assert trained["recall"]["reranked"] is not None and trained["checkpoint"].endswith("model_epoch0001.pt")
+    for title, recall in (("untrained encoder", untrained["recall"]["global"]),
+                          ("trained, re-ranked", trained["recall"]["reranked"])):
+        assert f"{title}  {100 * recall['1']:6.1f}" in printed
+    assert (out / "eval" / "trained" / "report.html").is_file()
 
     assert demo(["--out", str(out), "--preset", "tiny", "--num-cpus", "2"]) == 0  # a re-run reuses everything
     rerun = capfd.readouterr().out
