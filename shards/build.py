@@ -271,10 +271,15 @@ def _run_shard_tasks(out: Path, todo: list[int], cfg: BuildConfig, ray_address: 
             num_cpus=1,
             **({"resources": task_resources} if task_resources else {}),
         )
-        with tqdm(total=len(todo), desc="shards", unit="shard") as bar:
-            for row in ds.iter_rows():
-                bar.update(1)
-                bar.set_postfix(images=row["images"], rejects=row["rejects"])
+        try:
+            with tqdm(total=len(todo), desc="shards", unit="shard") as bar:
+                for row in ds.iter_rows():
+                    bar.update(1)
+                    bar.set_postfix(images=row["images"], rejects=row["rejects"])
+        except Exception as error:  # a task failed after Ray's retries: a full disk, a lost node, ...
+            cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise BuildError(f"a shard task failed: {cause}. The shards finished so far are kept; fix the "
+                             f"cause and re-run the same command to resume") from error
 
 
 def _assemble(

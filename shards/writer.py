@@ -9,6 +9,7 @@ leaves a half-written shard under its final name, and a retry rewrites the same 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,16 +71,24 @@ def write_shard(
     try:
         with open(tmp, "wb") as stream:
             writer = wds.TarWriter(stream, encoder=False, mtime=FIXED_MTIME)
-            start = 0
-            while start < len(rows):
-                end = start
-                while end < len(rows) and rows[end]["sample_key"] == rows[start]["sample_key"]:
-                    end += 1
-                sample = _encode_sample(rows[start:end], short_side, jpeg_quality, index_rows, reject_rows, shard_index)
-                if sample is not None:
-                    writer.write(sample)
-                    samples += 1
-                start = end
+            try:
+                start = 0
+                while start < len(rows):
+                    end = start
+                    while end < len(rows) and rows[end]["sample_key"] == rows[start]["sample_key"]:
+                        end += 1
+                    sample = _encode_sample(rows[start:end], short_side, jpeg_quality, index_rows, reject_rows,
+                                            shard_index)
+                    if sample is not None:
+                        writer.write(sample)
+                        samples += 1
+                    start = end
+            except BaseException:
+                # Let tarfile finish its stream now (into the file about to be deleted), not from a
+                # finaliser after `stream` is closed; a second error (the disk is still full) is moot.
+                with contextlib.suppress(Exception):
+                    writer.close()
+                raise
             writer.close()
         os.replace(tmp, final)
     except BaseException:

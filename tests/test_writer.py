@@ -99,3 +99,27 @@ def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(OSError):
         write_shard(tmp_path / "missing-dir", 0, plan, 320, 90)
     assert not (tmp_path / "missing-dir").exists()
+
+
+def test_a_full_disk_mid_shard_raises_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    plan = plan_rows(tmp_path, [("s000000000", "000.jpg", jpeg(1)), ("s000000001", "000.jpg", jpeg(2))])
+    real_write = wds.TarWriter.write
+    written = []
+
+    def fill_up(self, sample):  # the second sample hits a full disk
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(sample["__key__"])
+        return real_write(self, sample)
+
+    monkeypatch.setattr(wds.TarWriter, "write", fill_up)
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(OSError) as raised:
+        write_shard(tmp_path / "shards", 0, plan, 320, 90)
+    assert raised.value.errno == errno.ENOSPC and written == ["s000000000"]
+    assert list((tmp_path / "shards").iterdir()) == []  # neither the shard nor its temporary file
+    monkeypatch.undo()  # space again: the same call now writes the whole shard
+    result = write_shard(tmp_path / "shards", 0, plan, 320, 90)
+    assert result.record.samples == 2 and [p.name for p in (tmp_path / "shards").iterdir()] == ["shard-000000.tar"]
