@@ -15,6 +15,7 @@ Goal (issue 4): loader >= 3x the model's rate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import time
 from pathlib import Path
@@ -94,13 +95,17 @@ def main() -> None:
     parser.add_argument("--labels", type=Path, default=Path("runs/demo/labels"))
     parser.add_argument("--epochs", type=int, default=3, help="loader epochs to time")
     parser.add_argument("--model-steps", type=int, default=20)
+    parser.add_argument("--workers", type=int, action="append", default=None,
+                        help="loader workers to time (repeatable; default: the config's)")
     args = parser.parse_args()
     rows = []
     for name in ("demo_pretrain.yaml", "demo_finetune.yaml"):
-        cfg = stage_config(name, args.shards, args.labels)
-        first, loader_rate, batches = bench_loader(cfg, args.epochs)
-        model_rate = bench_model(cfg, args.model_steps)
-        rows.append((cfg.stage, cfg.num_workers, batches, first, loader_rate, model_rate))
+        base = stage_config(name, args.shards, args.labels)
+        model_rate = bench_model(base, args.model_steps)
+        for workers in args.workers or [base.num_workers]:
+            cfg = dataclasses.replace(base, num_workers=workers)
+            first, loader_rate, batches = bench_loader(cfg, args.epochs)
+            rows.append((cfg.stage, cfg.num_workers, batches, first, loader_rate, model_rate))
     print(f"\n{platform.machine()}, torch threads {torch.get_num_threads()}, shards {args.shards}")
     print("| stage | loader workers | batches | first batch s | loader batches/s (steady) | model steps/s | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -160,8 +160,8 @@ def all_image_ids(layout):
 
 
 def dominant_colour(images: torch.Tensor) -> list[int]:
-    """[B, 3, S, S] normalised -> [B] index of the strongest channel."""
-    return images.mean(dim=(2, 3)).argmax(dim=1).tolist()
+    """[B, 3, S, S] -> [B] index of the strongest channel."""
+    return images.float().mean(dim=(2, 3)).argmax(dim=1).tolist()
 
 
 @pytest.fixture
@@ -182,7 +182,7 @@ def test_pair_batches_have_the_right_shapes_and_one_place_per_pair(four_shards):
     batches = list(loader)
     assert len(batches) == steps == len(loader) > 0
     for img_a, img_b, place_ids in batches:
-        assert img_a.shape == img_b.shape == (3, 3, 24, 24) and img_a.dtype == torch.float32
+        assert img_a.shape == img_b.shape == (3, 3, 24, 24) and img_a.dtype == torch.uint8
         assert place_ids.shape == (3,) and place_ids.dtype == torch.int64
         expected = [p % 3 for p in place_ids.tolist()]
         assert dominant_colour(img_a) == dominant_colour(img_b) == expected
@@ -311,3 +311,12 @@ def test_fused_colour_jitter_equals_the_three_steps_one_by_one():
     expected = reference(images.clone(), np.random.default_rng(7), cfg)
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(fused, images)  # it did change the images
+
+
+def test_loader_batches_are_uint8_and_model_input_normalises_like_evaluation():
+    from trainer.augment import model_input
+    from trainer.encoders import imagenet_normalize, to_unit_tensor
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)  # [B, H, W, 3]
+    batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # what decode_augment returns
+    torch.testing.assert_close(model_input(batch, torch.device("cpu")), imagenet_normalize(to_unit_tensor(pixels)))

@@ -406,7 +406,8 @@ def test_a_batch_without_positives_still_reaches_every_parameter():
     torch.manual_seed(0)
     cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pooling="gem")
     model = build_finetune_model(cfg, num_classes=8)
-    batch = GroupBatch(images=images(4, 56), place_ids=torch.tensor([1, 1, 2, 2]),
+    pixels = torch.randint(0, 256, (4, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = GroupBatch(images=pixels, place_ids=torch.tensor([1, 1, 2, 2]),
                        image_ids=torch.arange(4), class_ids=torch.tensor([0, 1, 2, 3]))  # every view differs
     terms = finetune_step(model, batch, cfg, torch.device("cpu"))
     assert float(terms["pair_bce"]) == 0.0 and float(terms["ms"]) == 0.0

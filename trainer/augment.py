@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.encoders import imagenet_normalize, to_unit_tensor
+from trainer.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,11 @@ def random_resized_crop_box(
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L"
 
 
-def color_jitter(images: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
+def color_jitter(images: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig,
+                 max_value: float = 1.0) -> torch.Tensor:
     """Per-image brightness, contrast and saturation (in that order, as torchvision's factors).
 
-    [B, 3, S, S] in [0, 1] -> same, clipped.  Each step is affine per pixel, so the three
+    [B, 3, S, S] float in [0, max_value] -> same, clipped (max_value 255: pixel units).  Each step is affine per pixel, so the three
     compose into one 3 x 3 matrix and one offset per image, applied in a single pass (half
     the loader's time went to running them one by one):
         brightness  x -> b x
@@ -84,17 +85,20 @@ def color_jitter(images: torch.Tensor, rng: np.random.Generator, cfg: AugmentCon
     matrix = (contrast * brightness).view(b, 1, 1) * sat  # [B, 3, 3]
     offset = ((1 - contrast) * mean_luma).view(b, 1, 1).expand(b, 3, 1)  # [B, 3, 1]
     flat = images.reshape(b, 3, images.shape[2] * images.shape[3])  # [B, 3, S*S]
-    return torch.baddbmm(offset, matrix, flat).clamp_(0.0, 1.0).view_as(images)
+    return torch.baddbmm(offset, matrix, flat).clamp_(0.0, max_value).view_as(images)
 
 
 def decode_augment(jpegs: list[bytes], image_size: int, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
-    """Decode, random-resized-crop to S x S, colour-jitter, ImageNet-normalise.
+    """Decode, random-resized-crop to S x S, colour-jitter; back to uint8.
+
+    Normalisation is left to the training step (`model_input`), on the device: a uint8 batch
+    is a quarter of the bytes a float32 one moves from the loader workers (and over PCIe).
 
     Args:
         jpegs: B encoded images.
         image_size: S, pixels.
     Returns:
-        [B, 3, S, S] float32.
+        [B, 3, S, S] uint8.
     """
     pixels = np.empty((len(jpegs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
     for i, data in enumerate(jpegs):
@@ -105,4 +109,13 @@ def decode_augment(jpegs: list[bytes], image_size: int, rng: np.random.Generator
             image = image.convert("RGB")
             box = random_resized_crop_box(image.width, image.height, rng, cfg.scale, cfg.ratio)
             pixels[i] = np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
-    return imagenet_normalize(color_jitter(to_unit_tensor(pixels), rng, cfg))
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()  # [B, 3, S, S] in pixel units
+    return color_jitter(images, rng, cfg, max_value=255.0).round_().to(torch.uint8)
+
+
+def model_input(images: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A loader batch [B, 3, S, S] uint8 -> ImageNet-normalised `dtype` on `device`."""
+    images = images.to(device, non_blocking=True).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return images.sub_(mean).div_(std).to(dtype)

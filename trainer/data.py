@@ -57,13 +57,13 @@ STAGES = ("pairs", "groups")
 
 
 class PairBatch(NamedTuple):
-    img_a: torch.Tensor  # [B, 3, S, S]
-    img_b: torch.Tensor  # [B, 3, S, S], same place as img_a row for row
+    img_a: torch.Tensor  # [B, 3, S, S] uint8 (trainer.augment.model_input normalises)
+    img_b: torch.Tensor  # [B, 3, S, S] uint8, same place as img_a row for row
     place_ids: torch.Tensor  # [B] int64
 
 
 class GroupBatch(NamedTuple):
-    images: torch.Tensor  # [P*K, 3, S, S], place-major: rows p*K .. p*K+K-1 are place p
+    images: torch.Tensor  # [P*K, 3, S, S] uint8, place-major: rows p*K .. p*K+K-1 are place p
     place_ids: torch.Tensor  # [P*K] int64
     image_ids: torch.Tensor  # [P*K] int64
     class_ids: torch.Tensor  # [P*K] int64, -1 for images the label version does not cover

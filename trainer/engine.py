@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.augment import model_input
 from trainer.data import GroupBatch, PairBatch
 from trainer.decoder import patchify, random_patch_mask
 from trainer.heads import CosFaceClassifier
@@ -42,8 +43,8 @@ def pretrain_step(model: nn.Module, batch: PairBatch, cfg: TrainConfig, generato
     Returns:
         {"loss": scalar to backpropagate, "mim": the same value}.
     """
-    img_a = batch.img_a.to(device, dtype, non_blocking=True)
-    img_b = batch.img_b.to(device, dtype, non_blocking=True)
+    img_a = model_input(batch.img_a, device, dtype)
+    img_b = model_input(batch.img_b, device, dtype)
     patch = _patch_size(model)
     num_patches = (img_a.shape[-2] // patch) * (img_a.shape[-1] // patch)
     mask, keep_idx = random_patch_mask(img_a.shape[0], num_patches, cfg.mask_ratio, generator, device)
@@ -63,7 +64,7 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
     Returns:
         {"loss": weighted sum, "ms", "pair_bce", "cosface": unweighted terms (detached)}.
     """
-    images = batch.images.to(device, dtype, non_blocking=True)
+    images = model_input(batch.images, device, dtype)
     place_ids = batch.place_ids.to(device)
     class_ids = batch.class_ids.to(device)
     keys = positive_keys(place_ids, class_ids, cfg.positives)  # [B]: equal keys are positives
