@@ -155,6 +155,35 @@ def test_recluster_across_two_nodes_writes_versions_covering_every_image(cluster
     assert sorted(table.column("image_id").to_pylist()) == index_ids  # every shard image once
 
 
+def test_relabel_watch_as_a_submitted_ray_job(cluster, shard_set, tmp_path):
+    """relabel.py --watch run the way a long-lived relabeler runs: `ray job submit` to the head."""
+    import shutil
+
+    from clustering.labels import latest_version, read_labels, read_manifest
+    from pipelines.recluster import main as recluster_main
+    from shards.manifest import file_sha256
+    from trainer.checkpoint import save_model_checkpoint
+    from trainer.encoders import EncoderConfig, build_model
+
+    shards, labels = str(shard_set["out"]), tmp_path / "labels"
+    assert recluster_main(["--shards", shards, "--labels", str(labels), "--n-init", "2", "--niter", "5",
+                           "--plots-cells", "0"]) == 0
+    export = tmp_path / "export"
+    encoder = EncoderConfig(name="vit_tiny_test", image_size=56, descriptor_dim=32)
+    checkpoint = save_model_checkpoint(build_model(encoder), encoder, export / "model_epoch0000.pt")
+    shutil.copy(checkpoint, export / ".model_epoch0001.pt.tmp-7")  # a write in progress: never read
+    submit = [str(RAY), "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO), "--",
+              "python", "pipelines/relabel.py", "--shards", shards, "--labels", str(labels), "--watch", str(export),
+              "--max-polls", "2", "--interval-s", "1"]
+    result = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "skip: model_epoch0000.pt" in result.stdout  # the second poll found nothing new
+    assert latest_version(labels) == 1
+    assert read_manifest(labels, 1).encoder_sha256 == file_sha256(checkpoint)
+    index_ids = sorted(pq.read_table(shard_set["out"] / "index.parquet").column("image_id").to_pylist())
+    assert sorted(read_labels(labels, 1, verify=True).column("image_id").to_pylist()) == index_ids
+
+
 def test_a_lost_worker_node_during_build_shards(cluster, tmp_path):
     """SIGKILL a whole worker node while it runs a shard task; the build must still come out exact.
 
