@@ -147,8 +147,8 @@ def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out
 
         top_k = min(top_k, k)
         tick = time.perf_counter()
-        rerank_scores = pair_scores(pair, q_store.tokens[q_rows], db_store.tokens, candidates[:, :top_k],
-                                    (side, side), cfg.pairs_per_batch)
+        rerank_scores = pair_scores(pair, q_store.tokens, db_store.tokens, candidates[:, :top_k],
+                                    (side, side), cfg.pairs_per_batch, query_rows=q_rows)
         timings["rerank"] = time.perf_counter() - tick
         order, top = rerank_order(candidates[:, :top_k], rerank_scores)
         reranked = np.concatenate([top, candidates[:, top_k:]], axis=1)  # below K: the global order

@@ -19,7 +19,8 @@ from trainer.heads import PairClassifier
 
 
 def pair_scores(pair: PairClassifier, query_tokens: np.ndarray, db_tokens: np.ndarray, candidates: np.ndarray,
-                grid: tuple[int, int], pairs_per_batch: int = 512, progress: bool = True) -> np.ndarray:
+                grid: tuple[int, int], pairs_per_batch: int = 512, progress: bool = True,
+                query_rows: np.ndarray | None = None) -> np.ndarray:
     """Symmetric same-place scores of every (query, candidate) pair.
 
     Args:
@@ -27,6 +28,8 @@ def pair_scores(pair: PairClassifier, query_tokens: np.ndarray, db_tokens: np.nd
         query_tokens: [Q, N, C] float16 patch tokens (a memmap is fine).
         db_tokens: [M, N, C] float16.
         candidates: [Q, K] database indices.
+        query_rows: [Q] rows of `query_tokens` the candidates belong to (default 0..Q-1), so a
+            memmap of every query is read a chunk at a time, never copied whole.
         grid: (gh, gw) patch grid, N = gh * gw.
         pairs_per_batch: pairs per classifier call.
     Returns:
@@ -44,7 +47,8 @@ def pair_scores(pair: PairClassifier, query_tokens: np.ndarray, db_tokens: np.nd
             wanted = np.unique(chunk)  # each database row read once per chunk, in file order
             db = torch.from_numpy(np.asarray(db_tokens[wanted])).to(device).float()  # [u, N, C]
             where = torch.from_numpy(np.searchsorted(wanted, chunk.ravel())).to(device)  # [q * K]
-            query = torch.from_numpy(np.asarray(query_tokens[rows])).to(device).float()  # [q, N, C]
+            wanted_queries = np.arange(queries)[rows] if query_rows is None else query_rows[rows]
+            query = torch.from_numpy(np.asarray(query_tokens[wanted_queries])).to(device).float()  # [q, N, C]
             query = query.repeat_interleave(k, dim=0)  # [q * K, N, C]
             logits = pair.score(query, db[where], grid)  # [q * K]
             scores[rows] = logits.float().cpu().numpy().reshape(chunk.shape)

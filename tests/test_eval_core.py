@@ -137,6 +137,11 @@ def test_reranking_moves_the_right_candidate_to_the_top():
     # Batching does not change scores: one call with every pair gives the same values.
     whole = pair_scores(pair, query_tokens, db_tokens, candidates, (2, 2), pairs_per_batch=1000, progress=False)
     np.testing.assert_allclose(scores, whole, rtol=1e-4, atol=1e-4)
+    # Queries addressed by row in a larger store (how evaluation passes its memmap) score the same.
+    store = np.concatenate([np.zeros_like(query_tokens[:1]), query_tokens])  # row 0: another query
+    by_row = pair_scores(pair, store, db_tokens, candidates, (2, 2), pairs_per_batch=3, progress=False,
+                         query_rows=np.array([1, 2]))
+    np.testing.assert_allclose(by_row, scores, rtol=1e-5, atol=1e-5)
     # Both directions: the score is logit(q, db) + logit(db, q).
     with torch.no_grad():
         q = torch.from_numpy(query_tokens[:1]).float()
