@@ -244,3 +244,15 @@ def test_follow_latest_labels_switches_at_the_next_epoch_boundary(data, tmp_path
     assert [m["label_version"] for m in metrics(out) if m.get("event") == "labels_followed"] == [1]
     state = json.loads((out / "checkpoints" / "epoch0002-step0" / "train_state.json").read_text())
     assert state["label_version"] == 1 and state["num_classes"] == int(classes.max()) + 1
+
+
+def test_resume_with_another_recipe_is_refused_and_the_run_folder_kept(data, tmp_path):
+    out = tmp_path / "pre"
+    args = pretrain_args(data, out, "--epochs", "2", "--max-steps-per-epoch", "2")
+    train([*args, "--stop-after-steps", "1"])
+    saved = (out / "train_config.json").read_text()
+    refused = train([*args, "--resume", "--base-lr", "5e-3", "--num-workers", "1"], expect_rc=2)
+    assert "was written with another config (base_lr: 0.001 -> 0.005)" in refused.stderr
+    assert (out / "train_config.json").read_text() == saved  # the run's record is not overwritten
+    train([*args, "--resume", "--num-workers", "1"])  # loader workers may change on resume
+    assert (out / "export" / "model_epoch0001.pt").is_file()

@@ -46,7 +46,7 @@ from trainer.schedules import weight_decay_schedule  # noqa: E402
 from trainer.train_config import TrainConfig, deepspeed_config  # noqa: E402
 from trainer.train_models import build_finetune_model, build_pretrain_model, global_model_of, save_mim  # noqa: E402
 from trainer.train_state import (  # noqa: E402
-    DistState, TrainState, read_latest, restore_rng_states, rng_states, write_state,
+    DistState, TrainState, config_changes, read_latest, restore_rng_states, rng_states, write_state,
 )
 
 
@@ -270,12 +270,17 @@ def run_main(args: argparse.Namespace) -> int:
                                timeout=timeout)
     ds_config = deepspeed_config(cfg, dist.world_size, device.type)
     run = Run(cfg, dist, device, ds_config, args)
+    resumed = read_latest(run.checkpoints) if args.resume else None
+    if resumed:
+        changed = config_changes(resumed[1].config, to_dict(cfg))
+        if changed:  # a different recipe would silently continue someone else's schedule and weights
+            raise ValueError(f"{run.checkpoints / resumed[0]} was written with another config "
+                             f"({'; '.join(changed[:6])}); resume with the same config, or train into a new --out")
     if dist.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "train_config.json")
         (run.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
 
-    resumed = read_latest(run.checkpoints) if args.resume else None
     if args.resume and resumed is None and dist.is_main:
         print(f"--resume: no checkpoint in {run.checkpoints}; starting from scratch", file=sys.stderr)
     if resumed:

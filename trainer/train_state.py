@@ -79,6 +79,17 @@ def write_state(checkpoint_dir: Path, tag: str, state: TrainState, mark_latest: 
         _write_atomic(checkpoint_dir / LATEST_FILE, tag + "\n")
 
 
+# Fields a resume may change: where things are, and how the work is spread, not what is learnt.
+RESUMABLE_CHANGES = frozenset({"shards", "labels", "out", "init_from", "num_workers", "log_every",
+                               "checkpoint_every_steps"})
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """'key: saved -> current' for every field a resume must not change (empty: resumable)."""
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
 def read_latest(checkpoint_dir: Path) -> tuple[str, TrainState] | None:
     """(tag, state) of the newest complete checkpoint, or None when there is none."""
     latest = checkpoint_dir / LATEST_FILE
