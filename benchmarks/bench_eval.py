@@ -49,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--num-cpus", type=int, default=None)
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_eval-") as tmp:
+        return run(args, Path(tmp))
 
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    """The benchmark proper; everything it writes lives under `work` (deleted afterwards)."""
     from evaluation.job import EvalConfig, evaluate
     from evaluation.rerank import pair_scores
     from evaluation.testset import read_split
@@ -58,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.encoders import EncoderConfig, build_model, encoder_spec
     from trainer.heads import PairClassifier
 
-    work = Path(tempfile.mkdtemp(prefix="bench_eval-"))
     test_set = args.test_set
     if test_set is None:
         from placeforge.synth import generate
