@@ -59,7 +59,9 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 from clustering.job import ReclusterConfig  # noqa: E402
 from clustering.labels import latest_version, list_versions, read_manifest  # noqa: E402
-from placeforge.config import add_config_arguments, config_from_args, from_mapping, load_file  # noqa: E402
+from placeforge.config import (  # noqa: E402
+    add_config_arguments, config_flags, config_from_args, from_mapping, load_file,
+)
 from shards.manifest import file_sha256  # noqa: E402
 
 CHECKPOINT_NAME = re.compile(r"^model_epoch(\d{4,})\.pt$")  # what trainer/train.py exports
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
               f"`python pipelines/recluster.py --shards {args.shards} --labels {args.labels}`", file=sys.stderr)
         return 2
     # The flags given, as config_from_args reads them; applied per round over the latest version's config.
-    overrides = {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__")}
+    overrides = config_flags(args)
     config_file = Path(args.config) if args.config else None
     watcher = Watcher(args.shards, args.labels, args.watch, overrides, config_file, args.ray_address, args.num_cpus)
     status, polls = 0, 0

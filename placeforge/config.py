@@ -144,8 +144,12 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     cfg = cls()  # type: ignore[call-arg]
     if getattr(args, "config", None):
         cfg = from_mapping(cls, load_file(args.config), where=str(args.config))
-    flags = {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__")}
-    return from_mapping(cls, flags, base=cfg, where="command line")
+    return from_mapping(cls, config_flags(args), base=cfg, where="command line")
+
+
+def config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given as flags on the command line (field name -> raw value)."""
+    return {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__")}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -75,6 +75,23 @@ def launch(args: list[str], rank: int = 0, world_size: int = 1, port: int | None
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def run_two_ranks(args: list[str], timeout: float = 180) -> list[str]:
+    """Both ranks of a 2-process gloo run to completion; their stdout."""
+    port = free_port()
+    processes = [launch(args, rank, 2, port) for rank in (0, 1)]
+    outputs = []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise AssertionError("2-rank run hung")
+        assert process.returncode == 0, stderr[-3000:]
+        outputs.append(stdout)
+    return outputs
+
+
 def train(args: list[str], expect_rc: int = 0, timeout: float = 180) -> subprocess.CompletedProcess:
     process = launch(args)
     stdout, stderr = process.communicate(timeout=timeout)
@@ -202,20 +219,9 @@ def test_two_ranks_on_uneven_shards_finish_with_identical_weights(tmp_path):
         place += n
     shards = tmp_path / "uneven"
     write_shards(shards, layout)
-    port = free_port()
     args = ["--stage", "pretrain", "--shards", str(shards), "--out", str(tmp_path / "ddp"), "--pairs-per-batch", "2",
             "--epochs", "2", *TINY, "--num-workers", "1", "--weights-digest"]
-    processes = [launch(args, rank, 2, port) for rank in (0, 1)]
-    outputs = []
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise AssertionError("2-rank run hung")
-        assert process.returncode == 0, stderr[-3000:]
-        outputs.append(stdout)
+    outputs = run_two_ranks(args, timeout=150)
     digests = [[line.split()[-1] for line in out.splitlines() if "final weights sha256" in line] for out in outputs]
     assert len(digests[0]) == 1 and digests[0] == digests[1]
     assert len(steps_of(tmp_path / "ddp")) > 0

@@ -12,25 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import TINY, free_port, launch, write_shards
+from tests.test_train import TINY, free_port, launch, run_two_ranks, write_shards
 
 pytestmark = pytest.mark.slow
-
-
-def run_two_ranks(args: list[str], timeout: float = 180) -> list[str]:
-    port = free_port()
-    processes = [launch(args, rank, 2, port) for rank in (0, 1)]
-    outputs = []
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise AssertionError("2-rank run hung")
-        assert process.returncode == 0, stderr[-3000:]
-        outputs.append(stdout)
-    return outputs
 
 
 def digest_of(outputs: list[str]) -> str:

@@ -389,7 +389,7 @@ def train(run: Run, state: TrainState) -> int:
         exported = run.export(epoch)
         last = epoch + 1 == cfg.epochs
         new_version = version
-        if cfg.recluster_every_epochs and (epoch + 1) % cfg.recluster_every_epochs == 0 and not last:
+        if _reclusters_after(cfg, epoch) and not last:
             new_version = run.recluster(epoch, exported, version)
         elif cfg.follow_latest_labels and not last:
             new_version = run.newest_labels(epoch, version)
@@ -412,13 +412,16 @@ def train(run: Run, state: TrainState) -> int:
 PREFETCH_STEPS = 3  # steps before an epoch's end at which the next epoch's loader starts
 
 
+def _reclusters_after(cfg: TrainConfig, epoch: int) -> bool:
+    """This run writes a new label version at the end of `epoch`."""
+    return bool(cfg.recluster_every_epochs) and (epoch + 1) % cfg.recluster_every_epochs == 0
+
+
 def _loader_carries_over(cfg: TrainConfig, epoch: int) -> bool:
     """True when the next epoch will read with the same label version, so its loader can start early
     (not after the last epoch, and not when this run reclusters at the boundary; a version that
     changes under follow_latest_labels discards the early loader)."""
-    if epoch + 1 >= cfg.epochs:
-        return False
-    return not (cfg.recluster_every_epochs and (epoch + 1) % cfg.recluster_every_epochs == 0)
+    return epoch + 1 < cfg.epochs and not _reclusters_after(cfg, epoch)
 
 
 def _num_classes(run: Run) -> int:
