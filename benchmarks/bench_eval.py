@@ -25,11 +25,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,10 +55,10 @@ def run(args: argparse.Namespace, work: Path) -> int:
     from evaluation.job import EvalConfig, evaluate
     from evaluation.rerank import pair_scores
     from evaluation.testset import read_split
-    from trainer.checkpoint import load_pair_classifier, save_model_checkpoint
-    from trainer.decoder import SiameseMIMDecoder, decoder_config
-    from trainer.encoders import EncoderConfig, build_model, encoder_spec
-    from trainer.heads import PairClassifier
+    from models.checkpoint import load_pair_classifier, save_model_checkpoint
+    from models.decoder import SiameseMIMDecoder, decoder_config
+    from models.encoders import EncoderConfig, build_model, encoder_spec
+    from models.heads import PairClassifier
 
     test_set = args.test_set
     if test_set is None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from placeforge.catalog import stable_id
+from placeforge.geo import cell_col_row, is_northern_letter, utm_cell_keys
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -67,42 +68,12 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def cell_col_row(east_m: np.ndarray, north_m: np.ndarray, cell_size_m: float = DEFAULT_CELL_SIZE_M
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Integer cell column and row of [N] UTM points: floor(coordinate / cell_size_m), int64.
-
-    floor (not truncation) keeps cells square across 0, so -0.5 m is in column -1.
-    """
-    if not cell_size_m > 0:
-        raise ValueError(f"cell_size_m must be > 0, got {cell_size_m}")
-    east = np.asarray(east_m, dtype=np.float64)
-    north = np.asarray(north_m, dtype=np.float64)
-    return np.floor(east / cell_size_m).astype(np.int64), np.floor(north / cell_size_m).astype(np.int64)
-
-
-def utm_cell_keys(zone: np.ndarray, northern: np.ndarray, col: np.ndarray, row: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Cell keys "utm:<zone><N|S>:<col>:<row>" and their stable int64 ids for [N] points.
-
-    Strings and hashes are made once per distinct cell (about 1 per 10-20 images), then
-    broadcast, since formatting millions of strings in Python is the slow part.
-
-    Returns:
-        (cell_key [N] object, cell_id [N] int64)
-    """
-    packed = np.stack(
-        [np.asarray(zone, np.int64), np.asarray(northern, bool).astype(np.int64),
-         np.asarray(col, np.int64), np.asarray(row, np.int64)], axis=1
-    )  # [N, 4]
-    if len(packed) == 0:
-        return np.empty(0, dtype=object), np.empty(0, dtype=np.int64)
-    unique, inverse = np.unique(packed, axis=0, return_inverse=True)
-    keys = np.array(
-        [f"utm:{z}{'N' if n else 'S'}:{c}:{r}" for z, n, c, r in unique.tolist()], dtype=object
-    )
-    ids = np.array([stable_id(k) for k in keys], dtype=np.int64)
-    inverse = inverse.reshape(-1)
-    return keys[inverse], ids[inverse]
+def _stable_ids(keys: np.ndarray) -> np.ndarray:
+    """[N] int64 `stable_id` of [N] keys, hashed once per distinct key."""
+    if len(keys) == 0:
+        return np.empty(0, dtype=np.int64)
+    unique, inverse = np.unique(keys.astype(str), return_inverse=True)
+    return np.array([stable_id(k) for k in unique], dtype=np.int64)[inverse.reshape(-1)]
 
 
 def group_of_cell(col: np.ndarray, row: np.ndarray, heading_class: np.ndarray | None = None,
@@ -166,7 +137,8 @@ def assign_cells(
     group_id = np.zeros(n, dtype=np.int32)
     if is_geo.any():
         col, row = cell_col_row(east[is_geo], north[is_geo], cell_size_m)
-        keys, ids = utm_cell_keys(zone_f[is_geo].astype(np.int64), np.asarray(northern, bool)[is_geo], col, row)
+        keys = utm_cell_keys(zone_f[is_geo].astype(np.int64), np.asarray(northern, bool)[is_geo], col, row)
+        ids = _stable_ids(keys)
         cell_key[is_geo], cell_id[is_geo] = keys, ids
         group_id[is_geo] = group_of_cell(col, row, cells_apart=cells_apart)
     other = ~is_geo
@@ -191,10 +163,10 @@ def cells_from_catalog(catalog: pa.Table, cell_size_m: float = DEFAULT_CELL_SIZE
     def floats(name: str) -> np.ndarray:
         return catalog.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
-    letters = np.asarray(catalog.column("utm_letter").fill_null("").to_pylist(), dtype=object)
+    letters = np.asarray(catalog.column("utm_letter").fill_null("").to_pylist(), dtype=object)  # null: unknown
     return assign_cells(
         utm_zone=floats("utm_zone"),
-        northern=np.array([str(x).upper() >= "N" for x in letters], dtype=bool),
+        northern=is_northern_letter(letters.astype("<U1")),
         east_m=floats("utm_east"),
         north_m=floats("utm_north"),
         place_id=np.asarray(catalog.column("place_id").to_pylist(), dtype=object),

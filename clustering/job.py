@@ -30,7 +30,13 @@ from clustering.cells import DEFAULT_CELLS_APART, cells_from_catalog
 from clustering.descriptors import descriptor_dir, publish, reusable, temporary_dir
 from clustering.initial import initial_classes
 from clustering.labels import (
-    LabelManifest, label_table, latest_version, next_version, previous_labels, read_labels, version_dir,
+    LabelManifest,
+    label_table,
+    latest_version,
+    next_version,
+    previous_labels,
+    read_labels,
+    version_dir,
     write_label_set,
 )
 from clustering.matching import PreviousLabels, relabel
@@ -38,10 +44,10 @@ from clustering.plots import pick_plot_cells, write_cell_plot
 from clustering.stages import UNKNOWN_CELL, CellLookup, images_of_shard
 from placeforge.catalog import read_catalog
 from placeforge.config import to_dict
-from placeforge.raysession import ray_session
+from placeforge.fileio import file_sha256
+from placeforge.raysession import quiet_data_context, ray_session
 from shards.index import read_index
 from shards.layout import CATALOG_FILE, INDEX_FILE, SHARD_SUBDIR, shard_name
-from shards.manifest import file_sha256
 from shards.reader import ShardSet
 
 
@@ -149,7 +155,7 @@ def recluster(
         distance, projection = None, None
         print(f"initial split of {len(images.image_id)} images into view classes (k={cfg.k}) -> v{version:04d}")
     else:
-        from trainer.checkpoint import inspect_model_checkpoint
+        from models.checkpoint import inspect_model_checkpoint
 
         checkpoint = Path(checkpoint).resolve()
         encoder_cfg = inspect_model_checkpoint(checkpoint)  # a wrong file fails here, before any Ray work
@@ -230,11 +236,10 @@ def _embed_and_cluster(shard_set: ShardSet, images: ImageCells, checkpoint: Path
     """The Ray Data job (clustering/stages.py); returns the cluster rows of every image read."""
     import ray
 
-    from clustering.stages import Embedder, add_cells, cluster_partition, shard_image_rows
+    from clustering.stages import add_cells, cluster_partition, shard_image_rows
+    from models.embedding import Embedder
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    quiet_data_context()
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
     partitions = cfg.partitions or max(1, cpus)

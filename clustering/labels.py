@@ -31,8 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clustering.matching import PreviousLabels
-from placeforge.catalog import write_parquet_atomic
-from shards.manifest import file_sha256
+from placeforge.fileio import file_sha256, write_parquet_atomic
 
 LABEL_FORMAT_VERSION = 1
 LABELS_FILE = "labels.parquet"

@@ -1,7 +1,7 @@
 """The stages of the recluster Ray Data job: dict in, dict out, each testable on plain dicts.
 
     shard paths --flat_map(shard_image_rows)--> {image_id, jpeg}
-        --map_batches(Embedder, actors)--> {image_id, descriptor [B, D] float16}
+        --map_batches(models.embedding.Embedder, actors)--> {image_id, descriptor [B, D] float16}
         --map_batches(add_cells)--> + {cell_id, partition}
         --groupby(partition).map_groups(cluster_partition)--> {image_id, cell_id, class_in_cell,
                                                               distance, finite, projection_x/y}
@@ -38,36 +38,6 @@ def shard_image_rows(row: dict) -> Iterator[dict]:
     """flat_map stage: {"shard_path": str} -> one {"image_id", "jpeg"} row per image."""
     for image_id, jpeg in images_of_shard(str(row["shard_path"])):
         yield {"image_id": image_id, "jpeg": jpeg}
-
-
-class Embedder:
-    """map_batches callable class: loads the checkpoint once per actor, embeds batches.
-
-    Runs on a GPU when the actor has one (bf16 autocast), else on the actor's CPUs.
-    """
-
-    def __init__(self, checkpoint: str) -> None:
-        import torch
-
-        from trainer.checkpoint import load_model_checkpoint
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, cfg = load_model_checkpoint(checkpoint, self.device)
-        self.image_size = cfg.image_size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """{"image_id": [B], "jpeg": [B] bytes} -> {"image_id": [B], "descriptor": [B, D] float16}."""
-        import torch
-
-        from trainer.encoders import preprocess
-
-        images = preprocess(list(batch["jpeg"]), self.image_size).to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-            descriptors = self.model(images)  # [B, D], unit length, so float16 loses nothing that matters
-        return {
-            "image_id": np.asarray(batch["image_id"], dtype=np.int64),
-            "descriptor": descriptors.float().cpu().numpy().astype(np.float16),
-        }
 
 
 @dataclass(frozen=True)
@@ -121,7 +91,8 @@ def cluster_partition(batch: dict[str, np.ndarray], k: int, seed: int, n_init: i
         descriptors = np.stack(descriptors)
     n = len(image_id)
     finite = np.isfinite(descriptors).all(axis=1)
-    usable = finite & (cell_id != UNKNOWN_CELL)
+    decoded = np.asarray(batch["ok"], dtype=bool) if "ok" in batch else np.ones(n, dtype=bool)
+    usable = finite & decoded & (cell_id != UNKNOWN_CELL)
     class_in_cell = np.full(n, -1, dtype=np.int32)
     distance = np.full(n, np.nan, dtype=np.float32)
     if usable.any():

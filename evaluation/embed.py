@@ -1,70 +1,22 @@
 """Embedding a test split with Ray Data: global descriptors and, for re-ranking, patch tokens.
 
-    rows {"row": i, "path": p} --map_batches(SplitEmbedder, actor pool)--> {"row", "descriptor" [B, D],
-                                                                           "tokens" [B, N, C], "ok"}
+    rows {"row": i, "path": p} --map_batches(models.embedding.Embedder, actor pool)-->
+        {"row", "descriptor" [B, D], "tokens" [B, N, C], "ok"}
     driver: FeatureStore.write(...) per batch, commit every few batches (resumable)
 
-Actors read the image files themselves (on a cluster the test set must be on storage every
-node sees), decode at the model's size, and run on a GPU when they have one (bf16).  An
-image that cannot be decoded gives a row with ok=False, not a failed job.
+The actors (the same one reclustering uses) read the image files themselves; an image that
+cannot be decoded gives a row with ok=False, not a failed job.
 """
 
 from __future__ import annotations
 
-import io
 import time
 
-import numpy as np
 from tqdm import tqdm
 
 from evaluation.dense_store import FeatureStore
-
-
-class SplitEmbedder:
-    """map_batches callable class: one model per actor, a batch of image paths per call."""
-
-    def __init__(self, checkpoint: str, keep_tokens: bool) -> None:
-        import torch
-
-        from trainer.checkpoint import load_model_checkpoint
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, cfg = load_model_checkpoint(checkpoint, self.device)
-        self.image_size = cfg.image_size
-        self.keep_tokens = keep_tokens
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """{"row": [B], "path": [B]} -> {"row", "descriptor" [B, D] f16, "tokens" [B, N, C] f16, "ok" [B]}."""
-        import torch
-
-        images, ok = self._load(list(batch["path"]))
-        images = images.to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
-            tokens = self.model.forward_features(images)  # [B, 1 + N, C]
-            descriptors = self.model.pool(tokens)  # [B, D]
-        out = {"row": np.asarray(batch["row"], dtype=np.int64), "ok": ok,
-               "descriptor": descriptors.float().cpu().numpy().astype(np.float16)}
-        if self.keep_tokens:
-            patches = tokens[:, self.model.encoder.num_prefix_tokens:]  # [B, N, C]
-            out["tokens"] = patches.float().cpu().numpy().astype(np.float16)
-        return out
-
-    def _load(self, paths: list[str]):
-        """Decode each file at the model's size; an unreadable one becomes a black image, ok False."""
-        from PIL import Image
-
-        from trainer.encoders import resize_and_crop, imagenet_normalize, to_unit_tensor
-
-        size = self.image_size
-        pixels = np.zeros((len(paths), size, size, 3), dtype=np.uint8)  # [B, S, S, 3]
-        ok = np.ones(len(paths), dtype=bool)
-        for i, path in enumerate(paths):
-            try:
-                with open(path, "rb") as f, Image.open(io.BytesIO(f.read())) as image:
-                    pixels[i] = resize_and_crop(image, size)
-            except (OSError, ValueError, Image.DecompressionBombError):
-                ok[i] = False
-        return imagenet_normalize(to_unit_tensor(pixels)), ok
+from models.embedding import Embedder
+from placeforge.raysession import quiet_data_context
 
 
 def embed_split(store: FeatureStore, paths: list[str], checkpoint: str, batch_size: int, actors: int,
@@ -78,13 +30,12 @@ def embed_split(store: FeatureStore, paths: list[str], checkpoint: str, batch_si
     pending = store.pending()
     if len(pending) == 0:
         return 0
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    quiet_data_context()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     rows = [{"row": int(i), "path": paths[i]} for i in pending]
     embedded = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 4 * actors))).map_batches(
-        SplitEmbedder, fn_constructor_kwargs={"checkpoint": checkpoint, "keep_tokens": store.tokens is not None},
+        Embedder, fn_constructor_kwargs={"checkpoint": checkpoint, "id_column": "row",
+                                         "keep_tokens": store.tokens is not None},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=1 if gpus else 0, **({"resources": actor_resources} if actor_resources else {}),
     )

@@ -15,7 +15,6 @@ Steps, each checked before the next costs minutes:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,8 +27,9 @@ from evaluation.dense_store import DONE, FeatureStore, StoreKey, bytes_per_image
 from evaluation.recall import correct_matrix, first_correct, positives_within, recall_at, recall_curve
 from evaluation.search import exact_search
 from evaluation.testset import Split
-from placeforge.catalog import REJECTS_SCHEMA, concat, write_parquet_atomic
+from placeforge.catalog import REJECTS_SCHEMA, concat
 from placeforge.config import to_dict
+from placeforge.fileio import write_json_atomic, write_parquet_atomic
 
 REPORT_FORMAT = 1
 
@@ -90,9 +90,9 @@ def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out
 
     `actor_resources`: custom Ray resources each encoder actor asks for (e.g. placeforge_gpu_node).
     """
+    from models.checkpoint import inspect_model_checkpoint, load_pair_classifier
+    from models.encoders import encoder_spec
     from placeforge.raysession import ray_session
-    from trainer.checkpoint import inspect_model_checkpoint, load_pair_classifier
-    from trainer.encoders import encoder_spec
 
     cfg.validate()
     started = time.perf_counter()
@@ -107,7 +107,7 @@ def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out
     top_k = min(cfg.rerank_top_k, len(database)) if pair is not None else 0
     notes = [_rerank_note(cfg, pair is not None, len(database))]
 
-    from shards.manifest import file_sha256
+    from placeforge.fileio import file_sha256
 
     sha = file_sha256(checkpoint)
     stores = {}
@@ -194,7 +194,7 @@ def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out
     predictions = _predictions(queries, q_rows, candidates, scores, correct, reranked, rerank_scores, with_positive)
     write_parquet_atomic(predictions, out / "predictions.parquet")
     write_parquet_atomic(rejects, out / "rejects.parquet")
-    _write_json_atomic(report, out / "report.json")
+    write_json_atomic(out / "report.json", report)
     from evaluation.report import write_report
 
     write_report(out, report, predictions, database.paths, sample_queries=cfg.sample_queries, seed=cfg.seed)
@@ -271,8 +271,4 @@ def _predictions(queries: Split, q_rows: np.ndarray, candidates: np.ndarray, sco
     })
 
 
-def _write_json_atomic(content: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
+

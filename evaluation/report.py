@@ -20,13 +20,15 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from PIL import Image
+
+from placeforge.fileio import atomic_write
 
 TOP_SHOWN = 5  # candidates shown per ranking
 PLACEHOLDER_GREY = (128, 128, 128)
@@ -118,7 +120,7 @@ def write_thumbnail(src: str, dst: Path, thumb_px: int) -> bool:
     image = _read_thumbnail(src, thumb_px)
     ok = image is not None
     tile = image if image is not None else Image.new("RGB", (thumb_px, thumb_px), PLACEHOLDER_GREY)
-    _replace_atomically(dst, lambda tmp: tile.save(tmp, format="JPEG", quality=85))
+    atomic_write(dst, lambda tmp: tile.save(tmp, format="JPEG", quality=85))
     return ok
 
 
@@ -148,7 +150,7 @@ def write_report(out_dir: Path, report: dict[str, Any], predictions: pa.Table, d
         fig = recall_figure(curves["global"], curves.get("reranked") if reranked else None,
                             f"{title}\n{counts['queries']} queries ({counts['queries_with_positive']} with a positive), "
                             f"{counts['database']} database images")
-        _replace_atomically(png, lambda tmp: fig.savefig(tmp, format="png"))
+        atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
 
     top1 = [bool(c[0]) if c else False for c in predictions.column("global_correct").to_pylist()]
     has_positive = [bool(p) for p in predictions.column("has_positive").to_pylist()]
@@ -159,20 +161,12 @@ def write_report(out_dir: Path, report: dict[str, Any], predictions: pa.Table, d
 
     page = _page(title, report, reranked, sample_rows, n_missed=sum(not top1[i] for i in rows), labelled=labelled)
     html_path = out_dir / "report.html"
-    _replace_atomically(html_path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    atomic_write(html_path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return {"html": html_path, "png": png if labelled else None}
 
 
 # --- I/O helpers -----------------------------------------------------------------------
 
-def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left behind when `write` failed
-    return path
 
 
 def _read_thumbnail(src: str, thumb_px: int) -> Image.Image | None:

@@ -20,23 +20,15 @@ import argparse
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    # Run as a script (also under `ray job submit --working-dir .`): import this checkout's packages.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from placeforge.config import add_config_arguments, config_from_args  # noqa: E402
-from shards.build import BuildConfig  # noqa: E402
+from pipelines.shell import add_ray_arguments, run_guarded, script_parser
+from placeforge.config import add_config_arguments, config_from_args
+from shards.build import BuildConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     from placeforge.ingest import READERS
 
-    parser = argparse.ArgumentParser(
-        prog="build_shards.py",
-        description=__doc__,
-        allow_abbrev=False,  # a misspelled flag must fail, not match a longer one
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("build_shards.py", __doc__)
     parser.add_argument(
         "--source",
         action="append",
@@ -46,13 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; nothing is written outside it)")
     parser.add_argument("--overwrite", action="store_true", help="replace a shard set built with another config")
-    parser.add_argument(
-        "--ray-address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)"
-    )
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    parser.add_argument("--task-resources", metavar="NAME=AMOUNT[,...]", default=None,
-                        help="custom Ray resources each shard task asks for, e.g. placeforge_cpu_node=0.01 "
-                             "to keep decoding on CPU nodes (cluster.yaml)")
+    add_ray_arguments(parser, "--task-resources",
+                      "custom Ray resources each shard task asks for, e.g. placeforge_cpu_node=0.01 "
+                      "to keep decoding on CPU nodes (cluster.yaml)")
     add_config_arguments(parser, BuildConfig)
     return parser
 
@@ -65,18 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> str:
         cfg = config_from_args(BuildConfig, args)
         sources = [parse_source_spec(spec) for spec in args.source]
-        summary = build(
+        return build(
             sources, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address, num_cpus=args.num_cpus,
             task_resources=parse_resources(args.task_resources),
-        )
-    except (ConfigError, SourceError, BuildError, ValueError) as err:
-        print(f"build_shards: error: {err}", file=sys.stderr)
-        return 2
-    print(summary.report())
-    return 0
+        ).report()
+
+    return run_guarded("build_shards", run, (ConfigError, SourceError, BuildError, ValueError))
 
 
 if __name__ == "__main__":

@@ -29,20 +29,13 @@ import argparse
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    # Run as a script (also under `ray job submit --working-dir .`): import this checkout's packages.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation.job import EvalConfig  # noqa: E402
-from placeforge.config import add_config_arguments, config_from_args  # noqa: E402
+from evaluation.job import EvalConfig
+from pipelines.shell import add_ray_arguments, run_guarded, script_parser
+from placeforge.config import add_config_arguments, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
+    parser = script_parser("evaluate.py", __doc__, split_epilog=True)
     parser.add_argument("--checkpoint", required=True, type=Path, help="a model file from trainer export/")
     parser.add_argument("--test-set", type=Path, help="folder with database/ and queries/ (@-named images)")
     parser.add_argument("--database", metavar="FORMAT:PATH", help="database images (instead of --test-set)")
@@ -52,10 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-labels", action="store_true", help="images without positions: predictions only")
     parser.add_argument("--out", required=True, type=Path, help="output folder (nothing is written outside it)")
     parser.add_argument("--title", help="title of the report (default: checkpoint and test-set names)")
-    parser.add_argument("--ray-address", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    parser.add_argument("--actor-resources", metavar="NAME=AMOUNT[,...]",
-                        help="custom Ray resources each encoder actor asks for, e.g. placeforge_gpu_node=0.01")
+    add_ray_arguments(parser, "--actor-resources",
+                      "custom Ray resources each encoder actor asks for, e.g. placeforge_gpu_node=0.01")
     add_config_arguments(parser, EvalConfig)
     return parser
 
@@ -63,10 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from evaluation.job import EvaluationError, evaluate
     from evaluation.testset import read_split
+    from models.checkpoint import CheckpointError
     from placeforge.config import ConfigError
     from placeforge.ingest import SourceError
     from placeforge.raysession import parse_resources
-    from trainer.checkpoint import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -76,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --test-set DIR, or both --database and --queries")
     database = args.database or f"atname:{args.test_set / 'database'}"
     queries = args.queries or f"atname:{args.test_set / 'queries'}"
-    try:
+
+    def run() -> str:
         cfg = config_from_args(EvalConfig, args)
         db_split = read_split(database, "database", args.database_subset, args.no_labels)
         q_split = read_split(queries, "queries", args.queries_subset, args.no_labels)
@@ -86,11 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = evaluate(args.checkpoint, db_split, q_split, args.out, cfg, ray_address=args.ray_address,
                            num_cpus=args.num_cpus, title=args.title,
                            actor_resources=parse_resources(args.actor_resources))
-    except (ConfigError, SourceError, CheckpointError, EvaluationError, FileNotFoundError, ValueError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 2
-    print(summary.text())
-    return 0
+        return summary.text()
+
+    return run_guarded("evaluate", run, (ConfigError, SourceError, CheckpointError, EvaluationError,
+                                         FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ a heading is unknown, at random.  This is written once: if LABELS_DIR already ha
 versions the run refuses, unless --force, which writes a fresh initial split as the next
 version (matched to the latest, so class ids stay stable where the split agrees).
 
-With --checkpoint (a file written by trainer.checkpoint): every image in the shards is
+With --checkpoint (a file written by models.checkpoint): every image in the shards is
 embedded by the model (one copy per Ray actor, on a GPU when the cluster has them), and
 the images of each cell are split into --k classes by K-means on their descriptors, cells
 spread over --partitions processes.  The new classes are matched to the latest version
@@ -35,57 +35,43 @@ import argparse
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    # Run as a script (also under `ray job submit --working-dir .`): import this checkout's packages.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clustering.job import ReclusterConfig  # noqa: E402
-from placeforge.config import add_config_arguments, config_from_args  # noqa: E402
+from clustering.job import ReclusterConfig
+from pipelines.shell import add_ray_arguments, run_guarded, script_parser
+from placeforge.config import add_config_arguments, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="recluster.py",
-        description=__doc__,
-        allow_abbrev=False,  # a misspelled flag must fail, not match a longer one
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("recluster.py", __doc__)
     parser.add_argument("--shards", required=True, type=Path, help="a complete shard set (pipelines/build_shards.py)")
     parser.add_argument("--labels", required=True, type=Path, help="label-set folder: versions vNNNN/ are added here")
     parser.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint to embed with (else: v0)")
     parser.add_argument("--keep-descriptors", action="store_true", help="store the descriptors for reuse")
     parser.add_argument("--force", action="store_true", help="without --checkpoint: write a fresh initial split "
                         "as the next version even though versions exist")
-    parser.add_argument(
-        "--ray-address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)"
-    )
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    parser.add_argument("--actor-resources", metavar="NAME=AMOUNT[,...]", default=None,
-                        help="custom Ray resources each encoder actor asks for, e.g. placeforge_gpu_node=0.01")
+    add_ray_arguments(parser, "--actor-resources",
+                      "custom Ray resources each encoder actor asks for, e.g. placeforge_gpu_node=0.01")
     add_config_arguments(parser, ReclusterConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from clustering.job import ReclusterError, recluster
+    from models.checkpoint import CheckpointError
     from placeforge.config import ConfigError
     from placeforge.raysession import parse_resources
-    from trainer.checkpoint import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> str:
         cfg = config_from_args(ReclusterConfig, args)
-        summary = recluster(
+        return recluster(
             args.shards, args.labels, cfg, checkpoint=args.checkpoint, keep_descriptors=args.keep_descriptors,
             force=args.force, ray_address=args.ray_address, num_cpus=args.num_cpus,
             actor_resources=parse_resources(args.actor_resources),
-        )
-    except (ConfigError, CheckpointError, ReclusterError, ValueError, OSError) as err:
-        print(f"recluster: error: {err}", file=sys.stderr)
-        return 2
-    print(summary.report())
-    return 0
+        ).report()
+
+    return run_guarded("recluster", run, (ConfigError, CheckpointError, ReclusterError, ValueError, OSError))
 
 
 if __name__ == "__main__":

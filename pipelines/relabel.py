@@ -53,16 +53,17 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    # Run as a script (also under `ray job submit --working-dir .`): import this checkout's packages.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clustering.job import ReclusterConfig  # noqa: E402
-from clustering.labels import latest_version, list_versions, read_manifest  # noqa: E402
-from placeforge.config import (  # noqa: E402
-    add_config_arguments, config_flags, config_from_args, from_mapping, load_file,
+from clustering.job import ReclusterConfig
+from clustering.labels import latest_version, list_versions, read_manifest
+from pipelines.shell import add_ray_arguments, script_parser
+from placeforge.config import (
+    add_config_arguments,
+    config_flags,
+    config_from_args,
+    from_mapping,
+    load_file,
 )
-from shards.manifest import file_sha256  # noqa: E402
+from placeforge.fileio import file_sha256
 
 CHECKPOINT_NAME = re.compile(r"^model_epoch(\d{4,})\.pt$")  # what trainer/train.py exports
 LOCK_FILE = ".relabel.lock"
@@ -151,7 +152,7 @@ class Watcher:
 
     def _label(self, path: Path) -> int:
         from clustering.job import ReclusterError, recluster
-        from trainer.checkpoint import CheckpointError, inspect_model_checkpoint
+        from models.checkpoint import CheckpointError, inspect_model_checkpoint
 
         try:
             sha = self._sha256(path)
@@ -220,12 +221,7 @@ def _failed(message: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="relabel.py",
-        description=__doc__,
-        allow_abbrev=False,  # a misspelled flag must fail, not match a longer one
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("relabel.py", __doc__)
     parser.add_argument("--shards", required=True, type=Path, help="the complete shard set the run trains on")
     parser.add_argument("--labels", required=True, type=Path, help="label-set folder holding v0000/ at least")
     parser.add_argument("--watch", required=True, type=Path, metavar="CHECKPOINT_DIR",
@@ -235,10 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument("--once", action="store_true", help="one poll, then exit (for cron)")
     once.add_argument("--max-polls", type=int, default=None, metavar="N",
                       help="stop after N polls, exiting with the last poll's status (default: forever)")
-    parser.add_argument(
-        "--ray-address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)"
-    )
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    add_ray_arguments(parser)
     add_config_arguments(parser, ReclusterConfig)
     return parser
 

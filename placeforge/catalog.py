@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-CATALOG_VERSION = 1
 
 CATALOG_SCHEMA = pa.schema(
     [
@@ -112,27 +109,10 @@ def rejects_table(rows: Iterable[Mapping[str, object]]) -> pa.Table:
     )
 
 
-def empty_catalog() -> pa.Table:
-    return CATALOG_SCHEMA.empty_table()
-
-
-def empty_rejects() -> pa.Table:
-    return REJECTS_SCHEMA.empty_table()
-
-
 def concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
     """Concatenate tables of one schema (an empty list gives an empty table)."""
     tables = [t.select(schema.names).cast(schema) for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write `table` to `path` via a temporary name in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
 
 
 def read_catalog(path: str | os.PathLike) -> pa.Table:
@@ -142,11 +122,6 @@ def read_catalog(path: str | os.PathLike) -> pa.Table:
     if missing:
         raise ValueError(f"{path}: not a placeforge catalog (missing columns {sorted(missing)})")
     return table.select(CATALOG_SCHEMA.names).cast(CATALOG_SCHEMA)
-
-
-def read_rejects(path: str | os.PathLike) -> pa.Table:
-    table = pq.read_table(path)
-    return table.select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
 
 
 def _column_length(columns: Mapping[str, Iterable | np.ndarray]) -> int:

@@ -20,6 +20,8 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from placeforge.fileio import write_json_atomic
+
 C = TypeVar("C")
 
 
@@ -158,8 +160,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, to_dict(cfg), sort_keys=True)

@@ -148,3 +148,34 @@ def is_northern_letter(zone_letter: np.ndarray) -> np.ndarray:
     """True for latitude bands N..X (northern hemisphere)."""
     letters = np.char.upper(np.asarray(zone_letter, dtype="<U1"))
     return letters >= "N"
+
+
+def cell_col_row(east_m: np.ndarray, north_m: np.ndarray, cell_size_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """Integer cell column and row of [N] UTM points: floor(coordinate / cell_size_m), int64.
+
+    floor (not truncation) keeps cells square across 0, so -0.5 m is in column -1.
+    """
+    if not cell_size_m > 0:
+        raise ValueError(f"cell_size_m must be > 0, got {cell_size_m}")
+    east = np.asarray(east_m, dtype=np.float64)
+    north = np.asarray(north_m, dtype=np.float64)
+    return np.floor(east / cell_size_m).astype(np.int64), np.floor(north / cell_size_m).astype(np.int64)
+
+
+def utm_cell_keys(zone: np.ndarray, northern: np.ndarray, col: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Cell keys "utm:<zone><N|S>:<col>:<row>" of [N] points, [N] object array.
+
+    The zone and hemisphere are part of the key: cell (col, row) in zone 10N and in zone
+    11N are places hundreds of km apart although their metric coordinates coincide.
+    Strings are made once per distinct cell (about 1 per 10-20 images), then broadcast,
+    since formatting millions of strings in Python is the slow part.
+    """
+    packed = np.stack(
+        [np.asarray(zone, np.int64), np.asarray(northern, bool).astype(np.int64),
+         np.asarray(col, np.int64), np.asarray(row, np.int64)], axis=1
+    )  # [N, 4]
+    if len(packed) == 0:
+        return np.empty(0, dtype=object)
+    unique, inverse = np.unique(packed, axis=0, return_inverse=True)
+    keys = np.array([f"utm:{z}{'N' if n else 'S'}:{c}:{r}" for z, n, c, r in unique.tolist()], dtype=object)
+    return keys[inverse.reshape(-1)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageFile
 
 # A truncated file must fail, never be padded with grey.
@@ -57,12 +56,6 @@ def reencode_jpeg(data: bytes, short_side: int, quality: int = 90) -> Encoded:
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=quality)
     return Encoded(out.getvalue(), size[0], size[1])
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode image bytes to a uint8 [H, W, 3] array."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(_to_rgb(img))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

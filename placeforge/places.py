@@ -19,6 +19,7 @@ import polars as pl
 import pyarrow as pa
 
 from placeforge.catalog import CATALOG_SCHEMA, REJECTS_SCHEMA, stable_id
+from placeforge.geo import cell_col_row, is_northern_letter, utm_cell_keys
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,6 @@ class PlaceConfig:
             raise ValueError(f"heading_sectors must be >= 0, got {self.heading_sectors}")
         if self.min_images_per_place < 1:
             raise ValueError(f"min_images_per_place must be >= 1, got {self.min_images_per_place}")
-
-
-def cell_indices(east_m: np.ndarray, north_m: np.ndarray, cell_size_m: float) -> tuple[np.ndarray, np.ndarray]:
-    """Integer cell column/row of each point: floor(coordinate / cell size)."""
-    return (
-        np.floor(np.asarray(east_m, dtype=np.float64) / cell_size_m).astype(np.int64),
-        np.floor(np.asarray(north_m, dtype=np.float64) / cell_size_m).astype(np.int64),
-    )
 
 
 def heading_sector(heading_deg: np.ndarray, sectors: int) -> np.ndarray:
@@ -73,10 +66,8 @@ def geo_place_keys(
     zone 11N are different places even though their metric coordinates coincide.
     A point whose heading is unknown keeps the unsplit cell key.
     """
-    col, row = cell_indices(east_m, north_m, cell_size_m)
-    hemi = np.where(np.asarray(northern, dtype=bool), "N", "S")
-    zones = np.asarray(zone_number, dtype=np.int64)
-    keys = [f"utm:{z}{h}:{c}:{r}" for z, h, c, r in zip(zones, hemi, col, row)]
+    col, row = cell_col_row(east_m, north_m, cell_size_m)
+    keys = utm_cell_keys(zone_number, northern, col, row).tolist()
     if heading_sectors > 0 and heading_deg is not None:
         sector = heading_sector(heading_deg, heading_sectors)
         keys = [k if s < 0 else f"{k}:h{s}" for k, s in zip(keys, sector)]
@@ -111,7 +102,7 @@ def assign_places(catalog: pa.Table, cfg: PlaceConfig) -> tuple[pa.Table, pa.Tab
         sub = df.filter(pl.Series(geo))
         keys[geo] = geo_place_keys(
             sub["utm_zone"].to_numpy(),
-            sub["utm_letter"].str.to_uppercase().to_numpy() >= "N",
+            is_northern_letter(sub["utm_letter"].fill_null("").to_numpy().astype("<U1")),
             sub["utm_east"].to_numpy(),
             sub["utm_north"].to_numpy(),
             cfg.cell_size_m,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from typing import Iterator
 
 
@@ -18,7 +19,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     seconds and say which address was tried.  "auto", "local" and ray:// client addresses
     are left to Ray.
     """
-    import socket
 
     if address in ("auto", "local") or "://" in address:
         return
@@ -80,3 +80,20 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def quiet_data_context() -> None:
+    """Ray Data settings every placeforge job uses: no Ray progress bars or start-up banner
+    (jobs draw their own tqdm bar and log lines instead)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous or a test node)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install placeforge into it (editable). Re-running is cheap: pip runs
 # again only when pyproject.toml changed since the last successful install.
+#   bash scripts/setup.sh          # what the demo needs
+#   bash scripts/setup.sh test     # plus the test tools (the "test" extra)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -8,9 +10,10 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.placeforge-installed
+extras="${1:-}"
+stamp=.venv/.placeforge-installed${extras:+-$extras}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "setup: installing placeforge and its dependencies (first time: a few minutes)"
-    .venv/bin/python -m pip install --quiet -e .
+    echo "setup: installing placeforge${extras:+[$extras]} and its dependencies (first time: a few minutes)"
+    .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
     touch "$stamp"
 fi

@@ -23,16 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from placeforge.catalog import (
-    CATALOG_SCHEMA,
-    REJECTS_SCHEMA,
-    concat,
-    rejects_table,
-    write_parquet_atomic,
-)
+from placeforge.catalog import CATALOG_SCHEMA, REJECTS_SCHEMA, concat, rejects_table
 from placeforge.config import to_dict
+from placeforge.fileio import write_json_atomic, write_parquet_atomic
 from placeforge.places import PlaceConfig, assign_places
-from placeforge.raysession import ray_session
+from placeforge.raysession import quiet_data_context, ray_session
 from shards.index import INDEX_SCHEMA, write_index
 from shards.layout import (
     CATALOG_FILE,
@@ -249,9 +244,7 @@ def build_one_shard(row: dict, out_dir: str, short_side: int, jpeg_quality: int)
     name = shard_name(shard_index)
     write_parquet_atomic(pa.Table.from_pylist(result.index_rows, schema=INDEX_SCHEMA), work / f"{name}.index.parquet")
     write_parquet_atomic(rejects_table(result.reject_rows), work / f"{name}.rejects.parquet")
-    tmp = work / f".{name}.record.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(asdict(result.record)))
-    os.replace(tmp, work / f"{name}.record.json")  # written last: marks the shard done
+    write_json_atomic(work / f"{name}.record.json", asdict(result.record))  # written last: marks the shard done
     return {"shard_index": shard_index, "images": result.record.images, "rejects": len(result.reject_rows)}
 
 
@@ -261,9 +254,7 @@ def _run_shard_tasks(out: Path, todo: list[int], cfg: BuildConfig, ray_address: 
     from tqdm import tqdm
 
     with ray_session(ray_address, num_cpus):
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+        quiet_data_context()
         ds = ray.data.from_items([{"shard_index": i} for i in todo], override_num_blocks=len(todo))
         ds = ds.map(
             build_one_shard,

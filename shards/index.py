@@ -7,7 +7,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from placeforge.catalog import write_parquet_atomic
+from placeforge.fileio import write_parquet_atomic
 
 INDEX_SCHEMA = pa.schema(
     [

@@ -39,7 +39,6 @@ WORK_SUBDIR = "_work"  # plan and per-shard results while a build is in progress
 
 IMAGE_META_FIELDS = ("lat", "lon", "utm_east", "utm_north", "utm_zone", "heading_deg")
 
-_SHARD_RE = re.compile(r"^shard-(\d{6,})\.tar$")
 _MEMBER_RE = re.compile(r"^(\d{3,})\.jpg$")
 
 
@@ -48,14 +47,6 @@ def shard_name(shard_index: int) -> str:
     if shard_index < 0:
         raise ValueError(f"shard index must be >= 0, got {shard_index}")
     return f"shard-{shard_index:06d}.tar"
-
-
-def shard_index_of(name: str) -> int:
-    """Inverse of `shard_name`."""
-    match = _SHARD_RE.match(name)
-    if not match:
-        raise ValueError(f"{name!r} is not a shard file name (expected shard-NNNNNN.tar)")
-    return int(match.group(1))
 
 
 def sample_key(sample_index: int) -> str:

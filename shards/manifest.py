@@ -6,12 +6,12 @@ counts, the byte size and the sha256, so a reader or a copy job can verify shard
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from placeforge.fileio import write_json_atomic
 from shards.layout import FORMAT_VERSION, MANIFEST_FILE
 
 
@@ -40,20 +40,8 @@ class Manifest:
         return sum(s.images for s in self.shards)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
-    path = Path(out_dir) / MANIFEST_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(out_dir) / MANIFEST_FILE, asdict(manifest), sort_keys=True)
 
 
 def read_manifest(out_dir: str | os.PathLike) -> Manifest:

@@ -19,9 +19,10 @@ from pathlib import Path
 import pyarrow as pa
 import webdataset as wds
 
+from placeforge.fileio import file_sha256
 from placeforge.imaging import DecodeError, reencode_jpeg
 from shards.layout import FORMAT_VERSION, IMAGE_META_FIELDS, image_member, shard_name
-from shards.manifest import ShardRecord, file_sha256
+from shards.manifest import ShardRecord
 
 FIXED_MTIME = 0.0  # reproducible tars: identical inputs give byte-identical shards
 

@@ -36,14 +36,10 @@ from typing import Iterator, Sequence
 
 import psutil
 
+from placeforge.raysession import free_port
+
 BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:

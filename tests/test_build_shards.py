@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 import tarfile
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
 from pipelines.build_shards import main
-from tests.conftest import jpeg_bytes
+from placeforge.fileio import file_sha256
 from shards.build import BuildConfig, _claim_out_dir, _fingerprint, build, build_one_shard
 from shards.layout import WORK_SUBDIR
-from shards.manifest import file_sha256, read_manifest
+from shards.manifest import read_manifest
 from shards.plan import plan_shards
+from tests.conftest import jpeg_bytes
 
 pytestmark = pytest.mark.ray
 
@@ -86,9 +87,9 @@ def test_interrupted_build_resumes_and_matches_a_clean_build(local_ray, at_datas
     # Reproduce the state a killed build leaves: plan written, one shard finished, one
     # shard's temporary file half-written, no manifest.
     out = tmp_path / "resumed"
-    from shards.build import _ingest
+    from placeforge.fileio import write_parquet_atomic
     from placeforge.places import assign_places
-    from placeforge.catalog import write_parquet_atomic
+    from shards.build import _ingest
 
     catalog, _, _ = _ingest([("atname", at_dataset["root"])])
     kept, _ = assign_places(catalog, cfg.place_config())
@@ -221,3 +222,4 @@ def test_reader_splits_real_shards_by_rank_and_loader_worker(local_ray, at_datas
         seen.append([s.key for s in loader])
     assert sorted(seen[0] + seen[1]) == sorted(everything)  # each sample once, across ranks and workers
     assert not set(seen[0]) & set(seen[1])
+

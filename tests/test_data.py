@@ -314,8 +314,8 @@ def test_fused_colour_jitter_equals_the_three_steps_one_by_one():
 
 
 def test_loader_batches_are_uint8_and_model_input_normalises_like_evaluation():
+    from models.encoders import imagenet_normalize, to_unit_tensor
     from trainer.augment import model_input
-    from trainer.encoders import imagenet_normalize, to_unit_tensor
 
     pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)  # [B, H, W, 3]
     batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # what decode_augment returns

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clustering.labels import latest_version, read_labels
-from placeforge.cli import demo, main
+from pipelines.cli import demo, main
 from shards.manifest import read_manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

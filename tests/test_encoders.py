@@ -13,14 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import jpeg_bytes
-from trainer.checkpoint import (
+from models.checkpoint import (
     CheckpointError,
     inspect_model_checkpoint,
     load_model_checkpoint,
     save_model_checkpoint,
 )
-from trainer.encoders import (
+from models.encoders import (
     ENCODERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,6 +28,7 @@ from trainer.encoders import (
     encoder_spec,
     preprocess,
 )
+from tests.conftest import jpeg_bytes
 
 
 def images(batch: int = 2, size: int = 112, seed: int = 0) -> torch.Tensor:
@@ -168,9 +168,9 @@ def test_preprocess_shapes_crop_and_normalisation():
 
 
 def test_pair_classifier_travels_with_the_model_and_scores_identically(tmp_path):
-    from trainer.checkpoint import load_pair_classifier
-    from trainer.decoder import SiameseMIMDecoder, decoder_config
-    from trainer.heads import PairClassifier
+    from models.checkpoint import load_pair_classifier
+    from models.decoder import SiameseMIMDecoder, decoder_config
+    from models.heads import PairClassifier
 
     torch.manual_seed(3)
     cfg = EncoderConfig(descriptor_dim=16, image_size=56)

@@ -15,8 +15,8 @@ from evaluation.dense_store import DONE, FAILED, FeatureStore, StoreKey
 from evaluation.recall import correct_matrix, first_correct, positives_within, recall_at, recall_curve
 from evaluation.rerank import pair_scores, rerank_order
 from evaluation.search import exact_search
-from trainer.decoder import SiameseMIMDecoder, decoder_config
-from trainer.heads import PairClassifier
+from models.decoder import SiameseMIMDecoder, decoder_config
+from models.heads import PairClassifier
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

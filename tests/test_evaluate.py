@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from evaluation.testset import read_split
+from models.checkpoint import save_model_checkpoint
+from models.decoder import SiameseMIMDecoder, decoder_config
+from models.encoders import EncoderConfig, build_model
+from models.heads import PairClassifier
 from pipelines.evaluate import main
 from placeforge.synth import generate
 from placeforge.synth.synth_config import SynthConfig
 from tests.test_eval_core import plain_recall
-from trainer.checkpoint import save_model_checkpoint
-from trainer.decoder import SiameseMIMDecoder, decoder_config
-from trainer.encoders import EncoderConfig, build_model
-from trainer.heads import PairClassifier
 
 pytestmark = [pytest.mark.ray]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.decoder import (
+from models.decoder import (
     SiameseMIM,
     SiameseMIMDecoder,
     decoder_config,
@@ -20,8 +20,8 @@ from trainer.decoder import (
     patchify,
     random_patch_mask,
 )
-from trainer.encoders import EncoderConfig, build_model, encoder_spec
-from trainer.heads import CosFaceClassifier, PairClassifier
+from models.encoders import EncoderConfig, build_model, encoder_spec
+from models.heads import CosFaceClassifier, PairClassifier
 from trainer.losses import (
     hardest_pairs,
     masked_patch_mse,
@@ -398,8 +398,8 @@ def test_pair_bce_reaches_the_encoder_only_when_asked(pair_trains_encoder):
 def test_a_batch_without_positives_still_reaches_every_parameter():
     """View-class positives can leave a P x K batch with no anchor that has a positive; the
     step must still run one graph over every parameter (ranks must agree) and add no pair loss."""
-    from trainer.engine import finetune_step
     from trainer.data import GroupBatch
+    from trainer.engine import finetune_step
     from trainer.train_config import TrainConfig
     from trainer.train_models import build_finetune_model
 

@@ -135,9 +135,9 @@ def test_task_resources_keep_shard_tasks_on_the_nodes_that_offer_them(cluster, s
 
 def test_recluster_across_two_nodes_writes_versions_covering_every_image(cluster, shard_set, tmp_path):
     from clustering.labels import latest_version, read_labels
+    from models.checkpoint import save_model_checkpoint
+    from models.encoders import EncoderConfig, build_model
     from pipelines.recluster import main as recluster_main
-    from trainer.checkpoint import save_model_checkpoint
-    from trainer.encoders import EncoderConfig, build_model
 
     shards, labels = str(shard_set["out"]), str(tmp_path / "labels")
     index_ids = sorted(pq.read_table(shard_set["out"] / "index.parquet").column("image_id").to_pylist())
@@ -160,10 +160,10 @@ def test_relabel_watch_as_a_submitted_ray_job(cluster, shard_set, tmp_path):
     import shutil
 
     from clustering.labels import latest_version, read_labels, read_manifest
+    from models.checkpoint import save_model_checkpoint
+    from models.encoders import EncoderConfig, build_model
     from pipelines.recluster import main as recluster_main
-    from shards.manifest import file_sha256
-    from trainer.checkpoint import save_model_checkpoint
-    from trainer.encoders import EncoderConfig, build_model
+    from placeforge.fileio import file_sha256
 
     shards, labels = str(shard_set["out"]), tmp_path / "labels"
     assert recluster_main(["--shards", shards, "--labels", str(labels), "--n-init", "2", "--niter", "5",

@@ -5,12 +5,12 @@ import pyarrow as pa
 import pytest
 
 from placeforge.catalog import catalog_table, image_id_for
-from placeforge.geo import latlon_to_utm, utm_to_latlon
-from placeforge.places import PlaceConfig, assign_places, cell_indices, geo_place_keys, heading_sector
+from placeforge.geo import cell_col_row, latlon_to_utm, utm_to_latlon
+from placeforge.places import PlaceConfig, assign_places, geo_place_keys, heading_sector
 
 
 def test_cell_indices_floor_negative_and_boundaries():
-    col, row = cell_indices(np.array([0.0, 14.99, 15.0, -0.1]), np.array([29.9, 30.0, 0.0, -15.0]), 15.0)
+    col, row = cell_col_row(np.array([0.0, 14.99, 15.0, -0.1]), np.array([29.9, 30.0, 0.0, -15.0]), 15.0)
     assert col.tolist() == [0, 0, 1, -1]
     assert row.tolist() == [1, 2, 0, -1]
 

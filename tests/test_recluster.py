@@ -22,11 +22,11 @@ from clustering.labels import latest_version, read_labels, read_manifest
 from clustering.matching import PreviousLabels, relabel
 from clustering.plots import pick_plot_cells, project_2d
 from clustering.stages import UNKNOWN_CELL, CellLookup, add_cells, cluster_partition, images_of_shard
+from models.checkpoint import save_model_checkpoint
+from models.encoders import EncoderConfig, build_model
+from placeforge.fileio import file_sha256
 from shards.index import read_index
-from shards.manifest import file_sha256
 from shards.reader import ShardSet
-from trainer.checkpoint import save_model_checkpoint
-from trainer.encoders import EncoderConfig, build_model
 
 # --- stages and helpers, no Ray ----------------------------------------------------------
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from clustering.labels import label_table, latest_version, read_manifest, write_label_set
+from models.checkpoint import save_model_checkpoint
+from models.encoders import EncoderConfig, build_model
 from pipelines import relabel
 from pipelines.relabel import checkpoint_epoch, main, newest_checkpoint, version_made_from
-from shards.manifest import file_sha256
-from trainer.checkpoint import save_model_checkpoint
-from trainer.encoders import EncoderConfig, build_model
+from placeforge.fileio import file_sha256
 
 # --- pure ----------------------------------------------------------------------------------
 

@@ -242,3 +242,4 @@ def test_name_helpers() -> None:
     assert name.split("@")[1:5] == ["551234.50", "4181000.25", "10", "S"] and name.endswith("@night-fog@.jpg")
     with pytest.raises(ValueError):
         at_name(0, 0, 10, "S", 0, 0, "a@b", 0, 0, 0, 0, "", "")
+

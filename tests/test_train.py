@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,9 @@ import pytest
 import torch
 
 from clustering.labels import label_table, write_label_set
-from tests.shardsets import write_shard_set
+from placeforge.raysession import free_port
 from tests.conftest import REPO, jpeg_bytes
+from tests.shardsets import write_shard_set
 from trainer.engine import build_optimizer, grow_cosface
 from trainer.train_config import TrainConfig, deepspeed_config
 
@@ -59,12 +59,6 @@ def data(tmp_path_factory):
     ids = write_shards(root / "shards", [[(s * 6 + p, 4) for p in range(6)] for s in range(4)])  # 24 places x 4
     classes = write_v0_labels(root / "labels", ids)
     return {"root": root, "shards": root / "shards", "labels": root / "labels", "classes": classes}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], rank: int = 0, world_size: int = 1, port: int | None = None) -> subprocess.Popen:
@@ -124,7 +118,7 @@ def test_pretrain_loss_goes_down_and_outputs_are_written(data, tmp_path):
     assert json.loads((out / "train_config.json").read_text())["stage"] == "pretrain"
     ds = json.loads((out / "deepspeed_config.json").read_text())
     assert ds["train_micro_batch_size_per_gpu"] == 4 and "optimizer" not in ds and ds["bf16"]["enabled"] is False
-    from trainer.checkpoint import load_model_checkpoint
+    from models.checkpoint import load_model_checkpoint
 
     model, cfg = load_model_checkpoint(out / "export" / "model_epoch0002.pt")
     assert cfg.descriptor_dim == 32 and model(torch.zeros(1, 3, 56, 56)).shape == (1, 32)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.encoders import IMAGENET_MEAN, IMAGENET_STD
+from models.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.decoder import patchify, random_patch_mask
+from models.heads import CosFaceClassifier
 from trainer.augment import model_input
 from trainer.data import GroupBatch, PairBatch
-from trainer.decoder import patchify, random_patch_mask
-from trainer.heads import CosFaceClassifier
 from trainer.losses import masked_patch_mse, multi_similarity_loss, pair_bce_loss, positive_keys
 from trainer.schedules import layer_decay_groups
 from trainer.train_config import TrainConfig

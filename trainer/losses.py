@@ -24,7 +24,7 @@ def masked_patch_mse(pred: torch.Tensor, target_patches: torch.Tensor, mask: tor
 
     Args:
         pred: [B, N, K] predicted pixel values per patch (K = p * p * 3).
-        target_patches: [B, N, K] true values (trainer.decoder.patchify).
+        target_patches: [B, N, K] true values (models.decoder.patchify).
         mask: [B, N] bool, True where the patch was masked.
     Returns:
         scalar: the per-patch mean squared error averaged over masked patches.

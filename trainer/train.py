@@ -8,7 +8,7 @@ Outputs in --out: train_config.json (resolved), deepspeed_config.json (generated
 metrics.jsonl (rank 0; one line per step), checkpoints/<tag>/ (DeepSpeed states +
 train_state.json; `--resume` continues from checkpoints/latest, mid-epoch exactly: the
 epoch's loader is rebuilt and its consumed batches are skipped), export/model_epochNNNN.pt
-(trainer.checkpoint global-descriptor model, for pipelines/recluster.py and evaluation)
+(models.checkpoint global-descriptor model, for pipelines/recluster.py and evaluation)
 and, in stage 1, export/mim_epochNNNN.pt (stage 2's --init-from).
 
 Stage 2 with --recluster-every-epochs N: after every N-th epoch rank 0 runs a clustering
@@ -26,27 +26,33 @@ import dataclasses
 import datetime
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    # Run as a script (the `deepspeed` launcher does): import this checkout's packages.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as torch_dist
 
-import torch  # noqa: E402
-import torch.distributed as torch_dist  # noqa: E402
-
-from placeforge.config import add_config_arguments, config_from_args, save_config, to_dict  # noqa: E402
-from trainer.data import BatchGeometry, make_loader  # noqa: E402
-from trainer.engine import build_optimizer, finetune_step, grow_cosface, pretrain_step, step_generator  # noqa: E402
-from trainer.schedules import base_lr_for_batch, cosine_with_warmup, set_optimizer_values  # noqa: E402
-from trainer.schedules import weight_decay_schedule  # noqa: E402
-from trainer.train_config import TrainConfig, deepspeed_config  # noqa: E402
-from trainer.train_models import build_finetune_model, build_pretrain_model, global_model_of, save_mim  # noqa: E402
-from trainer.train_state import (  # noqa: E402
-    DistState, TrainState, config_changes, read_latest, restore_rng_states, rng_states, write_state,
+from placeforge.config import add_config_arguments, config_from_args, save_config, to_dict
+from placeforge.raysession import free_port
+from trainer.data import BatchGeometry, make_loader
+from trainer.engine import build_optimizer, finetune_step, grow_cosface, pretrain_step, step_generator
+from trainer.schedules import (
+    base_lr_for_batch,
+    cosine_with_warmup,
+    set_optimizer_values,
+    weight_decay_schedule,
+)
+from trainer.train_config import TrainConfig, deepspeed_config
+from trainer.train_models import build_finetune_model, build_pretrain_model, global_model_of, save_mim
+from trainer.train_state import (
+    DistState,
+    TrainState,
+    config_changes,
+    read_latest,
+    restore_rng_states,
+    rng_states,
+    write_state,
 )
 
 
@@ -62,12 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # launcher
     add_config_arguments(parser, TrainConfig)
     return parser
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def planned_steps(cfg: TrainConfig, dist: DistState, epoch: int, label_version: int | None) -> int:
@@ -144,7 +144,7 @@ class Run:
 
     def export(self, epoch: int) -> Path:
         """The epoch's global-descriptor model (and stage-1 MIM weights); returns the model path."""
-        from trainer.checkpoint import save_model_checkpoint
+        from models.checkpoint import save_model_checkpoint
 
         path = self.out / "export" / f"model_epoch{epoch:04d}.pt"
         with self.gathered():

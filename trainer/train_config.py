@@ -16,10 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trainer.decoder import DECODERS
-from trainer.encoders import ENCODERS, EncoderConfig
-
-STAGES = ("pretrain", "finetune")
+from models.decoder import DECODERS
+from models.encoders import ENCODERS, EncoderConfig
 
 
 @dataclass(frozen=True)
@@ -121,7 +119,7 @@ class TrainConfig:
             raise ValueError("stage finetune needs labels (a label-set folder, --labels)")
 
     def encoder_config(self) -> EncoderConfig:
-        """The global-descriptor architecture (what trainer.checkpoint exports record)."""
+        """The global-descriptor architecture (what models.checkpoint exports record)."""
         return EncoderConfig(self.encoder, self.image_size, self.descriptor_dim, self.pooling, self.encoder_weights)
 
     def images_per_rank_step(self) -> int:

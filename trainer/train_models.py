@@ -4,7 +4,7 @@
     save_mim(mim, cfg, "out/export/mim_epoch0009.pt")      # what stage 2's init_from reads
     model = build_finetune_model(cfg, num_classes)         # stage 2: FinetuneModel, stage-1 weights loaded
 
-Stage-1 exports are plain tensors (`torch.load(weights_only=True)`), like trainer.checkpoint.
+Stage-1 exports are plain tensors (`torch.load(weights_only=True)`), like models.checkpoint.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from trainer.decoder import SiameseMIM, SiameseMIMDecoder, decoder_config, patch_grid
-from trainer.encoders import GlobalDescriptorModel, build_model
-from trainer.heads import CosFaceClassifier, PairClassifier
+from models.decoder import SiameseMIM, SiameseMIMDecoder, decoder_config, patch_grid
+from models.encoders import GlobalDescriptorModel, build_model
+from models.heads import CosFaceClassifier, PairClassifier
+from placeforge.fileio import atomic_write
 from trainer.losses import hardest_pairs
 from trainer.train_config import TrainConfig
 
@@ -126,14 +127,9 @@ def global_model_of(model: nn.Module, cfg: TrainConfig) -> GlobalDescriptorModel
 
 def save_mim(mim: SiameseMIM, cfg: TrainConfig, path: str | os.PathLike) -> Path:
     """Write stage-1 weights (encoder.*, decoder.*) with their presets, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     content = {"format": 1, "kind": MIM_KIND, "encoder": cfg.encoder, "decoder": cfg.decoder,
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in mim.state_dict().items()}}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(content, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(content, tmp))
 
 
 def load_mim(mim: SiameseMIM, path: str | os.PathLike) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from placeforge.fileio import write_json_atomic, write_text_atomic
+
 STATE_FILE = "train_state.json"
 LATEST_FILE = "latest"
 
@@ -74,9 +76,9 @@ def restore_rng_states(states: dict | None) -> None:
 def write_state(checkpoint_dir: Path, tag: str, state: TrainState, mark_latest: bool) -> None:
     """Rank 0, after `engine.save_checkpoint`: train_state.json, then (optionally) `latest`."""
     folder = checkpoint_dir / tag
-    _write_atomic(folder / STATE_FILE, json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
+    write_json_atomic(folder / STATE_FILE, asdict(state), sort_keys=True)
     if mark_latest:
-        _write_atomic(checkpoint_dir / LATEST_FILE, tag + "\n")
+        write_text_atomic(checkpoint_dir / LATEST_FILE, tag + "\n")
 
 
 # Fields a resume may change: where things are, and how the work is spread, not what is learnt.
@@ -102,8 +104,4 @@ def read_latest(checkpoint_dir: Path) -> tuple[str, TrainState] | None:
     return tag, TrainState(**json.loads(path.read_text()))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from placeforge.config import to_dict
+from placeforge.fileio import write_bytes_atomic
 from placeforge.synth.camera import Camera
 from placeforge.synth.conditions import sample_appearance
 from placeforge.synth.naming import GSV_CSV_HEADER, at_name, gsv_name, make_origin, northdeg, short_id, to_global
@@ -130,7 +131,7 @@ class ShotRenderer:
         shot, relpath = job
         buffer = io.BytesIO()
         Image.fromarray(self.render(shot)).save(buffer, format="JPEG", quality=self.cfg.jpeg_quality)
-        write_atomic(self.out_dir / relpath, buffer.getvalue())
+        write_bytes_atomic(self.out_dir / relpath, buffer.getvalue())
         return relpath
 
 
@@ -166,13 +167,6 @@ def _keep_freed_memory() -> None:
 def _render_in_worker(job: tuple[Shot, str]) -> str:
     assert _WORKER is not None, "pool worker used before its initializer ran"
     return _WORKER(job)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes under a temporary name in the same folder, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def read_manifest(out_dir: Path) -> dict | None:
@@ -260,10 +254,10 @@ def generate(out_dir: Path, cfg: SynthConfig, *, overwrite: bool = False, progre
 
     layout = plan_dataset(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / PARTIAL_NAME, json.dumps({"format_version": FORMAT_VERSION, "config": manifest_config(cfg)}).encode())
+    write_bytes_atomic(out_dir / PARTIAL_NAME, json.dumps({"format_version": FORMAT_VERSION, "config": manifest_config(cfg)}).encode())
     for rel in {str(Path(rel).parent) for _, rel in layout.jobs} | {str(Path(layout.gsv_csv_relpath).parent)}:
         (out_dir / rel).mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / layout.gsv_csv_relpath, layout.gsv_csv_text.encode())
+    write_bytes_atomic(out_dir / layout.gsv_csv_relpath, layout.gsv_csv_text.encode())
     todo = [job for job in layout.jobs if not (out_dir / job[1]).exists()]
     render_all(todo, cfg, out_dir, progress)
     missing = [rel for _, rel in layout.jobs if not (out_dir / rel).exists()]
@@ -283,7 +277,7 @@ def generate(out_dir: Path, cfg: SynthConfig, *, overwrite: bool = False, progre
             f"and gsv_cities/Images/{cfg.gsv_city}/<City>_<place_id:07d>_<year>_<month:02d>_<northdeg:03d>_<lat>_<lon>_<panoid>.jpg",
         },
     }
-    write_atomic(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
     return {
         "status": "resumed" if state == "resume" else "written",

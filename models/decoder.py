@@ -14,7 +14,7 @@ decoder runs at 224 px in stage 1 and 322 px in stage 2), then runs blocks of
 self-attention over image 1, cross-attention to image 2 and an MLP (pre-norm, as CroCo,
 on which Pair-VPR builds).  A linear head predicts each patch's pixels.  The encoder's
 class token is dropped before the decoder: the decoder works on patch tokens only, and
-stage 2's pair classifier (trainer.heads) prepends its own class token.
+stage 2's pair classifier (models.heads) prepends its own class token.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ class SiameseMIM(nn.Module):
     """Stage-1 model: a shared ViT encoder for both images and the Siamese MIM decoder.
 
     Args:
-        encoder: timm VisionTransformer with one class token (trainer.encoders presets).
+        encoder: timm VisionTransformer with one class token (models.encoders presets).
         decoder: a SiameseMIMDecoder built for this encoder's width and patch size.
     """
 

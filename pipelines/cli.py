@@ -112,9 +112,9 @@ def evaluate_demo(out: Path, trained: Path, num_cpus: int | None) -> int:
     """Evaluate the untrained encoder and the trained model on the city's test split; print both."""
     from evaluation.job import EvalConfig, EvaluationError, evaluate
     from evaluation.testset import read_split
+    from models.checkpoint import save_model_checkpoint
+    from models.encoders import build_model
     from placeforge.config import from_mapping, load_file
-    from trainer.checkpoint import save_model_checkpoint
-    from trainer.encoders import build_model
     from trainer.train_config import TrainConfig
 
     recipe = from_mapping(TrainConfig, load_file(CONFIGS / "demo_finetune.yaml"), where="demo_finetune.yaml")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.decoder import SiameseMIMDecoder, sincos_2d_positions
+from models.decoder import SiameseMIMDecoder, sincos_2d_positions
 
 
 class PairClassifier(nn.Module):

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from models.decoder import SiameseMIMDecoder, decoder_config
+from models.encoders import EncoderConfig, GlobalDescriptorModel, build_model, encoder_spec
+from models.heads import PairClassifier
 from placeforge.config import ConfigError, from_mapping
-from trainer.decoder import SiameseMIMDecoder, decoder_config
-from trainer.encoders import EncoderConfig, GlobalDescriptorModel, build_model, encoder_spec
-from trainer.heads import PairClassifier
+from placeforge.fileio import atomic_write
 
 CHECKPOINT_FORMAT = 1
 KIND = "global_descriptor"
@@ -64,14 +65,7 @@ def save_model_checkpoint(model: GlobalDescriptorModel, cfg: EncoderConfig, path
             "decoder": decoder, "hidden_dim": pair.mlp[0].out_features,
             "state_dict": {name: _float32_copy(t) for name, t in pair.state_dict().items()},
         }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(content, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(content, tmp))
 
 
 def _float32_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -162,7 +162,7 @@ def build_model(cfg: EncoderConfig, load_encoder_weights: bool = True) -> Global
     """The model `cfg` describes; encoder weights from `cfg.checkpoint` when given and asked for.
 
     `load_encoder_weights=False` gives the bare architecture, e.g. to load a full model
-    checkpoint into (trainer.checkpoint), where the starting weights do not matter.
+    checkpoint into (models.checkpoint), where the starting weights do not matter.
     """
     cfg.validate()
     encoder = encoder_spec(cfg.name).build(cfg.image_size)

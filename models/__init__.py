@@ -1,0 +1,6 @@
+"""Model code shared by training, clustering and evaluation.
+
+encoders (timm ViT presets, the global-descriptor model, preprocessing), the Siamese MIM
+decoder, the heads (pair classifier, CosFace) and the model-checkpoint contract. It
+imports only the core (`placeforge`) and never a stage above it.
+"""

@@ -1,0 +1,87 @@
+"""The one Ray Data embedding actor: a model per actor, descriptors (and tokens) per batch.
+
+    {"<id column>": [B], "jpeg": [B] bytes | "path": [B] str}
+        --Embedder--> {"<id column>": [B] int64, "ok": [B] bool,
+                       "descriptor": [B, D] float16, "tokens": [B, N, C] float16 (keep_tokens)}
+
+Reclustering feeds encoded images read from the shards ("jpeg"); evaluation feeds file
+paths ("path"), which the actor reads itself (on a cluster the files must be on storage
+every node sees).  An image that cannot be read or decoded gives a row with ok=False (its
+descriptor is that of a black image), never a failed job.  The actor runs on a GPU when it
+has one (bf16 autocast), else on its CPUs.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+class Embedder:
+    """map_batches callable class: loads the checkpoint once per actor, embeds batches.
+
+    Args:
+        checkpoint: a model checkpoint (`models.checkpoint`).
+        id_column: the column passed through to identify each row ("image_id", "row").
+        keep_tokens: also return the encoder's patch tokens (the re-ranking input).
+    """
+
+    def __init__(self, checkpoint: str, id_column: str = "image_id", keep_tokens: bool = False) -> None:
+        import torch
+
+        from models.checkpoint import load_model_checkpoint
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, cfg = load_model_checkpoint(checkpoint, self.device)
+        self.image_size = cfg.image_size
+        self.id_column = id_column
+        self.keep_tokens = keep_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        blobs = list(batch["jpeg"]) if "jpeg" in batch else [_read_file(str(p)) for p in batch["path"]]
+        images, ok = decode_batch(blobs, self.image_size)
+        images = images.to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+            tokens = self.model.forward_features(images)  # [B, P + N, C], P prefix tokens
+            descriptors = self.model.pool(tokens)  # [B, D], unit length: float16 loses nothing that matters
+        out = {self.id_column: np.asarray(batch[self.id_column], dtype=np.int64), "ok": ok,
+               "descriptor": descriptors.float().cpu().numpy().astype(np.float16)}
+        if self.keep_tokens:
+            patches = tokens[:, self.model.encoder.num_prefix_tokens:]  # [B, N, C]
+            out["tokens"] = patches.float().cpu().numpy().astype(np.float16)
+        return out
+
+
+def decode_batch(blobs: list[bytes | None], image_size: int):
+    """Decode, resize the short side to S, centre crop, ImageNet-normalise, tolerating bad images.
+
+    Returns:
+        ([B, 3, S, S] float32 tensor, [B] bool ok); a blob that is None or does not decode
+        becomes a black image with ok False.
+    """
+    from PIL import Image
+
+    from models.encoders import imagenet_normalize, resize_and_crop, to_unit_tensor
+
+    pixels = np.zeros((len(blobs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
+    ok = np.ones(len(blobs), dtype=bool)
+    for i, blob in enumerate(blobs):
+        try:
+            if blob is None:
+                raise ValueError("unreadable file")
+            with Image.open(io.BytesIO(blob)) as image:
+                pixels[i] = resize_and_crop(image, image_size)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            ok[i] = False
+    return imagenet_normalize(to_unit_tensor(pixels)), ok
+
+
+def _read_file(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None

@@ -1,0 +1,79 @@
+"""File I/O chores with one home: atomic writes, temporary names and checksums.
+
+Every file placeforge writes goes through `atomic_write` (or is a folder renamed into place
+with a name from `temp_path`): it is written under a hidden temporary name in the target's
+folder and renamed over the target, so a reader sees the old file or the new one, never
+half of one.  Temporary names carry the host, the process and a random part, so two
+writers on different hosts of a shared file system never pick the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_MARK = ".tmp-"  # every temporary name is ".<final name>.tmp-<host>-<pid>-<random>"
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A hidden temporary name beside `path`, unique across hosts and processes."""
+    path = Path(path)
+    host = socket.gethostname().split(".")[0] or "host"
+    return path.with_name(f".{path.name}{TMP_MARK}{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for a name `temp_path` made (a write in progress, or left by a killed one)."""
+    return name.startswith(".") and TMP_MARK in name
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp)` to fill a temporary file, then rename it over `path`.
+
+    The parent folder is created when missing; on any failure the temporary file is removed
+    and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there when `write` or the rename failed
+    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, content: Any, sort_keys: bool = False) -> Path:
+    """Write `content` as indented JSON with a final newline, atomically."""
+    return write_text_atomic(path, json.dumps(content, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write `table` (zstd-compressed Parquet) atomically."""
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (files of any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
