@@ -44,7 +44,7 @@ from clustering.plots import pick_plot_cells, write_cell_plot
 from clustering.stages import UNKNOWN_CELL, CellLookup, images_of_shard
 from placeforge.catalog import read_catalog
 from placeforge.config import to_dict
-from placeforge.fileio import file_sha256
+from placeforge.fileio import OutputLockedError, file_sha256, output_lock
 from placeforge.raysession import quiet_data_context, ray_session
 from shards.index import read_index
 from shards.layout import CATALOG_FILE, INDEX_FILE, SHARD_SUBDIR, shard_name
@@ -138,6 +138,18 @@ def recluster(
     started = time.perf_counter()
     shard_set = ShardSet.open(shards_dir)
     labels_dir = Path(labels_dir).resolve()
+    try:
+        with output_lock(labels_dir, "recluster"):
+            return _recluster_locked(started, shard_set, labels_dir, cfg, checkpoint, keep_descriptors, force,
+                                     ray_address, num_cpus, actor_resources)
+    except OutputLockedError as err:
+        raise ReclusterError(str(err)) from None
+
+
+def _recluster_locked(started: float, shard_set: ShardSet, labels_dir: Path, cfg: ReclusterConfig,
+                      checkpoint: str | os.PathLike | None, keep_descriptors: bool, force: bool,
+                      ray_address: str | None, num_cpus: int | None,
+                      actor_resources: dict[str, float] | None) -> ReclusterSummary:
     images = load_image_cells(shard_set, cfg)
     previous, latest = _previous_version(labels_dir, cfg)
     version = next_version(labels_dir)

@@ -5,17 +5,21 @@ with a name from `temp_path`): it is written under a hidden temporary name in th
 folder and renamed over the target, so a reader sees the old file or the new one, never
 half of one.  Temporary names carry the host, the process and a random part, so two
 writers on different hosts of a shared file system never pick the same name.
+`output_lock` makes a job the only writer of its output folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,3 +81,46 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+LOCK_FILE = ".placeforge.lock"
+
+
+class OutputLockedError(RuntimeError):
+    """Another process is writing the same output folder; the message names it."""
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, job: str) -> Iterator[None]:
+    """Hold FOLDER/.placeforge.lock while a job writes FOLDER: one writer per output.
+
+    The lock is an advisory `flock`: the kernel (or the NFS server, which maps it to a
+    POSIX lock) releases it when its process ends in any way, so a lock left by a killed
+    run is never stale.  The file names its holder (job, host, pid, start time), which a
+    second run quotes when it refuses.
+
+    Raises:
+        OutputLockedError: another process holds the lock.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise OutputLockedError(
+                f"{folder} is being written by {holder}; wait for it to finish or choose another output folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        handle.write(f"{job} (host {socket.gethostname()}, pid {os.getpid()}, since {started})\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)

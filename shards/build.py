@@ -12,7 +12,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,15 @@ import pyarrow.parquet as pq
 
 from placeforge.catalog import CATALOG_SCHEMA, REJECTS_SCHEMA, concat, rejects_table
 from placeforge.config import to_dict
-from placeforge.fileio import write_json_atomic, write_parquet_atomic
+from placeforge.fileio import (
+    LOCK_FILE,
+    OutputLockedError,
+    is_temp_name,
+    output_lock,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 from placeforge.places import PlaceConfig, assign_places
 from placeforge.raysession import quiet_data_context, ray_session
 from shards.index import INDEX_SCHEMA, write_index
@@ -119,21 +126,28 @@ def build(
     plan = plan_shards(kept, cfg.max_images_per_sample, cfg.images_per_shard, cfg.min_shards, cfg.seed)
     fingerprint = _fingerprint(cfg, sources, plan)
 
-    if _claim_out_dir(out, fingerprint, overwrite):
-        return BuildSummary(out, read_manifest(out), 0, time.perf_counter() - started, skipped=True)
-    work = out / WORK_SUBDIR
-    if not (work / "fingerprint").is_file():
-        # Sorted by shard, so each task's filtered read touches one or two row groups.
-        write_parquet_atomic(plan, work / "plan.parquet")
-        (work / "fingerprint").write_text(fingerprint + "\n")
-    num_shards = int(pc.max(plan.column("shard_index")).as_py()) + 1
-    done = {i for i in range(num_shards) if _shard_done(out, i)}
-    todo = [i for i in range(num_shards) if i not in done]
-    print(f"{inputs} inputs, {plan.num_rows} images planned into {num_shards} shards; {len(todo)} to build")
-    if todo:
-        _run_shard_tasks(out, todo, cfg, ray_address, num_cpus, task_resources)
-    manifest = _assemble(out, plan, rejects, inputs, num_shards, cfg, sources, fingerprint)
-    shutil.rmtree(work)
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} exists and is not a folder")
+    try:
+        with output_lock(out, "build_shards"):
+            if _claim_out_dir(out, fingerprint, overwrite):
+                return BuildSummary(out, read_manifest(out), 0, time.perf_counter() - started, skipped=True)
+            work = out / WORK_SUBDIR
+            if not (work / FINGERPRINT_FILE).is_file():
+                # Sorted by shard, so each task's filtered read touches one or two row groups.
+                write_parquet_atomic(plan, work / PLAN_FILE)
+                write_text_atomic(work / FINGERPRINT_FILE, fingerprint + "\n")  # marks _work/ as this build's
+            num_shards = int(pc.max(plan.column("shard_index")).as_py()) + 1
+            done = {i for i in range(num_shards) if _shard_done(out, i)}
+            todo = [i for i in range(num_shards) if i not in done]
+            print(f"{inputs} inputs, {plan.num_rows} images planned into {num_shards} shards; {len(todo)} to build")
+            if todo:
+                _run_shard_tasks(out, todo, cfg, ray_address, num_cpus, task_resources)
+            manifest = _assemble(out, plan, rejects, inputs, num_shards, cfg, sources, fingerprint)
+            _remove_owned([*_work_files(work, range(num_shards)), *_temp_files(work)])
+            _remove_empty_dir(work)
+    except OutputLockedError as err:
+        raise BuildError(str(err)) from None
     return BuildSummary(out, manifest, len(done), time.perf_counter() - started)
 
 
@@ -187,41 +201,100 @@ def _fingerprint(cfg: BuildConfig, sources: list[tuple[str, Path]], plan: pa.Tab
     return digest.hexdigest()
 
 
-OWN_FILES = (CATALOG_FILE, REJECTS_FILE, INDEX_FILE, MANIFEST_FILE, SHARD_SUBDIR, WORK_SUBDIR)
+OWN_NAMES = (CATALOG_FILE, REJECTS_FILE, INDEX_FILE, MANIFEST_FILE, SHARD_SUBDIR, WORK_SUBDIR)
+FINGERPRINT_FILE = "fingerprint"  # in _work/: the record that an interrupted build there is placeforge's
+PLAN_FILE = "plan.parquet"
 
 
 def _claim_out_dir(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """Prepare `out` for this build; True if it already holds exactly this shard set."""
+    """Prepare `out` for this build; True if it already holds exactly this shard set.
+
+    Only files a build recorded as its own (the shard set's manifest.json, or an interrupted
+    build's _work/fingerprint and plan) are ever removed, and only with `overwrite`; an entry
+    named like a build output that no record covers is someone else's, and the build refuses.
+    """
     work = out / WORK_SUBDIR
     if (out / MANIFEST_FILE).is_file() and not overwrite:
-        if read_manifest(out).fingerprint == fingerprint:
+        if _read_own_manifest(out).fingerprint == fingerprint:
             return True
         raise BuildError(f"{out} holds a shard set built with another config or inputs; use --overwrite to replace it")
-    if (work / "fingerprint").is_file() and not overwrite:
-        if (work / "fingerprint").read_text().strip() != fingerprint:
+    if (work / FINGERPRINT_FILE).is_file() and not overwrite:
+        if (work / FINGERPRINT_FILE).read_text().strip() != fingerprint:
             raise BuildError(
                 f"{out} holds an interrupted build with another config or inputs; "
                 "re-run with its arguments to resume, or --overwrite to start again"
             )
         print(f"resuming the interrupted build in {out}")
-        for stale in [*(out / SHARD_SUBDIR).glob(".*.tmp-*"), *work.glob(".*.tmp-*")]:
-            stale.unlink()  # half-written files of the killed run; their shards are rebuilt
+        # Half-written files of the killed run (the lock says no other build is running); their shards are rebuilt.
+        _remove_owned([*_temp_files(out / SHARD_SUBDIR), *_temp_files(work)])
         return False
-    if out.exists():
-        if not out.is_dir():
-            raise BuildError(f"--out {out} exists and is not a folder")
-        foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES]
+    owned = _owned_files(out)
+    if owned is None:
+        taken = [name for name in OWN_NAMES if (out / name).exists() and not _is_empty_dir(out / name)]
+        if taken:
+            raise BuildError(
+                f"--out {out} holds {', '.join(taken)} that no placeforge build recorded (no manifest.json, no "
+                f"{WORK_SUBDIR}/{FINGERPRINT_FILE}); nothing was removed: choose another --out, or move them away"
+            )
+        foreign = [p.name for p in out.iterdir() if p.name not in (*OWN_NAMES, LOCK_FILE)] if out.is_dir() else []
         if foreign and not overwrite:
             raise BuildError(f"--out {out} is not empty and is not a shard set ({foreign[:3]}...); choose an empty folder")
-        for name in OWN_FILES:  # --overwrite removes only what a build writes, never foreign files
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    else:
+        _remove_owned(owned)  # --overwrite: exactly the files the old build recorded
+        for folder in (work, out / SHARD_SUBDIR):
+            _remove_empty_dir(folder)
     (out / SHARD_SUBDIR).mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     return False
+
+
+def _read_own_manifest(out: Path):
+    try:
+        return read_manifest(out)
+    except (ValueError, KeyError, TypeError) as err:
+        raise BuildError(f"{out / MANIFEST_FILE} is not a placeforge shard-set manifest ({err}); nothing was "
+                         "removed: choose another --out") from None
+
+
+def _owned_files(out: Path) -> list[Path] | None:
+    """Every file the build recorded in `out` wrote (existing or not), or None when no record is there."""
+    work = out / WORK_SUBDIR
+    if (out / MANIFEST_FILE).is_file():
+        manifest = _read_own_manifest(out)
+        shards = [out / SHARD_SUBDIR / Path(record.name).name for record in manifest.shards]
+        files = [out / CATALOG_FILE, out / REJECTS_FILE, out / INDEX_FILE, *shards, out / MANIFEST_FILE]
+    elif (work / FINGERPRINT_FILE).is_file() and (work / PLAN_FILE).is_file():
+        indices = pc.unique(pq.read_table(work / PLAN_FILE, columns=["shard_index"]).column("shard_index")).to_pylist()
+        files = [*(out / SHARD_SUBDIR / shard_name(i) for i in indices), *_work_files(work, indices)]
+    else:
+        return None
+    return [*files, *_temp_files(out), *_temp_files(out / SHARD_SUBDIR), *_temp_files(work)]
+
+
+def _work_files(work: Path, shard_indices) -> list[Path]:
+    """The files a build keeps in _work/: its plan and fingerprint, and three per finished shard."""
+    per_shard = [work / f"{shard_name(i)}.{suffix}" for i in shard_indices
+                 for suffix in ("record.json", "index.parquet", "rejects.parquet")]
+    return [*per_shard, work / PLAN_FILE, work / FINGERPRINT_FILE]
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.glob(".*") if is_temp_name(p.name) and p.is_file()] if folder.is_dir() else []
+
+
+def _remove_owned(files: list[Path]) -> None:
+    for path in files:
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def _remove_empty_dir(path: Path) -> None:
+    if _is_empty_dir(path):
+        path.rmdir()
 
 
 def _shard_done(out: Path, shard_index: int) -> bool:
@@ -239,7 +312,7 @@ def build_one_shard(row: dict, out_dir: str, short_side: int, jpeg_quality: int)
     shard_index = int(row["shard_index"])
     out = Path(out_dir)
     work = out / WORK_SUBDIR
-    plan = pq.read_table(work / "plan.parquet", filters=[("shard_index", "=", shard_index)])
+    plan = pq.read_table(work / PLAN_FILE, filters=[("shard_index", "=", shard_index)])
     result = write_shard(out / SHARD_SUBDIR, shard_index, plan, short_side, jpeg_quality)
     name = shard_name(shard_index)
     write_parquet_atomic(pa.Table.from_pylist(result.index_rows, schema=INDEX_SCHEMA), work / f"{name}.index.parquet")

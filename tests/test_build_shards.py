@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from collections import Counter
 
@@ -11,7 +12,7 @@ import pytest
 import webdataset as wds
 
 from pipelines.build_shards import main
-from placeforge.fileio import file_sha256
+from placeforge.fileio import LOCK_FILE, file_sha256, output_lock
 from shards.build import BuildConfig, _claim_out_dir, _fingerprint, build, build_one_shard
 from shards.layout import WORK_SUBDIR
 from shards.manifest import read_manifest
@@ -223,3 +224,39 @@ def test_reader_splits_real_shards_by_rank_and_loader_worker(local_ray, at_datas
     assert sorted(seen[0] + seen[1]) == sorted(everything)  # each sample once, across ranks and workers
     assert not set(seen[0]) & set(seen[1])
 
+
+def test_overwrite_refuses_build_names_that_no_build_recorded(at_dataset, tmp_path, capsys):
+    """--overwrite into shared storage: a shards/ or _work/ folder without a manifest is someone else's."""
+    out = tmp_path / "shared"
+    (out / "shards" / "sfxl").mkdir(parents=True)
+    (out / "shards" / "sfxl" / "shard-000000.tar").write_bytes(b"another team's shards")
+    (out / "_work").mkdir()
+    (out / "_work" / "notes.txt").write_text("mine")
+    (out / "catalog.parquet").write_bytes(b"not ours")
+    assert run(at_dataset["root"], out, "--overwrite") == 2
+    assert "nothing was removed" in capsys.readouterr().err
+    assert (out / "shards" / "sfxl" / "shard-000000.tar").read_bytes() == b"another team's shards"
+    assert (out / "_work" / "notes.txt").read_text() == "mine"
+    assert (out / "catalog.parquet").read_bytes() == b"not ours"
+
+
+def test_overwrite_removes_only_the_files_the_manifest_lists(local_ray, at_dataset, tmp_path):
+    out = tmp_path / "o"
+    assert run(at_dataset["root"], out) == 0
+    (out / "shards" / "README.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine")
+    assert run(at_dataset["root"], out, "--seed", "5", "--overwrite", "--min-shards", "3") == 0
+    assert (out / "shards" / "README.txt").read_text() == "mine" and (out / "notes.txt").read_text() == "mine"
+    manifest, _ = read_all(out)
+    assert manifest.config["seed"] == 5 and len(manifest.shards) >= 3
+    assert {p.name for p in (out / "shards").iterdir()} == {r.name for r in manifest.shards} | {"README.txt"}
+    assert not (out / "_work").exists()
+
+
+def test_a_second_build_into_the_same_out_is_refused_and_names_the_holder(at_dataset, tmp_path, capsys):
+    out = tmp_path / "o"
+    with output_lock(out, "build_shards"):
+        assert run(at_dataset["root"], out) == 2
+    err = capsys.readouterr().err
+    assert "is being written by build_shards (host" in err and f"pid {os.getpid()}" in err
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing else written

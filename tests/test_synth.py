@@ -23,7 +23,14 @@ from placeforge.synth import generate
 from placeforge.synth.__main__ import main
 from placeforge.synth.naming import GSV_CSV_HEADER, at_name, gsv_name, heading_text, short_id
 from placeforge.synth.synth_config import SynthConfig
-from placeforge.synth.write import FORMAT_VERSION, MANIFEST_NAME, PARTIAL_NAME, OutputDirError, manifest_config
+from placeforge.synth.write import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    PARTIAL_NAME,
+    OutputDirError,
+    manifest_config,
+    plan_dataset,
+)
 
 TINY = SynthConfig.tiny()
 # Smallest useful config, for tests that generate several times.
@@ -243,3 +250,25 @@ def test_name_helpers() -> None:
     with pytest.raises(ValueError):
         at_name(0, 0, 10, "S", 0, 0, "a@b", 0, 0, 0, 0, "", "")
 
+
+def test_overwrite_removes_only_the_files_of_the_recorded_dataset(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    generate(out, MICRO)
+    mine = out / "atname" / "train" / "my_photo.jpg"
+    mine.write_bytes(b"mine")
+    (out / "gsv_cities" / "notes").mkdir()
+    (out / "gsv_cities" / "notes" / "n.txt").write_text("mine")
+    other = dataclasses.replace(MICRO, seed=7, train_places=3)
+    generate(out, other, overwrite=True)
+    assert mine.read_bytes() == b"mine" and (out / "gsv_cities" / "notes" / "n.txt").read_text() == "mine"
+    expected = {out / rel for _, rel in plan_dataset(other).jobs} | {mine}
+    assert set(out.rglob("*.jpg")) == expected  # no image of the old dataset is left
+
+
+def test_overwrite_refuses_a_folder_no_manifest_records(tmp_path: Path) -> None:
+    real = tmp_path / "atname" / "train" / "@551000@4181000@10@S@@@@@@@@@@@.jpg"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"real data")
+    with pytest.raises(OutputDirError, match="nothing was removed"):
+        generate(tmp_path, MICRO, overwrite=True)
+    assert real.read_bytes() == b"real data"

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from clustering.labels import label_table, write_label_set
+from placeforge.fileio import output_lock
 from placeforge.raysession import free_port
 from tests.conftest import REPO, jpeg_bytes
 from tests.shardsets import write_shard_set
@@ -256,3 +257,14 @@ def test_resume_with_another_recipe_is_refused_and_the_run_folder_kept(data, tmp
     assert (out / "train_config.json").read_text() == saved  # the run's record is not overwritten
     train([*args, "--resume", "--num-workers", "1"])  # loader workers may change on resume
     assert (out / "export" / "model_epoch0001.pt").is_file()
+
+
+def test_a_second_run_into_the_same_out_is_refused_before_start_up(data, tmp_path, capsys):
+    from trainer.train import main
+
+    out = tmp_path / "busy"
+    with output_lock(out, "train"):
+        assert main(["--config", str(REPO / "configs" / "demo_pretrain.yaml"), "--shards", str(data["shards"]),
+                     "--out", str(out)]) == 2
+    assert "is being written by train (host" in capsys.readouterr().err
+    assert not (out / "train_config.json").exists()  # refused before anything was written

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as torch_dist
 
 from placeforge.config import add_config_arguments, config_from_args, save_config, to_dict
+from placeforge.fileio import OutputLockedError, output_lock
 from placeforge.raysession import free_port
 from trainer.data import BatchGeometry, make_loader
 from trainer.engine import build_optimizer, finetune_step, grow_cosface, pretrain_step, step_generator
@@ -245,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_main(args)
-    except (ValueError, FileNotFoundError) as err:  # bad config, inputs that do not fit: say so, no traceback
-        print(f"train: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, OutputLockedError) as err:  # bad config, inputs that do not fit,
+        print(f"train: error: {err}", file=sys.stderr)                  # a run already writing OUT: no traceback
         return 2
 
 
@@ -257,6 +258,13 @@ def run_main(args: argparse.Namespace) -> int:
         os.environ.setdefault(key, default)  # a bare single-process run: a world of one
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist = DistState.from_env(os.environ)
+    with contextlib.ExitStack() as held:
+        if dist.is_main:  # one run per OUT, checked before the minute of start-up below
+            held.enter_context(output_lock(cfg.out, "train"))
+        return _run_locked(args, cfg, dist)
+
+
+def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> int:
     if torch.cuda.is_available():
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)

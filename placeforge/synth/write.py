@@ -20,7 +20,6 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from placeforge.config import to_dict
-from placeforge.fileio import write_bytes_atomic
+from placeforge.config import from_mapping, to_dict
+from placeforge.fileio import is_temp_name, write_bytes_atomic
 from placeforge.synth.camera import Camera
 from placeforge.synth.conditions import sample_appearance
 from placeforge.synth.naming import GSV_CSV_HEADER, at_name, gsv_name, make_origin, northdeg, short_id, to_global
@@ -40,7 +39,7 @@ from placeforge.synth.synth_config import SynthConfig
 FORMAT_VERSION = 1
 MANIFEST_NAME = "synth_manifest.json"
 PARTIAL_NAME = ".synth_partial.json"
-OWNED = ("atname", "gsv_cities", MANIFEST_NAME, PARTIAL_NAME)  # all that `overwrite` may remove
+TOP_NAMES = ("atname", "gsv_cities", MANIFEST_NAME, PARTIAL_NAME)  # what a dataset puts at the top of DIR
 AT_DIRS = {"train": "atname/train", "test/database": "atname/test/database", "test/queries": "atname/test/queries"}
 
 
@@ -204,16 +203,63 @@ def check_out_dir(out_dir: Path, cfg: SynthConfig, overwrite: bool) -> str:
         else:
             why = "it is not empty and holds no complete synthetic dataset of this config"
         raise OutputDirError(
-            f"refusing to write into {out_dir}: {why}. Pass --overwrite to replace it "
-            f"(removes only {', '.join(OWNED)} there), or choose another --out."
+            f"refusing to write into {out_dir}: {why}. Pass --overwrite to replace it (removes only the "
+            f"files its {MANIFEST_NAME} lists), or choose another --out."
         )
-    for name in OWNED:
-        path = out_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+    _remove_recorded_dataset(out_dir)
     return "fresh"
+
+
+def _recorded_config(out_dir: Path) -> dict | None:
+    """The config of the dataset the manifest (or a partial run's record) in `out_dir` describes."""
+    for record in (read_manifest(out_dir), _read_json(out_dir / PARTIAL_NAME)):
+        if isinstance(record, dict) and record.get("format_version") == FORMAT_VERSION \
+                and isinstance(record.get("config"), dict):
+            return record["config"]
+    return None
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _remove_recorded_dataset(out_dir: Path) -> None:
+    """--overwrite: remove exactly the files the recorded dataset consists of, then its empty folders.
+
+    Anything else in `out_dir` (also inside atname/ or gsv_cities/) stays; without a record
+    of this generator, nothing is removed and the run refuses.
+    """
+    recorded = _recorded_config(out_dir)
+    if recorded is None:
+        taken = [n for n in TOP_NAMES if (out_dir / n).exists() and not (out_dir / n).is_dir()
+                 or (out_dir / n).is_dir() and any((out_dir / n).iterdir())]
+        if taken:
+            raise OutputDirError(
+                f"refusing to overwrite {out_dir}: it holds {', '.join(taken)} but no {MANIFEST_NAME} of this "
+                "generator says they are synthetic data; nothing was removed. Choose another --out."
+            )
+        return
+    try:
+        layout = plan_dataset(from_mapping(SynthConfig, recorded, where=str(out_dir / MANIFEST_NAME)))
+    except ValueError as err:  # ConfigError: a record this version cannot re-plan
+        raise OutputDirError(f"refusing to overwrite {out_dir}: its recorded config cannot be read ({err}); "
+                             "nothing was removed. Choose another --out.") from None
+    files = [out_dir / rel for _, rel in layout.jobs] + [out_dir / layout.gsv_csv_relpath]
+    folders = {path.parent for path in files}
+    for folder in folders:
+        files += [p for p in folder.glob(".*") if is_temp_name(p.name)] if folder.is_dir() else []
+    for path in files:
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    for folder in sorted(folders | {f for d in folders for f in d.parents if out_dir in f.parents},
+                         key=lambda f: len(f.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    for name in (MANIFEST_NAME, PARTIAL_NAME):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def render_all(jobs: list[tuple[Shot, str]], cfg: SynthConfig, out_dir: Path, progress: bool) -> None:
