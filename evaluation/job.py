@@ -9,12 +9,14 @@ Steps, each checked before the next costs minutes:
      OUT/features/ (descriptors + float16 patch tokens, memory-mapped; a re-run resumes);
   3. exact faiss search of every query among the database descriptors;
   4. the top K re-ranked by the pair classifier, both directions;
-  5. Recall@N with positives within `radius_m`, before and after;
+  5. Recall@N with positives within `radius_m`, before and after, and of the raw-pixel
+     baseline (16 x 16 thumbnails ranked by correlation, evaluation/baseline.py) the model must beat;
   6. OUT/report.json, OUT/predictions.parquet, OUT/rejects.parquet, OUT/report.html, OUT/recall.png.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from evaluation.baseline import BASELINE_NAME, rank_by_thumbnails
 from evaluation.dense_store import DONE, FeatureStore, StoreKey, bytes_per_image, images_sha256
 from evaluation.recall import correct_matrix, first_correct, positives_within, recall_at, recall_curve
 from evaluation.search import exact_search
 from evaluation.testset import Split
 from placeforge.catalog import REJECTS_SCHEMA, concat
 from placeforge.config import to_dict
-from placeforge.fileio import write_json_atomic, write_parquet_atomic
+from placeforge.fileio import OutputLockedError, file_sha256, output_lock, write_json_atomic, write_parquet_atomic
 
 REPORT_FORMAT = 1
 
@@ -48,6 +51,7 @@ class EvalConfig:
     pairs_per_batch: int = field(default=256, metadata={"help": "pairs per pair-classifier call"})
     sample_queries: int = field(default=12, metadata={"help": "queries shown in report.html"})
     seed: int = field(default=0, metadata={"help": "seed of the report's query sample"})
+    baseline: bool = field(default=True, metadata={"help": "also rank by 16x16 thumbnails: the raw-pixel baseline"})
 
     def validate(self) -> None:
         if not self.radius_m > 0:
@@ -68,7 +72,11 @@ class EvalSummary:
     report: dict
 
     def recall(self, kind: str = "global") -> dict[int, float] | None:
-        values = self.report["recall"][kind]
+        """Recall@N of "global", "reranked" or "baseline" (raw pixels); None when not computed."""
+        if kind == "baseline":
+            values = (self.report.get("baseline") or {}).get("recall")
+        else:
+            values = self.report["recall"][kind]
         return None if values is None else {int(n): r for n, r in values.items()}
 
     def text(self) -> str:
@@ -78,7 +86,12 @@ class EvalSummary:
         for kind, title in (("global", "global descriptor"), ("reranked", f"re-ranked top {r['rerank']['top_k']}")):
             if r["recall"][kind] is not None:
                 lines.append(f"{title:>24}: " + "  ".join(f"R@{n} {100 * v:5.1f}" for n, v in r["recall"][kind].items()))
+        if r.get("baseline"):
+            lines.append(f"{'raw-pixel baseline':>24}: "
+                         + "  ".join(f"R@{n} {100 * v:5.1f}" for n, v in r["baseline"]["recall"].items()))
         lines.append(r["rerank"]["note"])
+        if r.get("baseline"):
+            lines.append(r["baseline"]["note"])
         lines.append(f"report: {self.out / 'report.html'}")
         return "\n".join(lines)
 
@@ -86,10 +99,18 @@ class EvalSummary:
 def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out: str | os.PathLike,
              cfg: EvalConfig, ray_address: str | None = None, num_cpus: int | None = None,
              title: str | None = None, actor_resources: dict[str, float] | None = None) -> EvalSummary:
-    """Run the whole evaluation; see the module docstring.  Writes only under `out`.
+    """Run the whole evaluation; see the module docstring.  Writes only under `out`, and only
+    while holding its lock (one evaluation per output folder).
 
     `actor_resources`: custom Ray resources each encoder actor asks for (e.g. placeforge_gpu_node).
     """
+    with contextlib.ExitStack() as held:  # the lock on `out`, taken once the inputs are checked
+        return _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, title, actor_resources,
+                         held)
+
+
+def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, title, actor_resources,
+              held: contextlib.ExitStack) -> EvalSummary:
     from models.checkpoint import inspect_model_checkpoint, load_pair_classifier
     from models.encoders import encoder_spec
     from placeforge.raysession import ray_session
@@ -106,8 +127,10 @@ def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out
     tokens_shape = (side * side, spec.embed_dim) if pair is not None else None
     top_k = min(cfg.rerank_top_k, len(database)) if pair is not None else 0
     notes = [_rerank_note(cfg, pair is not None, len(database))]
-
-    from placeforge.fileio import file_sha256
+    try:
+        held.enter_context(output_lock(out, "evaluate"))
+    except OutputLockedError as err:
+        raise EvaluationError(str(err)) from None
 
     sha = file_sha256(checkpoint)
     stores = {}
@@ -158,20 +181,25 @@ def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out
     recall = {"global": None, "reranked": None}
     curves = {"global": None, "reranked": None}
     correct = {"global": None, "reranked": None}
-    with_positive = None
+    with_positive = baseline = None
     if labelled:
         positives = positives_within(database.east_north, database.zone, queries.east_north[q_rows],
                                      queries.zone[q_rows], cfg.radius_m)
         with_positive = np.array([len(p) > 0 for p in positives])
         for kind, ranked in (("global", candidates), ("reranked", reranked)):
-            if ranked is None:
-                continue
-            correct[kind] = correct_matrix(ranked, positives)
-            first = first_correct(correct[kind])
-            recall[kind] = {str(n): r for n, r in recall_at(first, cfg.recall_at).items()}
-            curves[kind] = recall_curve(first, ranked.shape[1])
+            if ranked is not None:
+                correct[kind], recall[kind], curves[kind] = _score(ranked, positives, cfg.recall_at)
         if reranked is not None:
             notes.append(_effect_note(recall, top_k))
+        if cfg.baseline:  # the same queries, database images and positives as the model's
+            tick = time.perf_counter()
+            local, unreadable = rank_by_thumbnails([database.paths[i] for i in db_rows],
+                                                   [queries.paths[i] for i in q_rows], k)
+            ranked = np.where(local >= 0, db_rows[local], -1)  # [Q, k] into database.paths; -1: none
+            _, base_recall, base_curve = _score(ranked, positives, cfg.recall_at)
+            timings["baseline"] = time.perf_counter() - tick
+            baseline = {"name": BASELINE_NAME, "recall": base_recall, "recall_curve": base_curve,
+                        "unreadable": unreadable, "note": _baseline_note(recall["global"], base_recall)}
     else:
         notes.append("no positions (--no-labels): predictions written, no recall")
 
@@ -184,7 +212,7 @@ def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out
         "counts": {"database": int(len(db_rows)), "queries": int(len(q_rows)),
                    "queries_with_positive": None if with_positive is None else int(with_positive.sum()),
                    "rejected": rejects.num_rows, "embedded_now": embedded_now},
-        "recall": recall, "recall_curve": curves,
+        "recall": recall, "recall_curve": curves, "baseline": baseline,
         "rerank": {"available": pair is not None, "top_k": top_k, "note": " ".join(n for n in notes if n)},
         "feature_store": {"bytes_per_database_image": bytes_per_image(db_store.key),
                           "folder": str(db_store.folder)},
@@ -215,6 +243,28 @@ def _rerank_note(cfg: EvalConfig, has_pair: bool, database_size: int) -> str:
     if cfg.rerank_top_k > database_size:
         return f"rerank_top_k {cfg.rerank_top_k} > database size {database_size}: every database image re-ranked."
     return ""
+
+
+def _score(ranked: np.ndarray, positives: list[np.ndarray], ns: tuple[int, ...]
+           ) -> tuple[np.ndarray, dict[str, float], list[float]]:
+    """[Q, k] candidate indices, best first -> [Q, k] right or not, {"N": Recall@N}, the recall curve."""
+    correct = correct_matrix(ranked, positives)
+    first = first_correct(correct)
+    return correct, {str(n): r for n, r in recall_at(first, ns).items()}, recall_curve(first, ranked.shape[1])
+
+
+def _baseline_note(model: dict[str, float], baseline: dict[str, float]) -> str:
+    """Whether the global descriptor beats raw pixels, at the smallest N reported."""
+    n = min(model, key=int)
+    gap = 100 * (model[n] - baseline[n])
+    if gap > 0:
+        verdict = f"beats raw pixels by {gap:.1f} points"
+    elif gap < 0:
+        verdict = f"does NOT beat raw pixels ({-gap:.1f} points behind)"
+    else:
+        verdict = "only ties raw pixels"
+    return (f"global descriptor Recall@{n} {100 * model[n]:.1f}% vs raw-pixel baseline {100 * baseline[n]:.1f}%: "
+            f"the model {verdict}.")
 
 
 def _effect_note(recall: dict, top_k: int) -> str:

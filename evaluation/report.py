@@ -2,11 +2,13 @@
 
     paths = write_report(out_dir, report, predictions, database_paths, sample_queries=12, seed=0)
     paths["html"]   # out_dir/report.html: recall table, note, counts, timings, sampled queries
-    paths["png"]    # out_dir/recall.png: Recall@N (%) against N, global and (when run) re-ranked
+    paths["png"]    # out_dir/recall.png: Recall@N (%) against N, global and (when run) re-ranked,
+                    # and the raw-pixel baseline (dashed grey) the model must beat
 
 `report` is the dict also saved as report.json; `predictions` has one row per query
 (global_candidates / global_scores / global_correct and, when re-ranking ran,
-reranked_candidates / rerank_scores / reranked_correct, null otherwise).
+reranked_candidates / rerank_scores / reranked_correct, null otherwise).  `report["baseline"]`,
+when not None, holds the raw-pixel baseline's recall and recall_curve (evaluation/baseline.py).
 
 The page is static: no JavaScript, no network, its CSS inside the page, links relative
 (`thumbs/q00012.jpg`) so the folder can be zipped or moved.  Text from data (paths,
@@ -34,6 +36,7 @@ TOP_SHOWN = 5  # candidates shown per ranking
 PLACEHOLDER_GREY = (128, 128, 128)
 RIGHT_MARK, WRONG_MARK = "\u2713", "\u2717"  # ✓ ✗
 CURVE_TICKS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+BASELINE_LABEL = "raw-pixel baseline"
 
 _CSS = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -87,15 +90,22 @@ def recall_rows(recall: dict[str, Any]) -> list[tuple[int, float, float | None]]
     return rows
 
 
-def recall_figure(curve_global: Sequence[float], curve_reranked: Sequence[float] | None, title: str) -> Figure:
-    """Recall@N (%) against N on a log axis.  Curves: [K] fractions, entry i is recall at N = i + 1."""
+def recall_figure(curve_global: Sequence[float], curve_reranked: Sequence[float] | None, title: str,
+                  curve_baseline: Sequence[float] | None = None) -> Figure:
+    """Recall@N (%) against N on a log axis.  Curves: [K] fractions, entry i is recall at N = i + 1.
+
+    The raw-pixel baseline, when given, is a dashed grey line without markers: a floor, not a rival.
+    """
     fig = Figure(figsize=(6.4, 4.2), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     longest = 1
-    for label, curve in (("global descriptor", curve_global), ("re-ranked", curve_reranked)):
+    styles = {"marker": ".", "markersize": 4}
+    for label, curve, style in (("global descriptor", curve_global, styles), ("re-ranked", curve_reranked, styles),
+                                (f"{BASELINE_LABEL} (16x16 thumbnails)", curve_baseline,
+                                 {"linestyle": "--", "color": "grey"})):
         if curve:
             n = np.arange(1, len(curve) + 1)
-            ax.plot(n, 100.0 * np.asarray(curve, dtype=np.float64), marker=".", markersize=4, label=label)
+            ax.plot(n, 100.0 * np.asarray(curve, dtype=np.float64), label=label, **style)
             longest = max(longest, len(curve))
     ax.set_xscale("log")
     ax.set_xlim(1, max(2, longest))  # explicit: an empty or 1-point curve would leave a log axis at 0
@@ -141,6 +151,7 @@ def write_report(out_dir: Path, report: dict[str, Any], predictions: pa.Table, d
     out_dir.mkdir(parents=True, exist_ok=True)
     title = str(report.get("title") or "Evaluation report")
     labelled = report["recall"].get("global") is not None  # False with --no-labels: no right or wrong
+    baseline = report.get("baseline")  # None: not computed (--baseline false, or no positions)
     reranked = predictions.column("reranked_candidates").null_count < predictions.num_rows
 
     counts = report["counts"]
@@ -149,7 +160,7 @@ def write_report(out_dir: Path, report: dict[str, Any], predictions: pa.Table, d
         curves = report["recall_curve"]
         fig = recall_figure(curves["global"], curves.get("reranked") if reranked else None,
                             f"{title}\n{counts['queries']} queries ({counts['queries_with_positive']} with a positive), "
-                            f"{counts['database']} database images")
+                            f"{counts['database']} database images", baseline["recall_curve"] if baseline else None)
         atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
 
     top1 = [bool(c[0]) if c else False for c in predictions.column("global_correct").to_pylist()]
@@ -248,15 +259,29 @@ def _sample_row(thumbs: _Thumbs, row: dict[str, Any], reranked: bool) -> str:
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
-def _recall_table(recall: dict[str, Any], reranked: bool) -> str:
-    head = "<tr><th>N</th><th>global %</th>" + ("<th>re-ranked %</th><th>difference</th>" if reranked else "") + "</tr>"
+def _recall_table(recall: dict[str, Any], reranked: bool, baseline: dict[str, Any] | None = None) -> str:
+    """One row per N: global, re-ranked and their difference, then the raw-pixel baseline."""
+    head = "<tr><th>N</th><th>global %</th>" + ("<th>re-ranked %</th><th>difference</th>" if reranked else "")
+    if baseline:
+        head += f'<th title="{_e(baseline["name"])}">{BASELINE_LABEL} %</th>'
     body = []
     for n, before, after in recall_rows(recall):
         extra = ""
         if reranked:
             extra = "<td></td><td></td>" if after is None else f"<td>{after:.1f}</td><td>{after - before:+.1f}</td>"
+        if baseline:
+            pixels = baseline["recall"].get(str(n))
+            extra += "<td></td>" if pixels is None else f"<td>{100.0 * float(pixels):.1f}</td>"
         body.append(f"<tr><td>{n}</td><td>{before:.1f}</td>{extra}</tr>")
-    return f'<table class="recall">{head}{"".join(body)}</table>'
+    return f'<table class="recall">{head}</tr>{"".join(body)}</table>'
+
+
+def _baseline_text(baseline: dict[str, Any] | None) -> str:
+    if not baseline:
+        return ""
+    return (f'<p class="note">{BASELINE_LABEL.capitalize()} ({_e(baseline["name"])}): every image squashed to '
+            f"16 x 16 RGB, its mean removed, database images ranked by correlation with the query. "
+            f'{_e(baseline.get("note", ""))}</p>\n')
 
 
 def _facts(report: dict[str, Any]) -> str:
@@ -279,7 +304,9 @@ def _page(title: str, report: dict[str, Any], reranked: bool, sample_rows: list[
     note = (report.get("rerank") or {}).get("note", "")
     scope = "" if reranked else "<p><strong>Re-ranking was not run: global recall only.</strong></p>"
     if labelled:
-        recall = f"<h2>Recall@N</h2>{_recall_table(report['recall'], reranked)}\n{_facts(report)}\n" \
+        baseline = report.get("baseline")
+        recall = f"<h2>Recall@N</h2>{_recall_table(report['recall'], reranked, baseline)}\n" \
+                 f"{_baseline_text(baseline)}{_facts(report)}\n" \
                  f'<img src="recall.png" alt="Recall@N curve">'
         legend = f"{n_missed} with a wrong global top-1. {RIGHT_MARK} right, {WRONG_MARK} wrong, then rank and score."
     else:

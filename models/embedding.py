@@ -80,8 +80,7 @@ def decode_batch(blobs: list[bytes | None], image_size: int):
 
 
 def _read_file(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
+    """The image file's bytes; None (row not ok) for a non-regular, too large or unreadable file."""
+    from placeforge.ingest.listing import read_image_file  # one home for opening image files safely
+
+    return read_image_file(path)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from evaluation.report import PLACEHOLDER_GREY, pick_sample, recall_rows, write_report, write_thumbnail
+from evaluation.report import PLACEHOLDER_GREY, pick_sample, recall_figure, recall_rows, write_report, write_thumbnail
 
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30), (30, 220, 220), (220, 30, 220),
            (250, 150, 0), (90, 90, 250)]
@@ -67,9 +67,10 @@ def predictions(queries: list[str], reranked: bool) -> pa.Table:
     return pa.table(columns, schema=SCHEMA)
 
 
-def report_dict(reranked: bool) -> dict:
+def report_dict(reranked: bool, baseline: bool = False) -> dict:
     curve_g = [0.4, 0.5, 0.55, 0.6, 0.7, 0.72, 0.74, 0.76, 0.78, 0.8]
     curve_r = [0.6, 0.65, 0.7, 0.72, 0.75, 0.77, 0.79, 0.81, 0.82, 0.83]
+    curve_b = [0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.4, 0.5, 0.5, 0.5]
     return {
         "title": "Toy eval <b>bold</b>",
         "recall": {"global": {"1": 0.4, "5": 0.7, "10": 0.8},
@@ -81,6 +82,9 @@ def report_dict(reranked: bool) -> dict:
                    "note": "re-ranking raised R@1 by 20.0 points" if reranked else "checkpoint has no pair classifier"},
         "positive_radius_m": 25.0,
         "timings_s": {"embed": 1.25, "search": 0.5},
+        "baseline": {"name": "thumbnail 16x16 correlation", "recall": {"1": 0.2, "5": 0.4, "10": 0.5},
+                     "recall_curve": curve_b, "unreadable": 1,
+                     "note": "the model beats raw pixels by 20.0 points."} if baseline else None,
     }
 
 
@@ -93,7 +97,7 @@ def marks(table: pa.Table, column: str) -> tuple[int, int]:
 
 def test_writes_page_png_and_thumbnails(dataset):
     table = predictions(dataset["queries"], True)
-    paths = write_report(dataset["out"], report_dict(True), table, dataset["database"], sample_queries=5)
+    paths = write_report(dataset["out"], report_dict(True, baseline=True), table, dataset["database"], sample_queries=5)
     out = dataset["out"]
     assert paths == {"html": out / "report.html", "png": out / "recall.png"}
     with Image.open(paths["png"]) as png:
@@ -101,7 +105,8 @@ def test_writes_page_png_and_thumbnails(dataset):
     page = paths["html"].read_text(encoding="utf-8")
     # Recall table: percentages with one decimal and signed differences.
     assert "<td>1</td><td>40.0</td><td>60.0</td><td>+20.0</td>" in page
-    assert "<td>10</td><td>80.0</td><td>83.0</td><td>+3.0</td>" in page
+    assert "<td>10</td><td>80.0</td><td>83.0</td><td>+3.0</td><td>50.0</td></tr>" in page
+    assert "raw-pixel baseline %</th>" in page and "the model beats raw pixels by 20.0 points." in page
     assert "re-ranking raised R@1 by 20.0 points" in page and "global recall only" not in page
     assert '<img src="recall.png"' in page and "1.2 s" in page and "re-ranked top 5" in page
     # All 5 queries: 1 query image + 5 global + 5 re-ranked candidates each, plus the curve.
@@ -171,10 +176,21 @@ def test_without_rerank_the_page_says_global_only(dataset):
     assert "global recall only" in page and "checkpoint has no pair classifier" in page
     assert "re-ranked" not in page.split("<h2>Recall@N</h2>")[1].split("</table>")[0]
     assert "re-ranked top 5" not in page and "difference" not in page
-    assert "<td>5</td><td>70.0</td></tr>" in page
+    assert "<td>5</td><td>70.0</td></tr>" in page and "raw-pixel" not in page  # no baseline in this report
     assert page.count("<img") == 1 + 5 * (1 + 5)
     with Image.open(paths["png"]) as png:
         assert png.format == "PNG"
+
+
+def test_recall_figure_draws_the_baseline_dashed_and_grey():
+    fig = recall_figure([0.4, 0.6, 0.8], [0.5, 0.7, 0.9], "toy", curve_baseline=[0.1, 0.2, 0.3])
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines) == ["global descriptor", "re-ranked", "raw-pixel baseline (16x16 thumbnails)"]
+    baseline = lines["raw-pixel baseline (16x16 thumbnails)"]
+    assert baseline.get_linestyle() == "--" and baseline.get_color() == "grey"
+    assert baseline.get_ydata().tolist() == pytest.approx([10.0, 20.0, 30.0])
+    assert lines["global descriptor"].get_linestyle() == "-"
+    assert len(recall_figure([0.4, 0.6], None, "toy").axes[0].get_lines()) == 1
 
 
 def test_sample_is_seeded_and_mixes_misses(dataset):

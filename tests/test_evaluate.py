@@ -1,7 +1,8 @@
 """pipelines/evaluate.py on a real local Ray: the tiny synthetic test split, a tiny checkpoint.
 
-The recall in report.json is recomputed here from the stored descriptors with a plain
-implementation; predictions, rejects and the report files are read back.
+The recall in report.json (the model's and the raw-pixel baseline's) is recomputed here
+from the stored descriptors / the thumbnails with a plain implementation; predictions,
+rejects and the report files are read back.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from evaluation.baseline import describe_files
 from evaluation.testset import read_split
 from models.checkpoint import save_model_checkpoint
 from models.decoder import SiameseMIMDecoder, decoder_config
 from models.encoders import EncoderConfig, build_model
 from models.heads import PairClassifier
 from pipelines.evaluate import main
+from placeforge.fileio import LOCK_FILE, output_lock
 from placeforge.synth import generate
 from placeforge.synth.synth_config import SynthConfig
 from tests.test_eval_core import plain_recall
@@ -66,6 +69,12 @@ def test_recall_before_and_after_reranking_matches_a_plain_recomputation(local_r
     expected = plain_recall(db, q, database.east_north, queries.east_north, 25.0, (1, 5, 10, 20))
     assert {int(n): r for n, r in report["recall"]["global"].items()} == expected
     assert "R@1" in printed and "re-ranked top 8" in printed
+    thumbs = [describe_files(split.paths, progress=False)[0] for split in (database, queries)]  # [M | Q, 768]
+    baseline = plain_recall(*thumbs, database.east_north, queries.east_north, 25.0, (1, 5, 10, 20))
+    assert report["baseline"]["name"] == "thumbnail 16x16 correlation" and report["baseline"]["unreadable"] == 0
+    assert {int(n): r for n, r in report["baseline"]["recall"].items()} == baseline
+    assert len(report["baseline"]["recall_curve"]) == len(report["recall_curve"]["global"])
+    assert "raw-pixel baseline" in printed and "vs raw-pixel baseline" in printed
 
     predictions = pq.read_table(out / "predictions.parquet").to_pylist()
     assert len(predictions) == 24
@@ -77,6 +86,7 @@ def test_recall_before_and_after_reranking_matches_a_plain_recomputation(local_r
     reranked_r1 = np.mean([row["reranked_correct"][0] for row in predictions])
     assert report["recall"]["reranked"]["1"] == pytest.approx(reranked_r1)
     assert (out / "report.html").stat().st_size > 0 and (out / "recall.png").stat().st_size > 0
+    assert f"<td>{100 * baseline[1]:.1f}</td></tr><tr><td>5</td>" in (out / "report.html").read_text()  # last column
     assert pq.read_table(out / "rejects.parquet").num_rows == report["counts"]["rejected"] == 0
 
     # Resume: forget half the database rows; a re-run embeds only those and gets the same recall.
@@ -88,15 +98,17 @@ def test_recall_before_and_after_reranking_matches_a_plain_recomputation(local_r
                "--rerank-top-k", 8, "--batch-size", 16)[0] == 0
     again = json.loads((out / "report.json").read_text())
     assert again["counts"]["embedded_now"] == {"database": 16, "queries": 0}
-    assert again["recall"] == report["recall"]
+    assert again["recall"] == report["recall"] and again["baseline"] == report["baseline"]
 
 
 def test_checkpoint_without_pair_classifier_and_k_beyond_the_database(local_ray, test_set, checkpoints,
                                                                        tmp_path, capsys):
-    code, printed, _ = run(capsys, "--checkpoint", checkpoints[1], "--test-set", test_set, "--out", tmp_path / "a")
+    code, printed, _ = run(capsys, "--checkpoint", checkpoints[1], "--test-set", test_set, "--out", tmp_path / "a",
+                           "--baseline", "false")
     assert code == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["recall"]["reranked"] is None and "no pair classifier" in printed
+    assert report["baseline"] is None and "raw-pixel" not in printed  # switched off
     assert not (tmp_path / "a" / "features" / "database" / "tokens.npy").exists()  # no dense store needed
 
     code, printed, _ = run(capsys, "--checkpoint", checkpoints[0], "--test-set", test_set, "--out", tmp_path / "b",
@@ -121,6 +133,7 @@ def test_names_without_coordinates_need_no_labels_and_bad_images_are_set_aside(l
     assert code == 0, err
     report = json.loads((tmp_path / "y" / "report.json").read_text())
     assert report["recall"] == {"global": None, "reranked": None} and report["counts"]["database"] == 6
+    assert report["baseline"] is None  # no positions, no recall to compare
     rejects = pq.read_table(tmp_path / "y" / "rejects.parquet").to_pylist()
     assert [(r["reason"], r["input"].endswith("broken.jpg")) for r in rejects] == [("decode_error", True)]
     assert "predictions only, no recall" in (tmp_path / "y" / "report.html").read_text()
@@ -136,3 +149,11 @@ def test_empty_database_and_missing_checkpoint_fail_before_any_work(test_set, ch
     code, _, err = run(capsys, "--checkpoint", tmp_path / "nope.pt", "--test-set", test_set, "--out", tmp_path / "o")
     assert code == 2 and "nope.pt" in err
     assert not (tmp_path / "o").exists()  # nothing written for a run that could not start
+
+
+def test_a_second_evaluation_into_the_same_out_is_refused(test_set, checkpoints, tmp_path, capsys):
+    out = tmp_path / "busy"
+    with output_lock(out, "evaluate"):
+        code, _, err = run(capsys, "--checkpoint", checkpoints[0], "--test-set", test_set, "--out", out)
+    assert code == 2 and "is being written by evaluate (host" in err
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # refused before any feature was stored

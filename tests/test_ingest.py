@@ -526,3 +526,48 @@ def test_parse_at_names_is_vectorised():
     parsed = parse_at_names(names)
     assert parsed["ok"].all() and parsed["lat"][123] == pytest.approx(37.00123)
     assert time.perf_counter() - start < 20.0
+
+
+# ---------------------------------------------------------------- untrusted names
+
+
+# Non-ASCII look-alikes of numbers: Python's case-insensitive regex matches "ınf" and "İnf"
+# as "inf" (and float() then refuses them); full-width digits are digits to Unicode.
+LOOKALIKE_NUMBERS = {"ınf": "lat", "İnf": "lon", "１２３": "lat", "-ınfinity": "heading", "İNF": "utm_east"}
+FIELD_NUMBER = {"utm_east": 1, "lat": 5, "lon": 6, "heading": 9}
+
+
+def _lookalike_name(text: str, field: str) -> str:
+    given = {"lat": 1, "lon": 1, "heading": 10}
+    if field == "utm_east":
+        given = {"east": text, "north": 4000000, "zone": 10, "letter": "S"}
+    else:
+        given[field] = text
+    return at_name(**given)
+
+
+@pytest.mark.parametrize("text, field", LOOKALIKE_NUMBERS.items())
+def test_parse_at_name_number_fields_are_ascii_only(text, field):
+    name = _lookalike_name(text, field)
+    with pytest.raises(AtNameError, match=rf"field {FIELD_NUMBER[field]} \({field}\) = '{text}' is not a number"):
+        parse_at_name(name)
+    assert not parse_at_names(pl.Series([name]))["ok"][0]  # the vectorised parser agrees
+
+
+def test_atname_odd_numbers_are_rejected_one_by_one_and_the_ingest_goes_on(tmp_path):
+    root = tmp_path / "set"
+    good = at_name(lat=SAN_FRANCISCO[0], lon=SAN_FRANCISCO[1])
+    cases = {_lookalike_name(text, field): ("bad_name", f"field {FIELD_NUMBER[field]} ({field}) = '{text}'")
+             for text, field in LOOKALIKE_NUMBERS.items()}
+    cases[at_name(lat="NaN", lon="1")] = ("bad_coordinates", "lat is nan")
+    cases[at_name(lat="1", lon="-Infinity")] = ("bad_coordinates", "lon is -inf")
+    cases[at_name(east="inf", north=4000000, zone=10, letter="S")] = ("bad_coordinates", "NaN or out of range")
+    for name in [good, *cases]:
+        _jpeg(root / name)
+    result = _read("atname", root)
+    assert result.catalog["relpath"].to_pylist() == [good]
+    rejects = _rejects(result)
+    assert sorted(rejects) == sorted(cases)
+    for name, (reason, detail) in cases.items():
+        assert rejects[name][0] == reason and detail in rejects[name][1], (name, rejects[name])
+    assert result.inputs == 1 + len(cases)

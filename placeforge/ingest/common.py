@@ -31,11 +31,16 @@ from placeforge.geo import UTM_MAX_LAT_DEG, UTM_MIN_LAT_DEG, latlon_to_utm, vali
 from placeforge.ingest.listing import Listing, check_files
 
 # One grammar for numbers in names and CSVs, used by the scalar and the vectorised
-# parsers alike so they accept exactly the same strings.  ASCII digits only
-# (Python's float() would also take "1_0", " 1" and "١٢"; polars would not).
+# parsers alike so they accept exactly the same strings.  ASCII only (Python's float()
+# would also take "1_0", " 1" and "١٢"; polars would not).  Letters are spelled as
+# explicit classes, not with a case-insensitive flag: under Python's Unicode case
+# folding "(?i:inf)" also matches "ınf" and "İnf", which float() then refuses.
 # Patterns are unanchored: Python uses re.fullmatch, polars `whole(pattern)`
 # (Python's "$" would also match before a trailing newline).
-NUMBER_PATTERN = r"(?i:[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?|[+-]?(?:nan|inf|infinity))"
+NUMBER_PATTERN = (
+    r"(?:[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+    r"|[+-]?(?:[nN][aA][nN]|[iI][nN][fF](?:[iI][nN][iI][tT][yY])?))"
+)
 INT_PATTERN = r"[+-]?[0-9]{1,18}"  # 18 digits always fit in int64
 
 CANDIDATE_COLUMNS = {

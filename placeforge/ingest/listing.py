@@ -1,9 +1,12 @@
-"""Listing a dataset folder and checking its files, without opening any image.
+"""Listing a dataset folder, checking its files, and reading one image file safely.
 
 `list_files` walks a tree with `os.scandir` (one `readdir` per folder, no `stat`
 per file), follows symlinked folders once each, and reports the folders it could
 not or would not enter.  `check_files` then `lstat`s only the files a reader keeps,
-to find the unreadable ones and the ones that are the same file under two names.
+to find the unreadable ones, the too large ones and the ones that are the same file
+under two names; it opens nothing.  `read_image_file` is the one place an image file
+named in a catalog or test split is opened: regular files only (a FIFO would block
+the reader forever, a device could be endless), at most MAX_IMAGE_BYTES.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+# Largest image file read, in bytes.  Far above any photo these datasets hold (a few
+# MiB at most); it bounds what one bad or hostile file can cost a reader's memory.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -143,10 +150,44 @@ def _check_one(path: str, rel: str, missing_reason: str) -> tuple[tuple[int, int
         except OSError as err:
             return None, True, ("unreadable", f"{rel} is a broken symlink to {os.readlink(path)!r}: {err.strerror}")
     if not stat.S_ISREG(st.st_mode):
-        return None, link, ("unreadable", f"{rel} is not a regular file")
+        return None, link, ("unreadable", f"{rel} is not a regular file ({_kind(st.st_mode)})")
+    if st.st_size > MAX_IMAGE_BYTES:
+        return None, link, ("too_large", f"{rel} is {st.st_size} bytes, over the {MAX_IMAGE_BYTES}-byte limit")
     if not os.access(path, os.R_OK):
         return None, link, ("unreadable", f"{rel}: permission denied")
     return (st.st_dev, st.st_ino), link, None
+
+
+def read_image_file(path: str | os.PathLike) -> bytes | None:
+    """The bytes of the regular file at `path` (through symlinks), or None.
+
+    None for anything that is not a regular file (never opened), for a file over
+    MAX_IMAGE_BYTES, for one whose size changes while it is read, and for an OSError.
+    The open is non-blocking and the opened file is checked again, so a FIFO swapped in
+    after the first check cannot hang the read.
+    """
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
+                return None
+            data = f.read(st.st_size + 1)  # never more than the cap + 1, whatever the file does now
+    except OSError:
+        return None
+    return data if len(data) == st.st_size else None
+
+
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is, for a reject's detail."""
+    return _KINDS.get(stat.S_IFMT(mode), "of another kind")
 
 
 def _is_dir_target(entry: os.DirEntry) -> bool:
