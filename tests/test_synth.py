@@ -1,6 +1,6 @@
 """The synthetic city: determinism, both file formats, geometry of the splits, idempotent writes.
 
-Real files are written (the tiny preset, ~180 images of 160x120) and read back
+Real files are written (the tiny preset, ~220 images of 160x120) and read back
 the way an ingest would: names parsed, coordinates checked with `utm`, images
 decoded with PIL.
 """
@@ -34,7 +34,9 @@ from placeforge.synth.write import (
 
 TINY = SynthConfig.tiny()
 # Smallest useful config, for tests that generate several times.
-MICRO = dataclasses.replace(TINY, train_places=2, test_places=2, queries=2, gsv_places=1, width=64, height=48, workers=1)
+MICRO = dataclasses.replace(TINY, train_places=2, test_places=2, queries=2, val_places=1, val_queries=2, gsv_places=1,
+                            width=64, height=48, workers=1)  # fmt: skip
+AT_SPLITS = ("train", "test/database", "test/queries", "val/database", "val/queries")
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -102,7 +104,7 @@ def test_images_decode_at_the_configured_size(tiny_dir: Path) -> None:
 
 def test_at_names_parse_and_their_latlon_matches_their_utm(tiny_dir: Path) -> None:
     paths = sorted((tiny_dir / "atname").rglob("*.jpg"))
-    counts = {split: len(list((tiny_dir / "atname" / split).glob("*.jpg"))) for split in ("train", "test/database", "test/queries")}
+    counts = {split: len(list((tiny_dir / "atname" / split).glob("*.jpg"))) for split in AT_SPLITS}
     assert counts == {k: v for k, v in TINY.image_counts().items() if k != "gsv"}
     for path in paths:
         f = _at_fields(path)
@@ -142,9 +144,11 @@ def test_gsv_csv_rows_and_image_files_correspond_one_to_one(tiny_dir: Path) -> N
     assert all(len(set(y)) == len(y) for y in years.values())
 
 
-def test_every_query_has_a_database_image_nearby_with_a_similar_heading(tiny_dir: Path) -> None:
-    db = _east_north_heading(sorted((tiny_dir / "atname/test/database").glob("*.jpg")))
-    queries = _east_north_heading(sorted((tiny_dir / "atname/test/queries").glob("*.jpg")))
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_every_query_has_a_database_image_nearby_with_a_similar_heading(tiny_dir: Path, split: str) -> None:
+    db = _east_north_heading(sorted((tiny_dir / "atname" / split / "database").glob("*.jpg")))
+    queries = _east_north_heading(sorted((tiny_dir / "atname" / split / "queries").glob("*.jpg")))
+    assert len(queries) > 0
     for east, north, heading in queries:
         dist = np.hypot(db[:, 0] - east, db[:, 1] - north)
         turn = np.abs((db[:, 2] - heading + 180.0) % 360.0 - 180.0)
@@ -158,9 +162,10 @@ def test_train_and_test_are_different_parts_of_the_city(tiny_dir: Path) -> None:
     assert gap > 30.0
 
 
-def test_a_query_differs_from_its_place_but_resembles_it_more_than_other_places(tiny_dir: Path) -> None:
-    db_paths = sorted((tiny_dir / "atname/test/database").glob("*.jpg"))
-    q_paths = sorted((tiny_dir / "atname/test/queries").glob("*.jpg"))
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_a_query_differs_from_its_place_but_resembles_it_more_than_other_places(tiny_dir: Path, split: str) -> None:
+    db_paths = sorted((tiny_dir / "atname" / split / "database").glob("*.jpg"))
+    q_paths = sorted((tiny_dir / "atname" / split / "queries").glob("*.jpg"))
     db, db_grey = _east_north_heading(db_paths), [_grey(p) for p in db_paths]
     rng = np.random.default_rng(0)
     match_ncc, other_ncc, pixel_change = [], [], []
@@ -188,7 +193,8 @@ def test_rerun_is_a_noop_and_another_config_is_refused(tmp_path: Path, capsys: p
     with pytest.raises(OutputDirError, match="seed"):
         generate(out, dataclasses.replace(MICRO, seed=7))
     flags = ["--out", str(out), "--preset", "tiny", "--quiet", "--train-places", "2", "--test-places", "2",
-             "--queries", "2", "--gsv-places", "1", "--width", "64", "--height", "48", "--workers", "1"]  # fmt: skip
+             "--queries", "2", "--val-places", "1", "--val-queries", "2", "--gsv-places", "1", "--width", "64",
+             "--height", "48", "--workers", "1"]  # fmt: skip
     assert main(flags) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert main(flags[:-2] + ["--seed", "7"]) == 2
@@ -227,6 +233,7 @@ def test_help_describes_the_layout(capsys: pytest.CaptureFixture) -> None:
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "atname/test/queries" in text and "gsv_cities/Dataframes" in text and "--train-places" in text
+    assert "atname/val/database" in text and "atname/val/queries" in text and "--val-places" in text
 
 
 def test_bad_values_are_rejected(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -234,6 +241,11 @@ def test_bad_values_are_rejected(tmp_path: Path, capsys: pytest.CaptureFixture) 
         dataclasses.replace(TINY, gsv_images_per_place=9).validate()
     with pytest.raises(ConfigError, match="gsv_city"):
         dataclasses.replace(TINY, gsv_city="Synth_Melbourne").validate()
+    with pytest.raises(ConfigError, match="val_queries"):
+        dataclasses.replace(TINY, val_queries=-1).validate()
+    with pytest.raises(ConfigError, match="blocks_x"):  # the @ city would reach the val city 5 km east
+        dataclasses.replace(TINY, blocks_x=60).validate()
+    dataclasses.replace(TINY, blocks_x=60, val_places=0).validate()  # without a val city it may be that wide
     assert main(["--out", str(tmp_path / "x"), "--width", "wide"]) == 2
     assert "width" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -272,3 +284,60 @@ def test_overwrite_refuses_a_folder_no_manifest_records(tmp_path: Path) -> None:
     with pytest.raises(OutputDirError, match="nothing was removed"):
         generate(tmp_path, MICRO, overwrite=True)
     assert real.read_bytes() == b"real data"
+
+
+# The validation split: a third city, made like the test split, that changes nothing else.
+
+
+def test_val_split_has_its_counts_and_at_names_in_a_city_of_its_own(tiny_dir: Path) -> None:
+    db_paths = sorted((tiny_dir / "atname/val/database").glob("*.jpg"))
+    q_paths = sorted((tiny_dir / "atname/val/queries").glob("*.jpg"))
+    assert len(db_paths) == TINY.val_places * TINY.headings_per_place == 24
+    assert len(q_paths) == TINY.val_queries == 12
+    for path in db_paths + q_paths:
+        f = _at_fields(path)
+        assert len(f) == 16 and f[0] == "" and f[-1] == ".jpg", path.name
+        east, north, lat, lon = float(f[1]), float(f[2]), float(f[5]), float(f[6])
+        e2, n2, z2, l2 = utm.from_latlon(lat, lon)
+        assert (z2, l2) == (int(f[3]), f[4]) == (10, "S") and abs(e2 - east) < 1.0 and abs(n2 - north) < 1.0
+    # Database images of a place share a pano id, like the test split's; queries have their own.
+    db_ids = [_at_fields(p)[7] for p in db_paths]
+    assert sorted(np.unique(db_ids, return_counts=True)[1]) == [TINY.headings_per_place] * TINY.val_places
+    q_ids = {_at_fields(p)[7] for p in q_paths}
+    test_ids = {_at_fields(p)[7] for p in (tiny_dir / "atname/test").rglob("*.jpg")}
+    assert len(q_ids) == len(q_paths) and q_ids.isdisjoint(db_ids) and (q_ids | set(db_ids)).isdisjoint(test_ids)
+    manifest = json.loads((tiny_dir / MANIFEST_NAME).read_text())
+    assert manifest["counts"]["atname"]["val/database"] == 24 and manifest["counts"]["atname"]["val/queries"] == 12
+    origins = manifest["origins"]
+    assert origins["atname/val"]["utm_east"] == pytest.approx(origins["atname"]["utm_east"] + 5000.0)
+
+
+def test_the_val_split_changes_no_byte_of_train_test_or_gsv(tiny_dir: Path, tmp_path: Path) -> None:
+    without = tmp_path / "no_val"
+    generate(without, dataclasses.replace(TINY, val_places=0, workers=2))
+    with_val, no_val = _files(tiny_dir), _files(without)
+    assert not (without / "atname" / "val").exists()
+    assert sum(name.startswith("atname/val/") for name in with_val) == 24 + 12
+    others = sorted(name for name in with_val if not name.startswith("atname/val/") and name != MANIFEST_NAME)
+    assert others == sorted(name for name in no_val if name != MANIFEST_NAME)
+    assert len(others) == 96 + 32 + 24 + 32 + 1  # images of train, test, GSV, and the GSV CSV
+    assert [name for name in others if with_val[name] != no_val[name]] == []
+
+
+def test_val_places_are_far_from_every_train_and_test_place(tiny_dir: Path) -> None:
+    val = _east_north_heading(sorted((tiny_dir / "atname/val").rglob("*.jpg")))
+    seen_paths = sorted((tiny_dir / "atname/train").glob("*.jpg")) + sorted((tiny_dir / "atname/test").rglob("*.jpg"))
+    seen = _east_north_heading(seen_paths)
+    gap_m = np.hypot(val[:, None, 0] - seen[None, :, 0], val[:, None, 1] - seen[None, :, 1]).min()
+    assert 1000.0 < gap_m < 6000.0  # its own city, about 5 km east in the same UTM zone
+
+
+def test_val_images_differ_from_test_images(tiny_dir: Path) -> None:
+    val_paths = sorted((tiny_dir / "atname/val").rglob("*.jpg"))
+    test_paths = sorted((tiny_dir / "atname/test").rglob("*.jpg"))
+    digest = lambda path: hashlib.sha1(path.read_bytes()).digest()  # noqa: E731
+    assert {digest(p) for p in val_paths}.isdisjoint(digest(p) for p in test_paths)
+    # Nor near copies: another city, not the test district rendered again.
+    test_grey = np.stack([_grey(p) for p in test_paths])
+    for path in val_paths:
+        assert np.abs(test_grey - _grey(path)).mean(axis=1).min() > 2.0, path.name

@@ -1,9 +1,11 @@
 """A procedurally generated city, photographed from the street, written as real VPR datasets.
 
 `generate(out_dir, cfg)` writes an `@`-named dataset (SF-XL / Pitts / Tokyo 24/7
-style: train, test/database, test/queries) of a city placed at San Francisco
-and a GSV-Cities style dataset of a second city at Melbourne, so the ingest
-code sees both formats, both hemispheres and two UTM zones.  It is the
+style: train, test/database, test/queries) of a city placed at San Francisco,
+a val/database + val/queries split made like the test split in a third city
+5 km east of it (for tuning; the test split is for reporting), and a
+GSV-Cities style dataset of a second city at Melbourne, so the ingest code
+sees both formats, both hemispheres and two UTM zones.  It is the
 embedded data of the demo and the tests; `python -m placeforge.synth --help`
 describes the layout.
 

@@ -12,15 +12,18 @@ from placeforge.synth.synth_config import PRESETS, SynthConfig, preset
 DESCRIPTION = """\
 Render a synthetic city from a street-level camera and write it as real VPR datasets.
 
-Written under DIR (default sizes: 3020 images of 320x240, about 30 s on 2 cores):
+Written under DIR (default sizes: 3570 images of 320x240, about a minute on 2 cores):
   atname/train/*.jpg              training district: each place and heading seen train_captures
                                   times, first like the database, then under query conditions
   atname/test/database/*.jpg      test district (other streets), daylight, clear or overcast,
                                   one image per place and heading
   atname/test/queries/*.jpg       test district, night / dusk / rain / fog, jittered pose, traffic;
                                   every query has a database image within 25 m
+  atname/val/database/*.jpg       validation split, made like the test split in a third city
+  atname/val/queries/*.jpg        5 km east of the train/test one (no street shared with them):
+                                  tune on val, report on test; --val-places 0 leaves it out
       names: @utm_east@utm_north@zone@letter@lat@lon@pano_id@tile_num@heading@pitch@roll@height
-             @timestamp(YYYYMM)@note(condition)@.jpg   -- city origin: San Francisco
+             @timestamp(YYYYMM)@note(condition)@.jpg   -- city origin: San Francisco (UTM 10S)
   gsv_cities/Dataframes/<City>.csv        place_id,year,month,northdeg,city_id,lat,lon,panoid
   gsv_cities/Images/<City>/<City>_<place_id:07d>_<year>_<month:02d>_<northdeg:03d>_<lat>_<lon>_<panoid>.jpg
                                   a second city (default SynthMelbourne, southern hemisphere)
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
     parser.add_argument("--overwrite", action="store_true", help="replace synthetic data of another config in DIR")
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="starting sizes (tiny: ~180 images, for tests)")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="starting sizes (tiny: ~220 images, for tests)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(parser, SynthConfig)
     return parser
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from placeforge.synth.write import OutputDirError, generate
+    from placeforge.synth.write import AT_DIRS, OutputDirError, generate
 
     try:
         summary = generate(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{summary['status']} {summary['rendered']} images to {summary['out_dir']} "
               f"in {summary['seconds']:.1f} s with {summary['workers']} workers")  # fmt: skip
-    rows = [(f"atname/{split}", n, "") for split in ("train", "test/database", "test/queries") if (n := counts.get("atname", {}).get(split))]
+    rows = [(f"atname/{split}", n, "") for split in AT_DIRS if (n := counts.get("atname", {}).get(split))]
     rows += [(f"gsv_cities/{city}", c["images"], f" of {c['places']} places") for city, c in counts.get("gsv_cities", {}).items()]
     rows.append(("total", counts.get("total_images", 0), ""))
     width = max(len(name) for name, _, _ in rows)

@@ -55,6 +55,16 @@ def make_origin(lat_deg: float, lon_deg: float) -> Origin:
     )
 
 
+def shifted_origin(origin: Origin, east_m: float) -> Origin:
+    """`origin` moved `east_m` metres east in its own UTM zone (lat/lon recomputed, zone kept)."""
+    east = origin.east_m + east_m
+    lat, lon, valid = geo.utm_to_latlon(np.array([east]), np.array([origin.north_m]), np.array([origin.zone]),
+                                        np.array([origin.northern]))  # fmt: skip
+    if not valid.all():
+        raise ValueError("a city origin moved outside the UTM domain; move the @ origin")
+    return Origin(float(lat[0]), float(lon[0]), east, origin.north_m, origin.zone, origin.letter, origin.northern)
+
+
 def to_global(origin: Origin, x_m: np.ndarray, y_m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Local metres [N] -> (utm_east [N], utm_north [N], lat [N], lon [N]) in the origin's zone."""
     east = origin.east_m + np.asarray(x_m, dtype=np.float64)

@@ -10,6 +10,12 @@ test places are different streets, so evaluation measures generalisation.
 Places are points along street centre lines (offset a little into a lane),
 taken nearest-first from the district's centre so they form one connected
 patch where neighbouring places overlap in view.
+
+The validation split (`val/database`, `val/queries`: tune recipes on it, report
+on test) is made like the test split in a third city of its own (city_index 2),
+written in the same `@` format 5 km east (synth_config.VAL_OFFSET_EAST_M).  Its
+own city, district and split codes leave every seed stream of the train, test
+and GSV images, and so their bytes, as they were.
 """
 
 from __future__ import annotations
@@ -23,16 +29,18 @@ from placeforge.synth.city import City, StreetGrid, make_city
 from placeforge.synth.conditions import pick_condition, pick_month
 from placeforge.synth.synth_config import SynthConfig
 
-AT, GSV = "atname", "gsv"
-SPLITS = ("train", "test/database", "test/queries", "gsv")
+AT, GSV, VAL = "atname", "gsv", "atname_val"  # layouts: one city each
+# New splits go at the end: a split's position is its seed code, and the codes of
+# the existing splits must not move (their images would change).
+SPLITS = ("train", "test/database", "test/queries", "gsv", "val/database", "val/queries")
 _SPLIT_CODE = {name: i + 1 for i, name in enumerate(SPLITS)}
-_DISTRICT_CODE = {"train": 1, "test": 2, "gsv": 3}
+_DISTRICT_CODE = {"train": 1, "test": 2, "gsv": 3, "val": 4}
 MIN_PITCH_M = 42.0  # smallest block plus narrowest street: sizes districts conservatively
 
 
 @dataclass(frozen=True)
 class CityPlan:
-    layout: str  # AT or GSV
+    layout: str  # AT, GSV or VAL
     city_index: int  # seed stream of the city
     blocks_x: int  # including the margin block on each side
     blocks_y: int
@@ -49,10 +57,10 @@ class Places:
 class Shot:
     """One image to render: pose, condition and seed."""
 
-    layout: str
+    layout: str  # AT, GSV or VAL: the city it is rendered in
     split: str  # one of SPLITS
     index: int  # position within the split
-    place: int  # place index in its district (queries: the test place they were taken at)
+    place: int  # place index in its district (queries: the test or val place they were taken at)
     x_m: float
     y_m: float
     heading_deg: float  # compass, 0..360
@@ -73,15 +81,19 @@ def rows_for(places: int, spacing_m: float, blocks_x: int) -> int:
 
 
 def city_plans(cfg: SynthConfig) -> dict[str, CityPlan]:
-    """The two cities: AT with train and test districts, GSV with one district."""
+    """The cities: AT with train and test districts, GSV with one district, VAL (if val_places) with one."""
     bx = cfg.blocks_x
     train = rows_for(cfg.train_places, cfg.place_spacing_m, bx)
     test = rows_for(cfg.test_places, cfg.place_spacing_m, bx)
     gsv = rows_for(cfg.gsv_places, 2 * cfg.place_spacing_m, bx)
-    return {
+    plans = {
         AT: CityPlan(AT, 0, bx + 2, train + test + 3, {"train": (1, 1 + train), "test": (2 + train, 2 + train + test)}),
         GSV: CityPlan(GSV, 1, bx + 2, gsv + 2, {"gsv": (1, 1 + gsv)}),
     }
+    if cfg.val_places > 0:
+        val = rows_for(cfg.val_places, cfg.place_spacing_m, bx)
+        plans[VAL] = CityPlan(VAL, 2, bx + 2, val + 2, {"val": (1, 1 + val)})
+    return plans
 
 
 def build_city(cfg: SynthConfig, plan: CityPlan) -> City:
@@ -170,21 +182,35 @@ def plan_atname(cfg: SynthConfig, city: City, plan: CityPlan) -> tuple[list[Shot
                 profile = "query" if hard else "database"
                 shots.append(_shot(cfg, AT, "train", len(shots), p, x + dx, y + dy, heading + dh, profile, year, southern, hard, rng))
 
-    rng = np.random.default_rng([cfg.seed, _SPLIT_CODE["test/database"]])
-    database: list[Shot] = []
-    for p, ((x, y), street) in enumerate(zip(test.xy_m, test.street_deg)):
-        for heading in _headings(street, cfg.headings_per_place):
-            database.append(_shot(cfg, AT, "test/database", len(database), p, x, y, heading, "database", 2019, southern, False, rng))
+    return shots + evaluation_shots(cfg, AT, "test", test, cfg.queries, southern), train, test
 
-    rng = np.random.default_rng([cfg.seed, _SPLIT_CODE["test/queries"]])
+
+def evaluation_shots(
+    cfg: SynthConfig, layout: str, split: str, places: Places, n_queries: int, southern: bool
+) -> list[Shot]:
+    """The `{split}/database` then `{split}/queries` shots of an evaluation split ("test" or "val").
+
+    Database: every place at every heading, daylight, exact pose.  Queries: each at a
+    random place and one of its headings, pose jittered by up to query_jitter_m per axis
+    and query_jitter_deg, under query conditions.  Each part draws from its own stream.
+    """
+    jm, jd = cfg.query_jitter_m, cfg.query_jitter_deg
+    rng = np.random.default_rng([cfg.seed, _SPLIT_CODE[f"{split}/database"]])
+    database: list[Shot] = []
+    for p, ((x, y), street) in enumerate(zip(places.xy_m, places.street_deg)):
+        for heading in _headings(street, cfg.headings_per_place):
+            database.append(_shot(cfg, layout, f"{split}/database", len(database), p, x, y, heading, "database", 2019,
+                                  southern, False, rng))
+
+    rng = np.random.default_rng([cfg.seed, _SPLIT_CODE[f"{split}/queries"]])
     queries: list[Shot] = []
-    for q in range(cfg.queries):
-        p = int(rng.integers(cfg.test_places))
-        heading = _headings(test.street_deg[p], cfg.headings_per_place)[int(rng.integers(cfg.headings_per_place))]
-        x, y = test.xy_m[p] + rng.uniform(-jm, jm, 2)
+    for q in range(n_queries):
+        p = int(rng.integers(len(places.xy_m)))
+        heading = _headings(places.street_deg[p], cfg.headings_per_place)[int(rng.integers(cfg.headings_per_place))]
+        x, y = places.xy_m[p] + rng.uniform(-jm, jm, 2)
         heading += rng.uniform(-jd, jd)
-        queries.append(_shot(cfg, AT, "test/queries", q, p, x, y, heading, "query", 2022, southern, True, rng))
-    return shots + database + queries, train, test
+        queries.append(_shot(cfg, layout, f"{split}/queries", q, p, x, y, heading, "query", 2022, southern, True, rng))
+    return database + queries
 
 
 def plan_gsv(cfg: SynthConfig, city: City, plan: CityPlan) -> tuple[list[Shot], Places]:
@@ -203,3 +229,9 @@ def plan_gsv(cfg: SynthConfig, city: City, plan: CityPlan) -> tuple[list[Shot], 
             heading = facing + rng.uniform(-15.0, 15.0)
             shots.append(_shot(cfg, GSV, "gsv", len(shots), p, x + dx, y + dy, heading, "gsv", int(year), southern, hard, rng))
     return shots, places
+
+
+def plan_val(cfg: SynthConfig, city: City, plan: CityPlan) -> tuple[list[Shot], Places]:
+    """Database and query shots of the val city, made exactly like the test split's, and its places."""
+    places = district_places(cfg, city, plan, "val", cfg.val_places, cfg.place_spacing_m)
+    return evaluation_shots(cfg, VAL, "val", places, cfg.val_queries, cfg.at_origin_lat < 0), places

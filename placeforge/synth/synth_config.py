@@ -11,10 +11,17 @@ from dataclasses import dataclass, field
 
 from placeforge.config import ConfigError
 
+# The val city's origin is the @ origin moved VAL_OFFSET_EAST_M east in its UTM zone.
+# A city is at most (blocks_x + 2) * MAX_PITCH_M wide (blocks <= 60 m plus streets
+# <= 15 m, city.make_grid), so validate() bounds blocks_x to keep them VAL_GAP_M apart.
+VAL_OFFSET_EAST_M = 5000.0
+VAL_GAP_M = 1000.0
+MAX_PITCH_M = 75.0
+
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Sizes, camera and origins of the synthetic datasets (defaults: 3020 images, ~30 s on 2 cores)."""
+    """Sizes, camera and origins of the synthetic datasets (defaults: 3570 images)."""
 
     seed: int = field(default=0, metadata={"help": "master seed: city layout, poses, conditions, pixels"})
     train_places: int = field(default=200, metadata={"help": "places (street points) in the training district"})
@@ -26,6 +33,11 @@ class SynthConfig:
         default=2, metadata={"help": "train images per place and heading, each under other conditions"}
     )
     queries: int = field(default=300, metadata={"help": "test queries (harder conditions, jittered pose)"})
+    val_places: int = field(
+        default=100,
+        metadata={"help": "places in the validation city (database images, like the test split); 0 = no val split"},
+    )
+    val_queries: int = field(default=150, metadata={"help": "val queries, made like the test queries"})
     gsv_places: int = field(default=120, metadata={"help": "places in the GSV-Cities style second city"})
     gsv_images_per_place: int = field(default=6, metadata={"help": "images per GSV place (4..8)"})
     place_spacing_m: float = field(default=7.5, metadata={"help": "distance between neighbouring places"})
@@ -46,12 +58,14 @@ class SynthConfig:
 
     @classmethod
     def tiny(cls) -> "SynthConfig":
-        """About 180 small images, a few seconds on one core: the preset the tests use."""
+        """About 220 small images, a few seconds on one core: the preset the tests use."""
         return cls(
             train_places=12,
             test_places=8,
             train_captures=2,
             queries=24,
+            val_places=6,
+            val_queries=12,
             gsv_places=8,
             gsv_images_per_place=4,
             blocks_x=2,
@@ -65,8 +79,13 @@ class SynthConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.queries < 0:
-            raise ConfigError(f"queries: must be >= 0, got {self.queries}")
+        for name in ("queries", "val_places", "val_queries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        widest = int((VAL_OFFSET_EAST_M - VAL_GAP_M) // MAX_PITCH_M) - 2
+        if self.val_places > 0 and self.blocks_x > widest:
+            raise ConfigError(f"blocks_x: at most {widest} with a val split (its city stands "
+                              f"{VAL_OFFSET_EAST_M / 1000:g} km east of the @ city), got {self.blocks_x}")
         if not 4 <= self.gsv_images_per_place <= 8:
             raise ConfigError(f"gsv_images_per_place: must be 4..8 (as in GSV-Cities), got {self.gsv_images_per_place}")
         if not (32 <= self.width <= 4096 and 32 <= self.height <= 4096):
@@ -102,6 +121,8 @@ class SynthConfig:
             "test/database": self.test_places * self.headings_per_place,
             "test/queries": self.queries,
             "gsv": self.gsv_places * self.gsv_images_per_place,
+            "val/database": self.val_places * self.headings_per_place,
+            "val/queries": self.val_queries if self.val_places > 0 else 0,
         }
 
 

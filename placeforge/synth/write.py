@@ -3,6 +3,8 @@
     DIR/atname/train/@...@.jpg
     DIR/atname/test/database/@...@.jpg
     DIR/atname/test/queries/@...@.jpg
+    DIR/atname/val/database/@...@.jpg      (a third city 5 km east: for tuning, not reporting)
+    DIR/atname/val/queries/@...@.jpg
     DIR/gsv_cities/Dataframes/<City>.csv
     DIR/gsv_cities/Images/<City>/<City>_<place_id>_<year>_<month>_<northdeg>_<lat>_<lon>_<panoid>.jpg
     DIR/synth_manifest.json   (written last: its presence means the folder is complete)
@@ -31,16 +33,34 @@ from placeforge.config import from_mapping, to_dict
 from placeforge.fileio import is_temp_name, write_bytes_atomic
 from placeforge.synth.camera import Camera
 from placeforge.synth.conditions import sample_appearance
-from placeforge.synth.naming import GSV_CSV_HEADER, at_name, gsv_name, make_origin, northdeg, short_id, to_global
-from placeforge.synth.plan import AT, GSV, Shot, build_city, city_plans, plan_atname, plan_gsv
+from placeforge.synth.naming import (
+    GSV_CSV_HEADER,
+    Origin,
+    at_name,
+    gsv_name,
+    make_origin,
+    northdeg,
+    shifted_origin,
+    short_id,
+    to_global,
+)
+from placeforge.synth.plan import AT, GSV, VAL, Shot, build_city, city_plans, plan_atname, plan_gsv, plan_val
 from placeforge.synth.render import render_view
-from placeforge.synth.synth_config import SynthConfig
+from placeforge.synth.synth_config import VAL_OFFSET_EAST_M, SynthConfig
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "synth_manifest.json"
 PARTIAL_NAME = ".synth_partial.json"
 TOP_NAMES = ("atname", "gsv_cities", MANIFEST_NAME, PARTIAL_NAME)  # what a dataset puts at the top of DIR
-AT_DIRS = {"train": "atname/train", "test/database": "atname/test/database", "test/queries": "atname/test/queries"}
+AT_DIRS = {
+    "train": "atname/train",
+    "test/database": "atname/test/database",
+    "test/queries": "atname/test/queries",
+    "val/database": "atname/val/database",
+    "val/queries": "atname/val/queries",
+}
+# Pano id of each query split: queries get their own id, not their place's.
+_QUERY_PANO_KEY = {"test/queries": "query", "val/queries": "val-query"}
 
 
 class OutputDirError(RuntimeError):
@@ -65,24 +85,36 @@ def manifest_config(cfg: SynthConfig) -> dict[str, object]:
     return values
 
 
+def val_origin(cfg: SynthConfig) -> Origin:
+    """Origin of the val city: the @ origin moved VAL_OFFSET_EAST_M east, same UTM zone."""
+    return shifted_origin(make_origin(cfg.at_origin_lat, cfg.at_origin_lon), VAL_OFFSET_EAST_M)
+
+
+def at_jobs(cfg: SynthConfig, shots: list[Shot], origin: Origin) -> list[tuple[Shot, str]]:
+    """(shot, `@` file path) of shots of one city placed at `origin`."""
+    jobs: list[tuple[Shot, str]] = []
+    east, north, lat, lon = to_global(origin, [s.x_m for s in shots], [s.y_m for s in shots])
+    for k, shot in enumerate(shots):
+        # Database and train images share an id per place, like panoramas; queries get their own.
+        if shot.split in _QUERY_PANO_KEY:
+            pano = short_id(10, cfg.seed, AT, _QUERY_PANO_KEY[shot.split], shot.index)
+        else:  # "train", "test" or "val": one id per place of the district
+            pano = short_id(10, cfg.seed, AT, shot.split.split("/")[0], shot.place)
+        name = at_name(
+            east[k], north[k], origin.zone, origin.letter, lat[k], lon[k], pano, shot.index, shot.heading_deg,
+            shot.pitch_deg, shot.roll_deg, f"{shot.year}{shot.month:02d}", f"{shot.time}-{shot.weather}",
+        )  # fmt: skip
+        jobs.append((shot, f"{AT_DIRS[shot.split]}/{name}"))
+    return jobs
+
+
 def plan_dataset(cfg: SynthConfig) -> DatasetLayout:
     """All shots with their file names, the GSV CSV text, counts and origins (pure)."""
     plans = city_plans(cfg)
     at_shots, _, _ = plan_atname(cfg, build_city(cfg, plans[AT]), plans[AT])
     gsv_shots, gsv_places = plan_gsv(cfg, build_city(cfg, plans[GSV]), plans[GSV])
     at_origin, gsv_origin = make_origin(cfg.at_origin_lat, cfg.at_origin_lon), make_origin(cfg.gsv_origin_lat, cfg.gsv_origin_lon)
-
-    jobs: list[tuple[Shot, str]] = []
-    east, north, lat, lon = to_global(at_origin, [s.x_m for s in at_shots], [s.y_m for s in at_shots])
-    for k, shot in enumerate(at_shots):
-        # Database and train images share an id per place, like panoramas; queries get their own.
-        pano = short_id(10, cfg.seed, AT, "query", shot.index) if shot.split == "test/queries" else (
-            short_id(10, cfg.seed, AT, shot.split.split("/")[0], shot.place))  # fmt: skip
-        name = at_name(
-            east[k], north[k], at_origin.zone, at_origin.letter, lat[k], lon[k], pano, shot.index, shot.heading_deg,
-            shot.pitch_deg, shot.roll_deg, f"{shot.year}{shot.month:02d}", f"{shot.time}-{shot.weather}",
-        )  # fmt: skip
-        jobs.append((shot, f"{AT_DIRS[shot.split]}/{name}"))
+    jobs = at_jobs(cfg, at_shots, at_origin)
 
     city = cfg.gsv_city
     rows = [",".join(GSV_CSV_HEADER)]
@@ -93,11 +125,19 @@ def plan_dataset(cfg: SynthConfig) -> DatasetLayout:
         rows.append(f"{shot.place},{shot.year},{shot.month},{deg},{city},{lat_s},{lon_s},{panoid}")
         name = gsv_name(city, shot.place, shot.year, shot.month, deg, lat_s, lon_s, panoid)
         jobs.append((shot, f"gsv_cities/Images/{city}/{name}"))
+    origins = {"atname": at_origin.as_dict(), "gsv_cities": {"city": city, **gsv_origin.as_dict()}}
+
+    val_shots: list[Shot] = []
+    if VAL in plans:  # val_places > 0
+        val_shots, _ = plan_val(cfg, build_city(cfg, plans[VAL]), plans[VAL])
+        origin = val_origin(cfg)
+        jobs += at_jobs(cfg, val_shots, origin)
+        origins["atname/val"] = origin.as_dict()
 
     names = [rel for _, rel in jobs]
     if len(set(names)) != len(names):
         raise AssertionError("two images were given the same file name")  # a planning bug, not a user error
-    at_counts = {split: sum(s.split == split for s in at_shots) for split in AT_DIRS}
+    at_counts = {split: sum(s.split == split for s in at_shots + val_shots) for split in AT_DIRS}
     return DatasetLayout(
         jobs=jobs,
         gsv_csv_relpath=f"gsv_cities/Dataframes/{city}.csv",
@@ -107,17 +147,17 @@ def plan_dataset(cfg: SynthConfig) -> DatasetLayout:
             "gsv_cities": {city: {"places": len(gsv_places.xy_m), "images": len(gsv_shots)}},
             "total_images": len(jobs),
         },
-        origins={"atname": at_origin.as_dict(), "gsv_cities": {"city": city, **gsv_origin.as_dict()}},
+        origins=origins,
     )
 
 
 class ShotRenderer:
-    """Renders shots and saves them as JPEG under `out_dir`; holds both cities (built once per process)."""
+    """Renders shots and saves them as JPEG under `out_dir`; holds every city (built once per process)."""
 
     def __init__(self, cfg: SynthConfig, out_dir: Path) -> None:
         self.cfg, self.out_dir = cfg, Path(out_dir)
-        self.cities = {layout: build_city(cfg, plan) for layout, plan in city_plans(cfg).items()}
-        self.southern = {AT: cfg.at_origin_lat < 0, GSV: cfg.gsv_origin_lat < 0}
+        self.cities = {layout: build_city(cfg, plan) for layout, plan in city_plans(cfg).items()}  # AT, GSV, VAL
+        self.southern = {AT: cfg.at_origin_lat < 0, GSV: cfg.gsv_origin_lat < 0, VAL: cfg.at_origin_lat < 0}
 
     def render(self, shot: Shot) -> np.ndarray:
         """uint8 [height, width, 3] image of one shot."""
@@ -317,8 +357,9 @@ def generate(out_dir: Path, cfg: SynthConfig, *, overwrite: bool = False, progre
         "counts": layout.counts,
         "origins": layout.origins,
         "layout": {
-            "atname": "atname/{train,test/database,test/queries}/@utm_east@utm_north@utm_zone_number@utm_zone_letter"
-            "@lat@lon@pano_id@tile_num@heading@pitch@roll@height@timestamp@note@.jpg",
+            "atname": "atname/{train,test/database,test/queries,val/database,val/queries}/"
+            "@utm_east@utm_north@utm_zone_number@utm_zone_letter@lat@lon@pano_id@tile_num@heading@pitch@roll@height"
+            "@timestamp@note@.jpg (val: a third city, 5 km east of the train/test city)",
             "gsv_cities": f"gsv_cities/Dataframes/{cfg.gsv_city}.csv (place_id,year,month,northdeg,city_id,lat,lon,panoid) "
             f"and gsv_cities/Images/{cfg.gsv_city}/<City>_<place_id:07d>_<year>_<month:02d>_<northdeg:03d>_<lat>_<lon>_<panoid>.jpg",
         },
