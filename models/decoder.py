@@ -27,6 +27,8 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from models.encoders import normalize_input
+
 
 @dataclass(frozen=True)
 class DecoderConfig:
@@ -259,15 +261,18 @@ class SiameseMIM(nn.Module):
         decoder: a SiameseMIMDecoder built for this encoder's width and patch size.
     """
 
-    def __init__(self, encoder: VisionTransformer, decoder: SiameseMIMDecoder) -> None:
+    def __init__(self, encoder: VisionTransformer, decoder: SiameseMIMDecoder, input_norm: str = "imagenet") -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.input_norm = input_norm  # as the global model's (models.encoders.INPUT_NORMS)
 
     def forward(self, images_1: torch.Tensor, images_2: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """images_1, images_2 [B, 3, H, W] of one place each; keep_idx [B, N_keep] visible
         patches of image 1.  -> predicted pixels [B, N, p * p * 3]."""
         grid = patch_grid(self.encoder, images_1)
+        images_1 = normalize_input(images_1, self.input_norm)
+        images_2 = normalize_input(images_2, self.input_norm)
         prefix = self.encoder.num_prefix_tokens
         visible = encode_visible(self.encoder, images_1, keep_idx)[:, prefix:]  # [B, N_keep, C]
         tokens_2 = self.encoder.forward_features(images_2)[:, prefix:]  # [B, N, C]

@@ -35,6 +35,7 @@ class Embedder:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, cfg = load_model_checkpoint(checkpoint, self.device)
         self.image_size = cfg.image_size
+        self.resize = cfg.resize
         self.id_column = id_column
         self.keep_tokens = keep_tokens
 
@@ -42,7 +43,7 @@ class Embedder:
         import torch
 
         blobs = list(batch["jpeg"]) if "jpeg" in batch else [_read_file(str(p)) for p in batch["path"]]
-        images, ok = decode_batch(blobs, self.image_size)
+        images, ok = decode_batch(blobs, self.image_size, self.resize)
         images = images.to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
             tokens = self.model.forward_features(images)  # [B, P + N, C], P prefix tokens
@@ -55,7 +56,7 @@ class Embedder:
         return out
 
 
-def decode_batch(blobs: list[bytes | None], image_size: int):
+def decode_batch(blobs: list[bytes | None], image_size: int, resize: str = "crop"):
     """Decode, resize the short side to S, centre crop, ImageNet-normalise, tolerating bad images.
 
     Returns:
@@ -73,7 +74,7 @@ def decode_batch(blobs: list[bytes | None], image_size: int):
             if blob is None:
                 raise ValueError("unreadable file")
             with Image.open(io.BytesIO(blob)) as image:
-                pixels[i] = resize_and_crop(image, image_size)
+                pixels[i] = resize_and_crop(image, image_size, resize)
         except (OSError, ValueError, Image.DecompressionBombError):
             ok[i] = False
     return imagenet_normalize(to_unit_tensor(pixels)), ok

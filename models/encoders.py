@@ -29,6 +29,24 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("cls", "gem")
+# How an encoder sees its (ImageNet-normalised) input.  "per_image" standardises each image's
+# channels by their own mean and std first: a night or foggy query and a daylight database
+# image of one facade then differ far less (the 16 x 16-thumbnail baseline removes the mean
+# for the same reason); it has no weights, so it costs nothing to store or load.
+INPUT_NORMS = ("imagenet", "per_image")
+# How an image becomes S x S at inference: "crop" resizes the short side and cuts the centre
+# (a 4:3 image loses a quarter of its width); "squash" resizes the whole view (Pair-VPR's
+# 322 x 322), which is also what training's random resized crops of a 4:3 image look like.
+RESIZES = ("crop", "squash")
+
+
+def normalize_input(images: torch.Tensor, mode: str) -> torch.Tensor:
+    """[B, 3, H, W] ImageNet-normalised -> what the encoder sees under `mode` (INPUT_NORMS)."""
+    if mode == "imagenet":
+        return images
+    mean = images.mean(dim=(2, 3), keepdim=True)  # [B, 3, 1, 1]
+    std = images.std(dim=(2, 3), keepdim=True)
+    return (images - mean) / (std + 1e-3)
 
 
 @dataclass(frozen=True)
@@ -65,8 +83,11 @@ class EncoderSpec:
 
 
 ENCODERS: dict[str, EncoderSpec] = {
-    # 8 x 8 patches at 112 px, ~0.2 M parameters: trains on 2 CPU cores.
+    # 8 x 8 patches at 112 px, ~0.2 M parameters: the unit tests' encoder.
     "vit_tiny_test": EncoderSpec(patch_size=14, embed_dim=64, depth=4, num_heads=2),
+    # The CPU demo's encoder: 8 x 8 patches of 8 px at 64 px, width 128, 4 blocks, ~0.9 M
+    # parameters (docs/benchmarks.md, "Making it learn": the variants measured).
+    "vit_w128_d4_patch8": EncoderSpec(patch_size=8, embed_dim=128, depth=4, num_heads=4),
     "vit_small_patch14_dinov2": EncoderSpec(14, 384, 12, 6, timm_name="vit_small_patch14_dinov2"),
     "vit_base_patch14_dinov2": EncoderSpec(14, 768, 12, 12, timm_name="vit_base_patch14_dinov2"),
     "vit_large_patch14_dinov2": EncoderSpec(14, 1024, 24, 16, timm_name="vit_large_patch14_dinov2"),
@@ -90,6 +111,9 @@ class EncoderConfig:
     checkpoint: str | None = field(
         default=None, metadata={"help": "local file of timm/DINOv2 encoder weights to start from (never downloaded)"}
     )
+    input_norm: str = field(
+        default="imagenet", metadata={"help": "imagenet, or per_image: standardise each image's channels first"})
+    resize: str = field(default="crop", metadata={"help": "inference resize: crop (short side, centre) or squash"})
 
     def validate(self) -> None:
         spec = encoder_spec(self.name)
@@ -100,6 +124,10 @@ class EncoderConfig:
             raise ValueError(f"descriptor_dim must be >= 1, got {self.descriptor_dim}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize must be one of {list(RESIZES)}, got {self.resize!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {list(INPUT_NORMS)}, got {self.input_norm!r}")
 
 
 class GeM(nn.Module):
@@ -128,9 +156,11 @@ class GlobalDescriptorModel(nn.Module):
         encoder: a timm VisionTransformer with one class token and no classifier.
         descriptor_dim: output dimension D.
         pooling: "cls" (class token) or "gem" (GeM over L2-normalised patch tokens).
+        input_norm: INPUT_NORMS, applied to the images before the encoder.
     """
 
-    def __init__(self, encoder: VisionTransformer, descriptor_dim: int = 512, pooling: str = "cls") -> None:
+    def __init__(self, encoder: VisionTransformer, descriptor_dim: int = 512, pooling: str = "cls",
+                 input_norm: str = "imagenet") -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
@@ -138,12 +168,13 @@ class GlobalDescriptorModel(nn.Module):
             raise ValueError(f"expected an encoder with exactly one class token, got {encoder.num_prefix_tokens}")
         self.encoder = encoder
         self.pooling = pooling
+        self.input_norm = input_norm
         self.gem = GeM() if pooling == "gem" else None
         self.head = nn.Linear(encoder.embed_dim, descriptor_dim)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder tokens after the final norm.  [B, 3, H, W] -> [B, 1 + N, C], class token first."""
-        return self.encoder.forward_features(images)
+        return self.encoder.forward_features(normalize_input(images, self.input_norm))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Global descriptors.  [B, 3, H, W] -> [B, D], each row of unit L2 norm."""
@@ -168,7 +199,7 @@ def build_model(cfg: EncoderConfig, load_encoder_weights: bool = True) -> Global
     encoder = encoder_spec(cfg.name).build(cfg.image_size)
     if load_encoder_weights and cfg.checkpoint is not None:
         load_encoder_weights_from(encoder, cfg.checkpoint)
-    return GlobalDescriptorModel(encoder, cfg.descriptor_dim, cfg.pooling)
+    return GlobalDescriptorModel(encoder, cfg.descriptor_dim, cfg.pooling, cfg.input_norm)
 
 
 def load_encoder_weights_from(encoder: VisionTransformer, path: str) -> None:
@@ -190,11 +221,14 @@ def load_encoder_weights_from(encoder: VisionTransformer, path: str) -> None:
         )
 
 
-def resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
-    """Resize so the short side is `size`, then centre crop.  -> [size, size, 3] uint8."""
+def resize_and_crop(image: Image.Image, size: int, mode: str = "crop") -> np.ndarray:
+    """Resize so the short side is `size`, then centre crop; or squash the whole image to
+    size x size (`mode` "squash").  -> [size, size, 3] uint8."""
     # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is much larger than needed.
     image.draft("RGB", (size, size))
     image = image.convert("RGB")
+    if mode == "squash":
+        return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
     width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))

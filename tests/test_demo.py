@@ -36,11 +36,15 @@ def test_demo_tiny_end_to_end(tmp_path, capfd):  # capfd: the trainer prints fro
     for stage in ("pretrain", "finetune"):
         assert (out / "train" / stage / "export" / "model_epoch0001.pt").is_file()
     # [7/7] recall of the untrained encoder and of the trained model, before and after re-ranking.
-    assert "Recall@N on 24 queries, 32 database images" in printed
+    # stage 2 measured recall on the validation split every epoch and kept the best one
+    validation = json.loads((out / "train" / "finetune" / "export" / "validation.json").read_text())
+    assert [r["epoch"] for r in validation["history"]] == [0, 1] and "validation Recall@1" in printed
+    assert "Recall@N on the TEST split: 24 queries, 32 database images" in printed
     untrained = json.loads((out / "eval" / "untrained" / "report.json").read_text())
     trained = json.loads((out / "eval" / "trained" / "report.json").read_text())
     assert untrained["recall"]["reranked"] is None  # a bare encoder has no pair classifier
-    assert trained["recall"]["reranked"] is not None and trained["checkpoint"].endswith("model_epoch0001.pt")
+    assert trained["recall"]["reranked"] is not None and trained["checkpoint"].endswith("best_model.pt")
+    assert trained["baseline"]["recall"]["1"] >= 0 and "raw pixels (16x16 thumbnails)" in printed
     for title, recall in (("untrained encoder", untrained["recall"]["global"]),
                           ("trained, re-ranked", trained["recall"]["reranked"])):
         assert f"{title}  {100 * recall['1']:6.1f}" in printed

@@ -27,6 +27,7 @@ from models.encoders import (
     build_model,
     encoder_spec,
     preprocess,
+    resize_and_crop,
 )
 from tests.conftest import jpeg_bytes
 
@@ -191,3 +192,37 @@ def test_pair_classifier_travels_with_the_model_and_scores_identically(tmp_path)
     torch.save(content, tmp_path / "wrong_decoder.pt")
     with pytest.raises(CheckpointError, match=r"wrong_decoder\.pt: the stored pair classifier does not fit"):
         load_pair_classifier(tmp_path / "wrong_decoder.pt")
+
+
+def test_per_image_input_norm_ignores_each_channels_gain_and_offset():
+    torch.manual_seed(0)
+    per_image = build_model(EncoderConfig("vit_w128_d4_patch8", 64, 32, "gem", input_norm="per_image")).eval()
+    imagenet = build_model(EncoderConfig("vit_w128_d4_patch8", 64, 32, "gem")).eval()
+    imagenet.load_state_dict(per_image.state_dict())  # the same weights: the norm has none
+    images = torch.randn(3, 3, 64, 64)
+    darker = images * torch.tensor([0.3, 0.5, 0.4]).view(1, 3, 1, 1) - 1.0  # a night-like tint, per channel
+    with torch.no_grad():
+        assert torch.allclose(per_image(images), per_image(darker), atol=1e-4)
+        assert not torch.allclose(imagenet(images), imagenet(darker), atol=1e-2)
+
+
+def test_squash_keeps_the_whole_view_where_crop_cuts_the_sides():
+    pixels = np.zeros((60, 80, 3), dtype=np.uint8)
+    pixels[:, :10] = (255, 0, 0)  # a red stripe at the left edge of a 4:3 image
+    image = Image.fromarray(pixels)
+    assert resize_and_crop(image, 30, "squash")[:, 0, 0].min() > 200
+    assert resize_and_crop(image, 30, "crop")[:, 0, 0].max() < 50
+
+
+def test_input_norm_and_resize_travel_with_the_checkpoint(tmp_path):
+    cfg = EncoderConfig("vit_tiny_test", 28, 16, "gem", input_norm="per_image", resize="squash")
+    path = save_model_checkpoint(build_model(cfg), cfg, tmp_path / "m.pt")
+    assert inspect_model_checkpoint(path) == cfg
+    content = torch.load(path, weights_only=True)
+    for key in ("input_norm", "resize"):  # a checkpoint written before these existed
+        del content["encoder_config"][key]
+    torch.save(content, tmp_path / "old.pt")
+    old = inspect_model_checkpoint(tmp_path / "old.pt")
+    assert (old.input_norm, old.resize) == ("imagenet", "crop")
+    with pytest.raises(ValueError, match="input_norm"):
+        EncoderConfig("vit_tiny_test", 28, input_norm="per_batch").validate()

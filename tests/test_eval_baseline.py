@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.baseline import (DESCRIPTOR_DIM, describe_files, rank_by_thumbnails, read_thumbnail,
-                                 thumbnail_descriptors, thumbnail_pixels)
+from evaluation.baseline import (
+    DESCRIPTOR_DIM,
+    describe_files,
+    rank_by_thumbnails,
+    read_thumbnail,
+    thumbnail_descriptors,
+    thumbnail_pixels,
+)
 
 BANDS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 

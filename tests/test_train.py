@@ -268,3 +268,11 @@ def test_a_second_run_into_the_same_out_is_refused_before_start_up(data, tmp_pat
                      "--out", str(out)]) == 2
     assert "is being written by train (host" in capsys.readouterr().err
     assert not (out / "train_config.json").exists()  # refused before anything was written
+
+
+def test_cpu_threads_leave_room_for_the_loader_workers():
+    from trainer.train import cpu_threads
+
+    assert cpu_threads(cores=2, ranks_on_node=1, loader_workers=1) == 1
+    assert cpu_threads(cores=16, ranks_on_node=2, loader_workers=2) == 6
+    assert cpu_threads(cores=2, ranks_on_node=2, loader_workers=2) == 1  # never 0

@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # launcher
     add_config_arguments(parser, TrainConfig)
     return parser
+
+
+def cpu_threads(cores: int, ranks_on_node: int, loader_workers: int) -> int:
+    """Torch threads of one CPU rank: its share of the cores minus its loader workers.
+
+    More threads than free cores makes every OpenMP region wait for a preempted thread: on
+    2 cores with one loader worker, 2 threads made a third of the steps ~7x slower (5 s
+    instead of 0.7 s, docs/benchmarks.md).
+    """
+    return max(1, cores // max(1, ranks_on_node) - loader_workers)
 
 
 def planned_steps(cfg: TrainConfig, dist: DistState, epoch: int, label_version: int | None) -> int:
@@ -117,6 +128,7 @@ class Run:
         self.checkpoints = self.out / "checkpoints"
         self.dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
         self.engine = None
+        self.validation = None  # trainer.validation.ValidationSplit on rank 0 when configured
 
     # ---- engine ----
     def initialize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -169,6 +181,49 @@ class Run:
     def barrier(self) -> None:
         if self.dist.world_size > 1:
             torch_dist.barrier()
+
+    # ---- validation ----
+    def validate(self, epoch: int, global_step: int, exported: Path) -> None:
+        """Rank 0: Recall@1/5 on the validation split into metrics.jsonl and export/validation.json;
+        the best epoch by global Recall@1 (ties: the later one) is copied to export/best_model.pt."""
+        with self.gathered():  # a collective under ZeRO-3: every rank enters, rank 0 measures
+            if self.dist.is_main:
+                from trainer.validation import validate
+
+                module = self.engine.module
+                pair = getattr(module, "pair", None) if self.cfg.stage == "finetune" else None
+                result = validate(global_model_of(module, self.cfg), pair, self.validation, self.cfg.image_size,
+                                  self.cfg.resize, self.device, self.cfg.val_rerank_top_k)
+        if self.dist.is_main:
+            from placeforge.fileio import atomic_write, write_json_atomic
+
+            record = {"event": "validation", "epoch": epoch, "step": global_step,
+                      **{k: round(v, 3) for k, v in result.items()}}
+            self.log(record)
+            path = self.out / "export" / VALIDATION_FILE
+            summary = json.loads(path.read_text()) if path.is_file() else {"history": [], "best": None}
+            summary["history"] = [r for r in summary["history"] if r["epoch"] < epoch] + [record]
+            if summary["best"] is None or record["val_r1"] >= summary["best"]["val_r1"]:
+                summary["best"] = {**record, "model": exported.name}
+                atomic_write(self.out / "export" / BEST_MODEL_FILE, lambda tmp: shutil.copyfile(exported, tmp))
+            write_json_atomic(path, summary)
+        self.barrier()
+
+    def validation_curve(self) -> str:
+        """The training summary's validation lines (rank 0, after training)."""
+        path = self.out / "export" / VALIDATION_FILE
+        if not path.is_file():
+            return ""
+        summary = json.loads(path.read_text())
+        lines = ["validation Recall@1 / @5 by epoch (" + self.cfg.val_queries + "):"]
+        for r in summary["history"]:
+            reranked = f", re-ranked {r['val_reranked_r1']:.1f} / {r['val_reranked_r5']:.1f}" \
+                if "val_reranked_r1" in r else ""
+            lines.append(f"  epoch {r['epoch']:>3}: {r['val_r1']:5.1f} / {r['val_r5']:5.1f}{reranked}")
+        best = summary["best"]
+        lines.append(f"best epoch {best['epoch']} (global Recall@1 {best['val_r1']:.1f}): "
+                     f"{self.out / 'export' / BEST_MODEL_FILE} (= {best['model']})")
+        return "\n".join(lines)
 
     # ---- stage 2 ----
     def recluster(self, epoch: int, exported: Path, label_version: int) -> int:
@@ -270,6 +325,14 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        torch.set_num_threads(cpu_threads(len(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                                          cfg.num_workers))
+
+    validation = None
+    if cfg.val_database and dist.is_main:  # read (and checked) before the DeepSpeed start-up
+        from trainer.validation import ValidationSplit
+
+        validation = ValidationSplit.open(cfg.val_database, cfg.val_queries, cfg.val_radius_m)
 
     import deepspeed
 
@@ -278,6 +341,7 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
                                timeout=timeout)
     ds_config = deepspeed_config(cfg, dist.world_size, device.type)
     run = Run(cfg, dist, device, ds_config, args)
+    run.validation = validation
     resumed = read_latest(run.checkpoints) if args.resume else None
     if resumed:
         changed = config_changes(resumed[1].config, to_dict(cfg))
@@ -396,6 +460,8 @@ def train(run: Run, state: TrainState) -> int:
         del batches, loader  # stop this epoch's workers (the next epoch's, if started, keep going)
         exported = run.export(epoch)
         last = epoch + 1 == cfg.epochs
+        if cfg.val_database and ((epoch + 1) % cfg.val_every_epochs == 0 or last):
+            run.validate(epoch, global_step, exported)
         new_version = version
         if _reclusters_after(cfg, epoch) and not last:
             new_version = run.recluster(epoch, exported, version)
@@ -414,9 +480,13 @@ def train(run: Run, state: TrainState) -> int:
         print(f"{cfg.stage}: {totals['steps']} steps, {images_per_step * totals['steps'] / totals['seconds']:.0f} "
               f"images/s, data wait {100 * totals['data_wait_s'] / totals['seconds']:.1f} % of step time, "
               f"label version {version}")
+        if cfg.val_database:
+            print(run.validation_curve())
     return 0
 
 
+VALIDATION_FILE = "validation.json"  # in export/: every validation of this run and the best epoch
+BEST_MODEL_FILE = "best_model.pt"  # in export/: a copy of the best epoch's model_epochNNNN.pt
 PREFETCH_STEPS = 3  # steps before an epoch's end at which the next epoch's loader starts
 
 

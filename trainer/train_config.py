@@ -33,6 +33,12 @@ class TrainConfig:
     descriptor_dim: int = field(default=512, metadata={"help": "global descriptor dimension"})
     pooling: Literal["cls", "gem"] = field(
         default="cls", metadata={"help": "global head input: class token (Pair-VPR) or GeM over patch tokens"})
+    input_norm: Literal["imagenet", "per_image"] = field(
+        default="imagenet", metadata={"help": "encoder input: ImageNet-normalised, or each image's channels "
+                                              "standardised (per_image)"})
+    resize: Literal["crop", "squash"] = field(
+        default="crop", metadata={"help": "how exported models resize images at inference: crop the centre of the "
+                                          "short-side resize, or squash the whole view to a square"})
     encoder_weights: str | None = field(
         default=None, metadata={"help": "local DINOv2/timm encoder weights to start stage 1 from"})
     decoder: str = field(default="dec64d2b", metadata={"help": f"decoder preset: {', '.join(DECODERS)}"})
@@ -75,6 +81,15 @@ class TrainConfig:
     follow_latest_labels: bool = field(
         default=False, metadata={"help": "stage 2: at each epoch boundary switch to the newest label version "
                                          "in `labels` (written by pipelines/relabel.py --watch)"})
+    # ---- validation during training ----
+    val_database: str = field(
+        default="", metadata={"help": "validation database images, FORMAT:PATH (as evaluate.py); empty: none"})
+    val_queries: str = field(default="", metadata={"help": "validation queries, FORMAT:PATH"})
+    val_every_epochs: int = field(
+        default=1, metadata={"help": "measure validation Recall@1/5 every N epochs (and after the last)"})
+    val_rerank_top_k: int = field(
+        default=20, metadata={"help": "stage 2: validation also re-ranks the global top K (0: global only)"})
+    val_radius_m: float = field(default=25.0, metadata={"help": "a database image this close to a query is right"})
     # ---- system ----
     zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
     precision: Literal["auto", "fp32", "bf16"] = field(
@@ -106,7 +121,12 @@ class TrainConfig:
                              "(labels come either from this run or from an external relabel.py, not both)")
         if (self.recluster_every_epochs or self.follow_latest_labels) and self.zero_stage == 3:
             raise ValueError("growing the CosFace head for a new label version is not supported with ZeRO-3; use 0-2")
-        for name in ("num_workers", "checkpoint_every_steps", "recluster_every_epochs", "warmup_epochs"):
+        if bool(self.val_database) != bool(self.val_queries):
+            raise ValueError("give both val_database and val_queries, or neither")
+        if self.val_every_epochs < 1 or not self.val_radius_m > 0:
+            raise ValueError("val_every_epochs must be >= 1 and val_radius_m > 0")
+        for name in ("num_workers", "checkpoint_every_steps", "recluster_every_epochs", "warmup_epochs",
+                     "val_rerank_top_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -120,7 +140,8 @@ class TrainConfig:
 
     def encoder_config(self) -> EncoderConfig:
         """The global-descriptor architecture (what models.checkpoint exports record)."""
-        return EncoderConfig(self.encoder, self.image_size, self.descriptor_dim, self.pooling, self.encoder_weights)
+        return EncoderConfig(self.encoder, self.image_size, self.descriptor_dim, self.pooling, self.encoder_weights,
+                             self.input_norm, self.resize)
 
     def images_per_rank_step(self) -> int:
         """Images one rank's micro-batch holds (stage 1 counts both images of a pair)."""

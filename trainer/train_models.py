@@ -33,7 +33,7 @@ def build_decoder(cfg: TrainConfig, encoder: nn.Module) -> SiameseMIMDecoder:
 def build_pretrain_model(cfg: TrainConfig) -> SiameseMIM:
     """Stage 1: the encoder (DINOv2 weights when `encoder_weights` is set) and a new decoder."""
     encoder = build_model(cfg.encoder_config()).encoder
-    return SiameseMIM(encoder, build_decoder(cfg, encoder))
+    return SiameseMIM(encoder, build_decoder(cfg, encoder), cfg.input_norm)
 
 
 class FinetuneModel(nn.Module):
@@ -121,7 +121,8 @@ def global_model_of(model: nn.Module, cfg: TrainConfig) -> GlobalDescriptorModel
         return model.global_model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        global_model = GlobalDescriptorModel(model.encoder, cfg.descriptor_dim, cfg.pooling)  # shares the encoder
+        global_model = GlobalDescriptorModel(model.encoder, cfg.descriptor_dim, cfg.pooling,
+                                             cfg.input_norm)  # shares the encoder
     return global_model
 
 
