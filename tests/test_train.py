@@ -276,3 +276,14 @@ def test_cpu_threads_leave_room_for_the_loader_workers():
     assert cpu_threads(cores=2, ranks_on_node=1, loader_workers=1) == 1
     assert cpu_threads(cores=16, ranks_on_node=2, loader_workers=2) == 6
     assert cpu_threads(cores=2, ranks_on_node=2, loader_workers=2) == 1  # never 0
+
+
+def test_latest_must_name_a_checkpoint_tag_inside_checkpoints(tmp_path):
+    from trainer.train_state import TrainState, read_latest, write_state
+
+    write_state(tmp_path, "epoch0001-step0", TrainState(epoch=1), mark_latest=True)
+    assert read_latest(tmp_path)[0] == "epoch0001-step0"
+    for bad in ("../../shared/evil", "/etc", "epoch0001-step0/../../x", "diverged-epoch0001-step3"):
+        (tmp_path / "latest").write_text(bad + "\n")
+        with pytest.raises(ValueError, match="not a checkpoint tag"):
+            read_latest(tmp_path)

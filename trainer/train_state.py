@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,12 +93,18 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
+TAG_PATTERN = re.compile(r"epoch\d{4,}-step\d+")  # TrainState.tag, the only tags `latest` names
+
+
 def read_latest(checkpoint_dir: Path) -> tuple[str, TrainState] | None:
     """(tag, state) of the newest complete checkpoint, or None when there is none."""
     latest = checkpoint_dir / LATEST_FILE
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
+    if not TAG_PATTERN.fullmatch(tag):  # `latest` is read from shared storage: never a path out of checkpoints/
+        raise ValueError(f"{latest} names {tag[:80]!r}, not a checkpoint tag of this trainer "
+                         "(epochNNNN-stepN): refusing to load it")
     path = checkpoint_dir / tag / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: checkpoint {tag} is incomplete")
