@@ -20,12 +20,13 @@ def demo(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="placeforge demo",
         description="Render the synthetic city, ingest it, build place-aware shards with a local Ray, "
-        "write the initial view-class labels (v0), stream the shards back, train the tiny "
+        "write the initial view-class labels (v0), stream the shards back, train the CPU "
         "preset with DeepSpeed: stage 1 (Siamese MIM) and stage 2 (global descriptor + pair "
-        "classifier + CosFace, reclustering between epochs), then evaluate Recall@N on the "
-        "city's test split: the untrained encoder, the trained global descriptor, and after "
-        "pair-classifier re-ranking. Everything is written under --out; a re-run reuses what "
-        "is already complete.",
+        "classifier + CosFace, reclustering between epochs, Recall@1/5 on the city's validation "
+        "split every few epochs, the best epoch kept), then evaluate Recall@N on the city's test "
+        "split: the untrained encoder, the trained global descriptor, after pair-classifier "
+        "re-ranking, and the raw-pixel baseline. Everything is written under --out; a re-run "
+        "reuses what is already complete.",
         allow_abbrev=False,
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
