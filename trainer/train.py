@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -195,35 +194,13 @@ class Run:
                 result = validate(global_model_of(module, self.cfg), pair, self.validation, self.cfg.image_size,
                                   self.cfg.resize, self.device, self.cfg.val_rerank_top_k)
         if self.dist.is_main:
-            from placeforge.fileio import atomic_write, write_json_atomic
+            from trainer.validation import record_validation
 
             record = {"event": "validation", "epoch": epoch, "step": global_step,
                       **{k: round(v, 3) for k, v in result.items()}}
             self.log(record)
-            path = self.out / "export" / VALIDATION_FILE
-            summary = json.loads(path.read_text()) if path.is_file() else {"history": [], "best": None}
-            summary["history"] = [r for r in summary["history"] if r["epoch"] < epoch] + [record]
-            if summary["best"] is None or record["val_r1"] >= summary["best"]["val_r1"]:
-                summary["best"] = {**record, "model": exported.name}
-                atomic_write(self.out / "export" / BEST_MODEL_FILE, lambda tmp: shutil.copyfile(exported, tmp))
-            write_json_atomic(path, summary)
+            record_validation(self.out / "export", record, exported)
         self.barrier()
-
-    def validation_curve(self) -> str:
-        """The training summary's validation lines (rank 0, after training)."""
-        path = self.out / "export" / VALIDATION_FILE
-        if not path.is_file():
-            return ""
-        summary = json.loads(path.read_text())
-        lines = ["validation Recall@1 / @5 by epoch (" + self.cfg.val_queries + "):"]
-        for r in summary["history"]:
-            reranked = f", re-ranked {r['val_reranked_r1']:.1f} / {r['val_reranked_r5']:.1f}" \
-                if "val_reranked_r1" in r else ""
-            lines.append(f"  epoch {r['epoch']:>3}: {r['val_r1']:5.1f} / {r['val_r5']:5.1f}{reranked}")
-        best = summary["best"]
-        lines.append(f"best epoch {best['epoch']} (global Recall@1 {best['val_r1']:.1f}): "
-                     f"{self.out / 'export' / BEST_MODEL_FILE} (= {best['model']})")
-        return "\n".join(lines)
 
     # ---- stage 2 ----
     def recluster(self, epoch: int, exported: Path, label_version: int) -> int:
@@ -481,12 +458,12 @@ def train(run: Run, state: TrainState) -> int:
               f"images/s, data wait {100 * totals['data_wait_s'] / totals['seconds']:.1f} % of step time, "
               f"label version {version}")
         if cfg.val_database:
-            print(run.validation_curve())
+            from trainer.validation import validation_summary
+
+            print(validation_summary(run.out / "export", cfg.val_queries))
     return 0
 
 
-VALIDATION_FILE = "validation.json"  # in export/: every validation of this run and the best epoch
-BEST_MODEL_FILE = "best_model.pt"  # in export/: a copy of the best epoch's model_epochNNNN.pt
 PREFETCH_STEPS = 3  # steps before an epoch's end at which the next epoch's loader starts
 
 

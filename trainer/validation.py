@@ -1,8 +1,10 @@
 """Recall during training: Recall@1/5 of the current model on a validation split.
 
     split = ValidationSplit.open("atname:CITY/atname/val/database", "atname:CITY/atname/val/queries")
-    result = validate(global_model, pair, split, resize="squash", device=device)
+    result = validate(global_model, pair, split, image_size=64, resize="squash", device=device)
     # {"val_r1": .., "val_r5": .., "val_reranked_r1": .., "val_reranked_r5": .., "val_s": ..}
+    record_validation(out / "export", {"epoch": 3, **result}, out / "export/model_epoch0003.pt")
+    print(validation_summary(out / "export", "val queries"))   # the curve and the best epoch
 
 The same protocol as pipelines/evaluate.py (positives within `radius_m`, a query with none a
 miss, exact search, both-direction pair scores over the global top K), in the training
@@ -14,8 +16,11 @@ set too large for that is better served by pipelines/evaluate.py on the exported
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +34,8 @@ from models.encoders import GlobalDescriptorModel
 from models.heads import PairClassifier
 
 RECALL_AT = (1, 5)
+VALIDATION_FILE = "validation.json"  # in export/: every validation of the run and its best epoch
+BEST_MODEL_FILE = "best_model.pt"  # in export/: a copy of the best epoch's model_epochNNNN.pt
 
 
 @dataclass(frozen=True)
@@ -92,3 +99,35 @@ def validate(model: GlobalDescriptorModel, pair: PairClassifier | None, split: V
 def _recall(prefix: str, candidates: np.ndarray, positives: list[np.ndarray]) -> dict[str, float]:
     first = first_correct(correct_matrix(candidates, positives))
     return {f"{prefix}_r{n}": 100.0 * r for n, r in recall_at(first, RECALL_AT).items()}
+
+
+def record_validation(export_dir: Path, record: dict, exported: Path) -> None:
+    """Add one validation `record` to EXPORT/validation.json; when its global Recall@1 is the
+    best so far (ties: the later epoch), copy `exported` to EXPORT/best_model.pt.  A resumed run
+    that validates an epoch again replaces that epoch's record."""
+    from placeforge.fileio import atomic_write, write_json_atomic
+
+    path = export_dir / VALIDATION_FILE
+    summary = json.loads(path.read_text()) if path.is_file() else {"history": [], "best": None}
+    summary["history"] = [r for r in summary["history"] if r["epoch"] < record["epoch"]] + [record]
+    if summary["best"] is None or record["val_r1"] >= summary["best"]["val_r1"]:
+        summary["best"] = {**record, "model": exported.name}
+        atomic_write(export_dir / BEST_MODEL_FILE, lambda tmp: shutil.copyfile(exported, tmp))
+    write_json_atomic(path, summary)
+
+
+def validation_summary(export_dir: Path, label: str) -> str:
+    """The curve and the best epoch from EXPORT/validation.json, for the training summary."""
+    path = export_dir / VALIDATION_FILE
+    if not path.is_file():
+        return ""
+    summary = json.loads(path.read_text())
+    lines = [f"validation Recall@1 / @5 by epoch ({label}):"]
+    for r in summary["history"]:
+        reranked = (f", re-ranked {r['val_reranked_r1']:.1f} / {r['val_reranked_r5']:.1f}"
+                    if "val_reranked_r1" in r else "")
+        lines.append(f"  epoch {r['epoch']:>3}: {r['val_r1']:5.1f} / {r['val_r5']:5.1f}{reranked}")
+    best = summary["best"]
+    lines.append(f"best epoch {best['epoch']} (global Recall@1 {best['val_r1']:.1f}): "
+                 f"{export_dir / BEST_MODEL_FILE} (= {best['model']})")
+    return "\n".join(lines)
