@@ -13,8 +13,6 @@ has one (bf16 autocast), else on its CPUs.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 
@@ -42,8 +40,10 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        from models.encoders import decode_images
+
         blobs = list(batch["jpeg"]) if "jpeg" in batch else [_read_file(str(p)) for p in batch["path"]]
-        images, ok = decode_batch(blobs, self.image_size, self.resize)
+        images, ok = decode_images(blobs, self.image_size, self.resize)
         images = images.to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
             tokens = self.model.forward_features(images)  # [B, P + N, C], P prefix tokens
@@ -54,30 +54,6 @@ class Embedder:
             patches = tokens[:, self.model.encoder.num_prefix_tokens:]  # [B, N, C]
             out["tokens"] = patches.float().cpu().numpy().astype(np.float16)
         return out
-
-
-def decode_batch(blobs: list[bytes | None], image_size: int, resize: str = "crop"):
-    """Decode, resize the short side to S, centre crop, ImageNet-normalise, tolerating bad images.
-
-    Returns:
-        ([B, 3, S, S] float32 tensor, [B] bool ok); a blob that is None or does not decode
-        becomes a black image with ok False.
-    """
-    from PIL import Image
-
-    from models.encoders import imagenet_normalize, resize_and_crop, to_unit_tensor
-
-    pixels = np.zeros((len(blobs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
-    ok = np.ones(len(blobs), dtype=bool)
-    for i, blob in enumerate(blobs):
-        try:
-            if blob is None:
-                raise ValueError("unreadable file")
-            with Image.open(io.BytesIO(blob)) as image:
-                pixels[i] = resize_and_crop(image, image_size, resize)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            ok[i] = False
-    return imagenet_normalize(to_unit_tensor(pixels)), ok
 
 
 def _read_file(path: str) -> bytes | None:

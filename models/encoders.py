@@ -245,12 +245,33 @@ def preprocess(jpegs: list[bytes], image_size: int) -> torch.Tensor:
         image_size: S, pixels.
     Returns:
         [B, 3, S, S] float32.
+    Raises:
+        ValueError: an image does not decode.
     """
-    pixels = np.empty((len(jpegs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
-    for i, data in enumerate(jpegs):
-        with Image.open(io.BytesIO(data)) as image:
-            pixels[i] = resize_and_crop(image, image_size)
-    return imagenet_normalize(to_unit_tensor(pixels))
+    images, ok = decode_images(jpegs, image_size)
+    if not ok.all():
+        raise ValueError(f"image {int(np.flatnonzero(~ok)[0])} of the batch does not decode")
+    return images
+
+
+def decode_images(blobs: list[bytes | None], image_size: int, resize: str = "crop") -> tuple[torch.Tensor, np.ndarray]:
+    """`preprocess` that tolerates bad images (the embedding actor and validation use it).
+
+    Returns:
+        ([B, 3, S, S] float32, [B] bool ok); a blob that is None or does not decode becomes a
+        black image with ok False.
+    """
+    pixels = np.zeros((len(blobs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
+    ok = np.ones(len(blobs), dtype=bool)
+    for i, blob in enumerate(blobs):
+        try:
+            if blob is None:
+                raise ValueError("unreadable file")
+            with Image.open(io.BytesIO(blob)) as image:
+                pixels[i] = resize_and_crop(image, image_size, resize)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            ok[i] = False
+    return imagenet_normalize(to_unit_tensor(pixels)), ok
 
 
 def to_unit_tensor(pixels: np.ndarray) -> torch.Tensor:

@@ -29,8 +29,7 @@ from evaluation.recall import correct_matrix, first_correct, positives_within, r
 from evaluation.rerank import pair_scores, rerank_order
 from evaluation.search import exact_search
 from evaluation.testset import Split, read_split
-from models.embedding import decode_batch
-from models.encoders import GlobalDescriptorModel
+from models.encoders import GlobalDescriptorModel, decode_images
 from models.heads import PairClassifier
 
 RECALL_AT = (1, 5)
@@ -59,7 +58,7 @@ def embed_paths(model: GlobalDescriptorModel, paths: list[str], image_size: int,
 
     descriptors, tokens = [], []
     for start in range(0, len(paths), batch_size):
-        images, _ = decode_batch([read_image_file(p) for p in paths[start:start + batch_size]], image_size, resize)
+        images, _ = decode_images([read_image_file(p) for p in paths[start:start + batch_size]], image_size, resize)
         features = model.forward_features(images.to(device))  # [B, P + N, C]
         descriptors.append(model.pool(features).float().cpu().numpy())
         if keep_tokens:
