@@ -13,6 +13,10 @@ A version is written into a temporary folder, flushed to disk, and renamed to
 the right name and a valid manifest is a complete version.  Rows are sorted by
 `image_id`, so training joins labels to its immutable shards by binary search
 (`class_lookup` + `classes_of`), O(log N) per image with no index to build.
+
+The manifest records the sha256 of labels.parquet (`read_labels(..., verify=True)` checks
+it) and, in `params`, the shard set the version labels (`shards`, `shards_fingerprint`,
+written by clustering.job), so a reader can refuse a version made for other shards.
 """
 
 from __future__ import annotations
@@ -78,6 +82,12 @@ class LabelManifest:
     method: str = "kmeans"  # "initial" or "kmeans"
     params: dict = field(default_factory=dict)  # e.g. n_init, niter, spherical, cells_apart
     format_version: int = LABEL_FORMAT_VERSION
+
+    @property
+    def shards_fingerprint(self) -> str | None:
+        """`shards.manifest.Manifest.fingerprint` of the shard set this version labels, or None
+        where the writer recorded none (label sets written by hand, a shard set without one)."""
+        return self.params.get("shards_fingerprint") or None
 
 
 def version_dir(root: str | os.PathLike, version: int) -> Path:

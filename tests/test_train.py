@@ -109,7 +109,8 @@ def pretrain_args(data, out: Path, *extra: str) -> list[str]:
 
 def test_pretrain_loss_goes_down_and_outputs_are_written(data, tmp_path):
     out = tmp_path / "pre"
-    train(pretrain_args(data, out, "--epochs", "3", "--max-steps-per-epoch", "6", "--base-lr", "2e-3"))
+    train(pretrain_args(data, out, "--epochs", "3", "--max-steps-per-epoch", "6", "--base-lr", "2e-3",
+                        "--keep-checkpoints", "2"))
     rows = steps_of(out)
     assert len(rows) == 18 and [r["step"] for r in rows] == list(range(1, 19))
     for key in ("step", "epoch", "loss", "mim", "lr", "images_per_s", "data_wait_s"):
@@ -125,6 +126,9 @@ def test_pretrain_loss_goes_down_and_outputs_are_written(data, tmp_path):
     assert cfg.descriptor_dim == 32 and model(torch.zeros(1, 3, 56, 56)).shape == (1, 32)
     assert (out / "export" / "mim_epoch0002.pt").is_file()
     assert (out / "checkpoints" / "latest").read_text().strip() == "epoch0003-step0"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["epoch0002-step0",
+                                                                                   "epoch0003-step0"]
+    assert [m["tags"] for m in metrics(out) if m.get("event") == "checkpoints_pruned"] == [["epoch0001-step0"]]
 
 
 def test_finetune_from_stage1_loss_goes_down(data, tmp_path):

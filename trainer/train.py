@@ -7,7 +7,8 @@
 Outputs in --out: train_config.json (resolved), deepspeed_config.json (generated from it),
 metrics.jsonl (rank 0; one line per step), checkpoints/<tag>/ (DeepSpeed states +
 train_state.json; `--resume` continues from checkpoints/latest, mid-epoch exactly: the
-epoch's loader is rebuilt and its consumed batches are skipped), export/model_epochNNNN.pt
+epoch's loader is rebuilt and its consumed batches are skipped; the newest
+--keep-checkpoints of them stay), export/model_epochNNNN.pt
 (models.checkpoint global-descriptor model, for pipelines/recluster.py and evaluation)
 and, in stage 1, export/mim_epochNNNN.pt (stage 2's --init-from).
 
@@ -36,7 +37,7 @@ import torch.distributed as torch_dist
 from placeforge.config import add_config_arguments, config_from_args, save_config, to_dict
 from placeforge.fileio import OutputLockedError, output_lock
 from placeforge.raysession import free_port
-from trainer.data import BatchGeometry, make_loader
+from trainer.data import BatchGeometry, check_label_set, make_loader
 from trainer.engine import build_optimizer, finetune_step, grow_cosface, pretrain_step, step_generator
 from trainer.schedules import (
     base_lr_for_batch,
@@ -50,6 +51,7 @@ from trainer.train_state import (
     DistState,
     TrainState,
     config_changes,
+    prune_checkpoints,
     read_latest,
     restore_rng_states,
     rng_states,
@@ -145,14 +147,29 @@ class Run:
 
     # ---- outputs ----
     def save(self, state: TrainState, tag: str | None = None, mark_latest: bool = True) -> str:
-        """All ranks: DeepSpeed states; then rank 0: train_state.json and `latest`."""
+        """All ranks: DeepSpeed states; then rank 0: train_state.json and `latest`, and, once
+        every rank is past the barrier, old checkpoints beyond keep_checkpoints are deleted."""
         tag = tag or state.tag
         self.engine.save_checkpoint(str(self.checkpoints), tag=tag, save_latest=False,
                                     client_state={**dataclasses.asdict(state), "rng": rng_states()})
         if self.dist.is_main:
             write_state(self.checkpoints, tag, state, mark_latest)
         self.barrier()
+        if mark_latest and self.dist.is_main and self.cfg.keep_checkpoints:
+            self.prune()
         return tag
+
+    def prune(self) -> None:
+        """Rank 0: delete checkpoints older than the newest keep_checkpoints, keeping the best
+        validated epoch's.  A deletion that fails is reported and training goes on."""
+        try:
+            best = _best_tags(self.out) if self.cfg.val_database else []
+            removed = prune_checkpoints(self.checkpoints, self.cfg.keep_checkpoints, keep=best)
+        except OSError as error:
+            print(f"warning: deleting old checkpoints in {self.checkpoints} failed: {error}", file=sys.stderr)
+            return
+        if removed:
+            self.log({"event": "checkpoints_pruned", "tags": removed})
 
     def export(self, epoch: int) -> Path:
         """The epoch's global-descriptor model (and stage-1 MIM weights); returns the model path."""
@@ -238,9 +255,16 @@ class Run:
 
             newest = latest_version(self.cfg.labels)
             if newest is not None and newest > label_version:
-                version = newest
-                print(f"epoch {epoch + 1} uses label version {version} (was {label_version})", file=sys.stderr)
-                self.log({"event": "labels_followed", "epoch": epoch, "label_version": version})
+                try:  # another process wrote it: checked as the starting version was
+                    check_label_set(self.cfg.shards, self.cfg.labels, newest)
+                except (ValueError, OSError) as error:
+                    print(f"label version {newest} refused; staying on {label_version}: {error}", file=sys.stderr)
+                    self.log({"event": "labels_refused", "epoch": epoch, "label_version": newest,
+                              "error": str(error)})
+                else:
+                    version = newest
+                    print(f"epoch {epoch + 1} uses label version {version} (was {label_version})", file=sys.stderr)
+                    self.log({"event": "labels_followed", "epoch": epoch, "label_version": version})
         if self.dist.world_size > 1:
             box = [version]
             torch_dist.broadcast_object_list(box, src=0)
@@ -305,8 +329,23 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
         torch.set_num_threads(cpu_threads(len(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                                           cfg.num_workers))
 
+    # Inputs are read and checked before the DeepSpeed start-up, so a bad one fails in seconds;
+    # what only rank 0 reads fails there, and the launcher then stops the other ranks.
+    checkpoints = Path(cfg.out) / "checkpoints"
+    resumed = read_latest(checkpoints) if args.resume else None
+    if resumed:
+        tag, state = resumed
+        changed = config_changes(state.config, to_dict(cfg))
+        if changed:  # a different recipe would silently continue someone else's schedule and weights
+            raise ValueError(f"{checkpoints / tag} was written with another config "
+                             f"({'; '.join(changed[:6])}); resume with the same config, or train into a new --out")
+    else:
+        tag, (version, classes) = None, label_setup(cfg)
+        state = TrainState(label_version=version, num_classes=classes, config=to_dict(cfg))
+    if state.label_version is not None and dist.is_main:
+        check_label_set(cfg.shards, cfg.labels, state.label_version)
     validation = None
-    if cfg.val_database and dist.is_main:  # read (and checked) before the DeepSpeed start-up
+    if cfg.val_database and dist.is_main:
         from trainer.validation import ValidationSplit
 
         validation = ValidationSplit.open(cfg.val_database, cfg.val_queries, cfg.val_radius_m)
@@ -319,12 +358,6 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
     ds_config = deepspeed_config(cfg, dist.world_size, device.type)
     run = Run(cfg, dist, device, ds_config, args)
     run.validation = validation
-    resumed = read_latest(run.checkpoints) if args.resume else None
-    if resumed:
-        changed = config_changes(resumed[1].config, to_dict(cfg))
-        if changed:  # a different recipe would silently continue someone else's schedule and weights
-            raise ValueError(f"{run.checkpoints / resumed[0]} was written with another config "
-                             f"({'; '.join(changed[:6])}); resume with the same config, or train into a new --out")
     if dist.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "train_config.json")
@@ -332,11 +365,6 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
 
     if args.resume and resumed is None and dist.is_main:
         print(f"--resume: no checkpoint in {run.checkpoints}; starting from scratch", file=sys.stderr)
-    if resumed:
-        tag, state = resumed
-    else:
-        tag, (version, classes) = None, label_setup(cfg)
-        state = TrainState(label_version=version, num_classes=classes, config=to_dict(cfg))
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_pretrain_model(cfg) if cfg.stage == "pretrain" else build_finetune_model(cfg, state.num_classes)
@@ -477,6 +505,16 @@ def _loader_carries_over(cfg: TrainConfig, epoch: int) -> bool:
     (not after the last epoch, and not when this run reclusters at the boundary; a version that
     changes under follow_latest_labels discards the early loader)."""
     return epoch + 1 < cfg.epochs and not _reclusters_after(cfg, epoch)
+
+
+def _best_tags(out: Path) -> list[str]:
+    """The checkpoint that holds the best validated epoch's weights (export/validation.json), if any:
+    validation runs before the epoch-end save, so epoch e's weights are checkpoint epoch e+1, step 0."""
+    from trainer.validation import VALIDATION_FILE
+
+    path = out / "export" / VALIDATION_FILE
+    best = json.loads(path.read_text()).get("best") if path.is_file() else None
+    return [TrainState(epoch=best["epoch"] + 1).tag] if best else []
 
 
 def _num_classes(run: Run) -> int:

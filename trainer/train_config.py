@@ -97,6 +97,10 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of data order, masks and initial weights"})
     checkpoint_every_steps: int = field(
         default=0, metadata={"help": "also checkpoint every N global steps (0: at epoch ends only)"})
+    keep_checkpoints: int = field(
+        default=3, metadata={"help": "checkpoints kept in OUT/checkpoints: the newest N, plus the one `latest` "
+                                     "names and the best validated epoch's; older ones are deleted once a newer "
+                                     "one is complete (0: keep all; diverged-* folders are never deleted)"})
     log_every: int = field(default=1, metadata={"help": "write a metrics line every N steps"})
 
     def validate(self) -> None:
@@ -125,8 +129,8 @@ class TrainConfig:
             raise ValueError("give both val_database and val_queries, or neither")
         if self.val_every_epochs < 1 or not self.val_radius_m > 0:
             raise ValueError("val_every_epochs must be >= 1 and val_radius_m > 0")
-        for name in ("num_workers", "checkpoint_every_steps", "recluster_every_epochs", "warmup_epochs",
-                     "val_rerank_top_k"):
+        for name in ("num_workers", "checkpoint_every_steps", "keep_checkpoints", "recluster_every_epochs",
+                     "warmup_epochs", "val_rerank_top_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

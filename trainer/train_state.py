@@ -8,6 +8,11 @@ A tag names where a resume starts: epoch e with s of its steps already done
 (`epoch0003-step0` is an epoch boundary).  `latest` is written by us, last, after the
 states and train_state.json are on disk, so it never points at a half-written
 checkpoint; a checkpoint saved because the loss diverged does not move it.
+
+Retention (`prune_checkpoints`, rank 0, once `latest` names a new checkpoint): the newest
+N complete checkpoints stay, and so do the one `latest` names and any the caller keeps
+(the best validated epoch's); older tags go, oldest first.  `diverged-*` folders and
+anything not named like a tag are never touched.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import json
 import os
 import random
 import re
+import shutil
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,7 +91,7 @@ def write_state(checkpoint_dir: Path, tag: str, state: TrainState, mark_latest: 
 
 # Fields a resume may change: where things are, and how the work is spread, not what is learnt.
 RESUMABLE_CHANGES = frozenset({"shards", "labels", "out", "init_from", "num_workers", "log_every",
-                               "checkpoint_every_steps"})
+                               "checkpoint_every_steps", "keep_checkpoints"})
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
@@ -93,7 +100,16 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
-TAG_PATTERN = re.compile(r"epoch\d{4,}-step\d+")  # TrainState.tag, the only tags `latest` names
+TAG_PATTERN = re.compile(r"epoch(\d{4,})-step(\d+)")  # TrainState.tag, the only tags `latest` names
+
+
+def tag_order(tag: str) -> tuple[int, int] | None:
+    """(epoch, step_in_epoch) of a checkpoint tag, or None for any other name.
+
+    Tags sort by these integers, not as strings: epoch10000 comes after epoch9999.
+    """
+    match = TAG_PATTERN.fullmatch(tag)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def read_latest(checkpoint_dir: Path) -> tuple[str, TrainState] | None:
@@ -111,4 +127,43 @@ def read_latest(checkpoint_dir: Path) -> tuple[str, TrainState] | None:
     return tag, TrainState(**json.loads(path.read_text()))
 
 
+def tags_to_prune(folders: Mapping[str, bool], keep_last: int, latest: str | None,
+                  keep: Iterable[str] = ()) -> list[str]:
+    """The checkpoint folders retention deletes, oldest first.
 
+    Args:
+        folders: every folder name in checkpoints/ -> whether it is complete (has train_state.json).
+        keep_last: complete checkpoints kept, the newest by (epoch, step); 0 keeps everything.
+        latest: the tag `latest` names; None (nothing marked complete yet) deletes nothing.
+        keep: more tags to keep (the best validated epoch's checkpoint).
+    Returns:
+        Tags of this trainer's checkpoints that are neither among the newest `keep_last`
+        complete ones, nor `latest`, nor in `keep`; an incomplete one (a save that died half-way)
+        only when it is older than `latest`, as a newer one may still be re-saved.  Never a name
+        that is not a tag: `diverged-*` folders and other people's folders stay.
+    """
+    if keep_last <= 0 or latest is None or tag_order(latest) is None:
+        return []
+    ours = sorted((name for name in folders if tag_order(name) is not None), key=tag_order)
+    complete = [name for name in ours if folders[name]]
+    kept = set(complete[-keep_last:]) | {latest} | set(keep)
+    return [name for name in ours if name not in kept and (folders[name] or tag_order(name) < tag_order(latest))]
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep_last: int, keep: Iterable[str] = ()) -> list[str]:
+    """Rank 0, after `write_state` marked the newest checkpoint `latest`: delete the folders
+    `tags_to_prune` names; returns their tags.
+
+    train_state.json goes first, so a deletion interrupted half-way leaves a folder that
+    reads as incomplete, never as a checkpoint to count or resume from.
+    """
+    latest_file = checkpoint_dir / LATEST_FILE
+    if keep_last <= 0 or not latest_file.is_file():
+        return []
+    folders = {entry.name: (entry / STATE_FILE).is_file() for entry in checkpoint_dir.iterdir()
+               if entry.is_dir() and not entry.is_symlink()}
+    doomed = tags_to_prune(folders, keep_last, latest_file.read_text().strip(), keep)
+    for tag in doomed:
+        (checkpoint_dir / tag / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(checkpoint_dir / tag)
+    return doomed
