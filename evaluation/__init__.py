@@ -6,7 +6,9 @@
     embed.py         Ray Data batch inference: global descriptors + dense features
     rerank.py        pair-classifier re-ranking of the top K, both directions
     baseline.py      the raw-pixel baseline every report shows (16 x 16 thumbnails)
-    testset.py       test splits read through the catalog readers
+    positions.py     where an "@"-named test image is: UTM fields of the name, or mock coordinates
+    testset.py       test splits: "@" names placed by positions.py, other formats via the catalog readers
+    benchmarks.py    the standard test sets by name, in the folder layouts their tools write
     report.py        report.html + recall.png a person looks at
     job.py           orchestration behind pipelines/evaluate.py
 """

@@ -29,7 +29,7 @@ from evaluation.baseline import BASELINE_NAME, rank_by_thumbnails
 from evaluation.dense_store import DONE, FeatureStore, StoreKey, bytes_per_image, images_sha256
 from evaluation.recall import correct_matrix, first_correct, positives_within, recall_at, recall_curve
 from evaluation.search import exact_search
-from evaluation.testset import Split
+from evaluation.testset import Split, check_comparable
 from placeforge.catalog import REJECTS_SCHEMA, concat
 from placeforge.config import to_dict
 from placeforge.fileio import OutputLockedError, file_sha256, output_lock, write_json_atomic, write_parquet_atomic
@@ -116,6 +116,7 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
     from placeforge.raysession import ray_session
 
     cfg.validate()
+    check_comparable(database, queries)  # mock coordinates against UTM positions: no answer could be right
     started = time.perf_counter()
     checkpoint = Path(checkpoint).resolve()
     out = Path(out).resolve()
@@ -208,7 +209,8 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
     report = {
         "format": REPORT_FORMAT, "title": title or f"{checkpoint.name} on {_test_set_name(database, queries)}",
         "checkpoint": str(checkpoint), "checkpoint_sha256": sha, "encoder": encoder_cfg.name,
-        "image_size": encoder_cfg.image_size, "positive_radius_m": cfg.radius_m, "config": to_dict(cfg),
+        "image_size": encoder_cfg.image_size, "positive_radius_m": cfg.radius_m,
+        "positions": {split.name: split.frame for split in (database, queries)}, "config": to_dict(cfg),
         "counts": {"database": int(len(db_rows)), "queries": int(len(q_rows)),
                    "queries_with_positive": None if with_positive is None else int(with_positive.sum()),
                    "rejected": rejects.num_rows, "embedded_now": embedded_now},

@@ -5,10 +5,11 @@
     first = first_correct(correct)                            # [Q] rank of the first right one, -1: none
     recall = recall_at(first, (1, 5, 10, 20))                 # {1: 0.62, 5: 0.81, ...}
 
-A database image is right for a query when both lie in the same UTM zone and within
-`radius_m` of each other (the standard 25 m).  A query with no database image inside the
-radius counts as a miss at every N: the denominator is every query, so a test set cannot
-look better by having unanswerable queries.
+A database image is right for a query when both have the same zone key (a UTM zone, or 0 for
+the mock coordinates of evaluation/positions.py) and lie within `radius_m` of each other (the
+standard 25 m, inclusive, as sklearn's radius search in the reference evaluator).  A query
+with no database image inside the radius counts as a miss at every N: the denominator is
+every query, so a test set cannot look better by having unanswerable queries.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def positives_within(db_east_north: np.ndarray, db_zone: np.ndarray, q_east_nort
 
     Args:
         db_east_north: [M, 2] UTM easting, northing in metres; db_zone [M] zone keys (e.g. "10S"
-            or a zone number); coordinates of different zones are not comparable.
+            or a zone number, 0 for mock coordinates); coordinates of different zones are not comparable.
         q_east_north: [Q, 2]; q_zone [Q].
         radius_m: distance in metres (inclusive).
     Returns:

@@ -1,13 +1,18 @@
 """Recall@N of a checkpoint on a test set, before and after pair-classifier re-ranking.
 
     python pipelines/evaluate.py --checkpoint run/export/model_epoch0003.pt --test-set /data/pitts30k/test --out eval/
+    python pipelines/evaluate.py --checkpoint M.pt --benchmark nordland:/data/datasets/nordland --out eval/
     python pipelines/evaluate.py --checkpoint M.pt --database msls:/data/msls --database-subset '*/database' \\
         --queries msls:/data/msls --queries-subset '*/query' --out eval/
     ray job submit --working-dir . -- python pipelines/evaluate.py --checkpoint /shared/M.pt ...
 
---test-set DIR is the standard layout: DIR/database/ and DIR/queries/ with "@"-named images
-(UTM and lat/lon in the name).  --database / --queries take FORMAT:PATH for any catalog
-reader (atname, gsv_cities, msls, gldv2), with --*-subset globs over the catalog's subset.
+--test-set DIR is the standard layout: DIR/database/ and DIR/queries/ with "@"-named images.
+--benchmark NAME:ROOT reads a standard test set in the layout its tool writes (ROOT is e.g.
+the downloader's datasets/nordland; the names are in docs/evaluation.md and in the error for
+an unknown one).  --database / --queries take FORMAT:PATH for any catalog reader (atname,
+gsv_cities, msls, gldv2), with --*-subset globs over the catalog's subset.  "@"-named images
+are placed by the UTM east/north in the name, as the reference evaluator does, or in a plane
+of their own for mock coordinates (Nordland, AmsterTime, SPED: `@0@<metres>@` and no zone).
 
 Global descriptors come from a Ray Data actor pool (GPUs when the cluster has them); the
 database's patch tokens go to a float16 memory-mapped store under OUT/features/, so a
@@ -38,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = script_parser("evaluate.py", __doc__, split_epilog=True)
     parser.add_argument("--checkpoint", required=True, type=Path, help="a model file from trainer export/")
     parser.add_argument("--test-set", type=Path, help="folder with database/ and queries/ (@-named images)")
+    parser.add_argument("--benchmark", metavar="NAME:ROOT", help="a standard test set in its tool's layout, "
+                        "e.g. svox-night:/data/datasets/svox (instead of --test-set)")
     parser.add_argument("--database", metavar="FORMAT:PATH", help="database images (instead of --test-set)")
     parser.add_argument("--queries", metavar="FORMAT:PATH", help="query images (instead of --test-set)")
     parser.add_argument("--database-subset", metavar="GLOB", help="keep catalog rows whose subset matches")
@@ -52,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from evaluation.benchmarks import read_benchmark
     from evaluation.job import EvaluationError, evaluate
     from evaluation.testset import read_split
     from models.checkpoint import CheckpointError
@@ -61,27 +69,39 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.test_set is not None and (args.database or args.queries):
-        parser.error("give --test-set, or --database and --queries, not both")
-    if args.test_set is None and not (args.database and args.queries):
-        parser.error("give --test-set DIR, or both --database and --queries")
-    database = args.database or f"atname:{args.test_set / 'database'}"
-    queries = args.queries or f"atname:{args.test_set / 'queries'}"
+    given = [flag for flag, value in (("--test-set", args.test_set), ("--benchmark", args.benchmark),
+                                      ("--database/--queries", args.database or args.queries)) if value]
+    if len(given) > 1:
+        parser.error(f"give one of --test-set, --benchmark, or --database and --queries; got {' and '.join(given)}")
+    if not given or (given == ["--database/--queries"] and not (args.database and args.queries)):
+        parser.error("give --test-set DIR, --benchmark NAME:ROOT, or both --database and --queries")
+    if args.benchmark and (args.database_subset or args.queries_subset):
+        parser.error("--database-subset / --queries-subset go with --database / --queries, not --benchmark")
+    if args.test_set is not None:
+        args.database, args.queries = f"atname:{args.test_set / 'database'}", f"atname:{args.test_set / 'queries'}"
 
     def run() -> str:
         cfg = config_from_args(EvalConfig, args)
-        db_split = read_split(database, "database", args.database_subset, args.no_labels)
-        q_split = read_split(queries, "queries", args.queries_subset, args.no_labels)
+        if args.benchmark:
+            db_split, q_split = read_benchmark(args.benchmark, args.no_labels)
+        else:
+            db_split = read_split(args.database, "database", args.database_subset, args.no_labels)
+            q_split = read_split(args.queries, "queries", args.queries_subset, args.no_labels)
         for split in (db_split, q_split):
             if split.rejected:
                 print(f"{split.name}: {split.rejected} file(s) set aside by the reader (listed in rejects.parquet)")
         summary = evaluate(args.checkpoint, db_split, q_split, args.out, cfg, ray_address=args.ray_address,
-                           num_cpus=args.num_cpus, title=args.title,
+                           num_cpus=args.num_cpus, title=args.title or _benchmark_title(args),
                            actor_resources=parse_resources(args.actor_resources))
         return summary.text()
 
     return run_guarded("evaluate", run, (ConfigError, SourceError, CheckpointError, EvaluationError,
                                          FileNotFoundError, ValueError))
+
+
+def _benchmark_title(args: argparse.Namespace) -> str | None:
+    """"model.pt on nordland" for --benchmark; None (the default title) otherwise."""
+    return f"{args.checkpoint.name} on {args.benchmark.partition(':')[0]}" if args.benchmark else None
 
 
 if __name__ == "__main__":

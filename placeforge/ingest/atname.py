@@ -235,7 +235,7 @@ def read_atname(root: str | Path) -> IngestResult:
     bad = parsed.filter(~pl.col("ok"))
     rejects.add_frame(bad.select(
         input="relpath", relpath="relpath", reason=pl.lit("bad_name"),
-        detail=pl.Series([_name_problem(n) for n in bad["name"]], dtype=pl.String),
+        detail=pl.Series([name_problem(n) for n in bad["name"]], dtype=pl.String),
     ))  # fmt: skip
     parsed = parsed.filter(pl.col("ok"))
 
@@ -304,7 +304,8 @@ def _utm_to_latlon_scalar(at: AtName) -> tuple[float, float]:
 # the ingest: the file is still rejected, with a detail that says so.
 
 
-def _name_problem(name: str) -> str:
+def name_problem(name: str) -> str:
+    """Why `name` is not a valid "@" name (for a reject's detail)."""
     try:
         parse_at_name(name)
     except AtNameError as err:
