@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from pipelines.shell import add_ray_arguments, run_guarded, script_parser
-from placeforge.config import add_config_arguments, config_from_args
+from placeforge.config import add_config_arguments, check_output_folder, config_from_args
 from shards.build import BuildConfig
 
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> str:
         cfg = config_from_args(BuildConfig, args)
+        check_output_folder(args.out)  # before the sources are listed, which can take minutes
         sources = [parse_source_spec(spec) for spec in args.source]
         return build(
             sources, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address, num_cpus=args.num_cpus,

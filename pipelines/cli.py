@@ -42,6 +42,7 @@ def demo(argv: list[str] | None = None) -> int:
     from placeforge.config import ConfigError
     from placeforge.synth import generate
     from placeforge.synth.synth_config import preset
+    from placeforge.synth.write import OutputDirError
     from shards.build import BuildConfig, BuildError, build
     from shards.reader import ShardSet, place_sample_pipeline, same_place_pairs
 
@@ -69,7 +70,7 @@ def demo(argv: list[str] | None = None) -> int:
         else:
             labels = recluster(out / "shards", out / "labels", ReclusterConfig(), force=True, num_cpus=args.num_cpus)
             print(labels.report())
-    except (ConfigError, BuildError, ReclusterError, ValueError) as err:
+    except (ConfigError, BuildError, ReclusterError, OutputDirError, ValueError) as err:
         print(f"placeforge demo: error: {err}", file=sys.stderr)
         return 2
 

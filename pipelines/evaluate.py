@@ -36,7 +36,7 @@ from pathlib import Path
 
 from evaluation.job import EvalConfig
 from pipelines.shell import add_ray_arguments, run_guarded, script_parser
-from placeforge.config import add_config_arguments, config_from_args
+from placeforge.config import add_config_arguments, check_output_folder, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> str:
         cfg = config_from_args(EvalConfig, args)
+        check_output_folder(args.out)
         if args.benchmark:
             db_split, q_split = read_benchmark(args.benchmark, args.no_labels)
         else:

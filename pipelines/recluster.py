@@ -37,7 +37,7 @@ from pathlib import Path
 
 from clustering.job import ReclusterConfig
 from pipelines.shell import add_ray_arguments, run_guarded, script_parser
-from placeforge.config import add_config_arguments, config_from_args
+from placeforge.config import add_config_arguments, check_output_folder, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> str:
         cfg = config_from_args(ReclusterConfig, args)
+        check_output_folder(args.labels, "--labels")
         return recluster(
             args.shards, args.labels, cfg, checkpoint=args.checkpoint, keep_descriptors=args.keep_descriptors,
             force=args.force, ray_address=args.ray_address, num_cpus=args.num_cpus,

@@ -113,14 +113,63 @@ def from_mapping(cls: type[C], values: dict[str, Any], base: C | None = None, wh
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML or JSON override file into a dict of keys to values."""
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
+    """Read a YAML or JSON override file into a dict of keys to values.
+
+    Raises:
+        ConfigError: the file cannot be read, is not UTF-8, does not parse (the message gives
+            the parser's reason and position on one line), or holds no mapping.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} cannot be read: not UTF-8 text (byte {err.start})") from None
+    if str(path).endswith((".yaml", ".yml")):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_reason(err)}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err.msg} (line {err.lineno}, "
+                              f"column {err.colno})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def _yaml_reason(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: the problem and where (1-based)."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse an output folder that cannot be created or written, before a job starts; creates nothing.
+
+    The nearest part of `path` that exists must be a folder this process may write into
+    (for a missing `path`, where it would be created).
+
+    Raises:
+        ConfigError: naming `flag`, the path and what is in the way.
+    """
+    target = Path(os.path.abspath(path))
+    existing = target
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "it is not a folder" if existing == target else f"{existing} is not a folder"
+        raise ConfigError(f"{flag} {target} cannot be written: {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {target} cannot be written: {existing} is not writable by this user")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

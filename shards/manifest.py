@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from placeforge.fileio import write_json_atomic
@@ -44,16 +44,49 @@ def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
     return write_json_atomic(Path(out_dir) / MANIFEST_FILE, asdict(manifest), sort_keys=True)
 
 
+REBUILD = "rebuild the shard set with pipelines/build_shards.py"
+
+
 def read_manifest(out_dir: str | os.PathLike) -> Manifest:
-    """Read DIR/manifest.json; a missing file means the shard set is incomplete."""
+    """Read DIR/manifest.json; a missing file means the shard set is incomplete.
+
+    Raises:
+        FileNotFoundError: no manifest.json.
+        ValueError: one that is not JSON, lacks or adds keys, or has another format version
+            (a manifest of another tool, a damaged copy); the message names the file.
+    """
     path = Path(out_dir) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {out_dir} is not a complete shard set (run pipelines/build_shards.py)"
         )
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; {REBUILD}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON (line {err.lineno}, column {err.colno}: {err.msg}); {REBUILD}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a shard-set manifest; {REBUILD}")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: shard format version {version}, this code reads {FORMAT_VERSION}")
+    _check_keys(path, "", data, Manifest)
+    if not isinstance(data["shards"], list) or not all(isinstance(s, dict) for s in data["shards"]):
+        raise ValueError(f"{path}: 'shards' is not a list of shard records; {REBUILD}")
+    for position, record in enumerate(data["shards"]):
+        _check_keys(path, f"shards[{position}] ", record, ShardRecord)
     data["shards"] = [ShardRecord(**s) for s in data["shards"]]
     return Manifest(**data)
+
+
+def _check_keys(path: Path, where: str, data: dict, cls: type) -> None:
+    """A manifest written by another tool, by hand or damaged fails here, naming what differs."""
+    known = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing, unknown = sorted(required - set(data)), sorted(set(data) - known)
+    if missing or unknown:
+        problems = ([f"lacks keys {', '.join(missing)}"] if missing else []) + \
+                   ([f"has unknown keys {', '.join(unknown)}"] if unknown else [])
+        raise ValueError(f"{path}: {where}{' and '.join(problems)}: not a shard-set manifest of this version; "
+                         f"{REBUILD}")

@@ -21,6 +21,7 @@ import webdataset as wds
 
 from placeforge.fileio import file_sha256
 from placeforge.imaging import DecodeError, reencode_jpeg
+from placeforge.ingest.listing import check_files, read_image_file
 from shards.layout import FORMAT_VERSION, IMAGE_META_FIELDS, image_member, shard_name
 from shards.manifest import ShardRecord
 
@@ -53,14 +54,23 @@ def _reject(row: dict, reason: str, detail: str) -> dict:
     }
 
 
+def _why_unread(path: Path) -> tuple[str, str]:
+    """(reason, detail) for a source image `read_image_file` refused: it is checked again as
+    ingest checks files (it may have changed since ingest listed it)."""
+    problem = check_files(path.parent, [path.name], "unreadable").problem[0]
+    return problem or ("unreadable", f"{path.name} changed while it was read")
+
+
 def write_shard(
     shard_dir: str | os.PathLike, shard_index: int, plan: pa.Table, short_side: int, jpeg_quality: int
 ) -> ShardResult:
     """Build shard `shard_index` from its plan rows (sorted by sample, then member).
 
-    Images that cannot be read or decoded, and byte-identical copies of an image already
-    in the same sample, become reject rows; the remaining images of a sample are
-    renumbered so members stay contiguous (000, 001, ...).
+    Source images are opened only as regular files of at most MAX_IMAGE_BYTES
+    (placeforge.ingest.listing.read_image_file), so a FIFO or a device swapped in since ingest
+    cannot block or flood the task.  Images that cannot be read or decoded, and byte-identical
+    copies of an image already in the same sample, become reject rows; the remaining images
+    of a sample are renumbered so members stay contiguous (000, 001, ...).
     """
     shard_dir = Path(shard_dir)
     final = shard_dir / shard_name(shard_index)
@@ -120,11 +130,9 @@ def _encode_sample(
     images: list[dict] = []
     seen_digests: set[str] = set()
     for row in rows:
-        try:
-            with open(row["path"], "rb") as f:
-                raw = f.read()
-        except OSError as err:
-            reject_rows.append(_reject(row, "unreadable", f"{type(err).__name__}: {err.strerror or err}"))
+        raw = read_image_file(row["path"])
+        if raw is None:
+            reject_rows.append(_reject(row, *_why_unread(Path(row["path"]))))
             continue
         digest = hashlib.sha1(raw).hexdigest()
         if digest in seen_digests:

@@ -174,3 +174,29 @@ def test_evaluate_on_gldv2_prints_one_error_line_and_exits_2(tmp_path, capsys):
     assert code == 2
     assert err.count("evaluate: error:") == 1 and "use --no-labels for predictions only" in err
     assert not out.exists()
+
+
+def test_shard_writer_rejects_a_fifo_and_an_oversize_file_with_a_reason(tmp_path, monkeypatch):
+    """The shard writer opens source images as the readers above do (the file may have changed
+    since ingest listed it): a FIFO or an over-cap file becomes a reject, not a hang or a crash."""
+    import pyarrow as pa
+
+    from shards.writer import write_shard
+
+    small = _jpeg(tmp_path / "src" / "a.jpg", side=32)
+    big = _big_jpeg(tmp_path / "src" / "big.jpg")
+    fifo = tmp_path / "src" / "x.jpg"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(listing, "MAX_IMAGE_BYTES", small.stat().st_size)
+    rows = [{"image_id": i, "place_id": 7, "place_key": "p7", "source": "atname", "dataset": "d", "relpath": p.name,
+             "path": str(p), "sample_key": "s000000000", "member": f"{i:03d}.jpg", "part": 0, "parts": 1, "lat": None,
+             "lon": None, "utm_east": None, "utm_north": None, "utm_zone": None, "heading_deg": None}
+            for i, p in enumerate([small, big, fifo])]
+    (tmp_path / "shards").mkdir()
+    result = _in_thread(lambda: write_shard(tmp_path / "shards", 0, pa.Table.from_pylist(rows), 16, 90), [fifo])
+    assert [r["image_id"] for r in result.index_rows] == [0]
+    rejects = {r["input"]: (r["reason"], r["detail"]) for r in result.reject_rows}
+    assert rejects["big.jpg"][0] == "too_large"
+    assert f"over the {small.stat().st_size}-byte limit" in rejects["big.jpg"][1]
+    assert rejects["x.jpg"] == ("unreadable", "x.jpg is not a regular file (a FIFO)")
+    assert {r["stage"] for r in result.reject_rows} == {"encode"}

@@ -5,12 +5,13 @@
     deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 trainer/train.py --config ... --resume
 
 Outputs in --out: train_config.json (resolved), deepspeed_config.json (generated from it),
-metrics.jsonl (rank 0; one line per step), checkpoints/<tag>/ (DeepSpeed states +
-train_state.json; `--resume` continues from checkpoints/latest, mid-epoch exactly: the
-epoch's loader is rebuilt and its consumed batches are skipped; the newest
---keep-checkpoints of them stay), export/model_epochNNNN.pt
-(models.checkpoint global-descriptor model, for pipelines/recluster.py and evaluation)
-and, in stage 1, export/mim_epochNNNN.pt (stage 2's --init-from).
+metrics.jsonl (rank 0; one line per step), checkpoints/<tag>/ (DeepSpeed states, and our
+train_state.json and rng_rankNNNN.json; `--resume` continues from checkpoints/latest,
+mid-epoch exactly: the epoch's loader is rebuilt and its consumed batches are skipped; the
+newest --keep-checkpoints of them stay), export/model_epochNNNN.pt (models.checkpoint
+global-descriptor model, for pipelines/recluster.py and evaluation) and, in stage 1,
+export/mim_epochNNNN.pt (stage 2's --init-from).  Bad inputs fail in seconds, before
+anything is written (docs/errors.md).
 
 Stage 2 with --recluster-every-epochs N: after every N-th epoch rank 0 runs a clustering
 round (clustering.job.recluster, local Ray or --ray-address) with the exported model; a
@@ -27,16 +28,19 @@ import dataclasses
 import datetime
 import json
 import os
+import stat
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 
-from placeforge.config import add_config_arguments, config_from_args, save_config, to_dict
+from placeforge.config import add_config_arguments, check_output_folder, config_from_args, save_config, to_dict
 from placeforge.fileio import OutputLockedError, output_lock
 from placeforge.raysession import free_port
+from shards.reader import ShardSet, check_enough_shards
 from trainer.data import BatchGeometry, check_label_set, make_loader
 from trainer.engine import build_optimizer, finetune_step, grow_cosface, pretrain_step, step_generator
 from trainer.schedules import (
@@ -46,15 +50,16 @@ from trainer.schedules import (
     weight_decay_schedule,
 )
 from trainer.train_config import TrainConfig, deepspeed_config
-from trainer.train_models import build_finetune_model, build_pretrain_model, global_model_of, save_mim
+from trainer.train_models import MIM_KIND, build_finetune_model, build_pretrain_model, global_model_of, save_mim
 from trainer.train_state import (
     DistState,
     TrainState,
     config_changes,
     prune_checkpoints,
     read_latest,
+    read_rng_states,
     restore_rng_states,
-    rng_states,
+    write_rng_states,
     write_state,
 )
 
@@ -147,11 +152,14 @@ class Run:
 
     # ---- outputs ----
     def save(self, state: TrainState, tag: str | None = None, mark_latest: bool = True) -> str:
-        """All ranks: DeepSpeed states; then rank 0: train_state.json and `latest`, and, once
-        every rank is past the barrier, old checkpoints beyond keep_checkpoints are deleted."""
+        """All ranks: DeepSpeed states and their RNG file; then rank 0: train_state.json and
+        `latest`, and, once every rank is past the barrier, old checkpoints beyond
+        keep_checkpoints are deleted.  Nothing of ours goes into DeepSpeed's pickle
+        (`client_state`): a resume reads our state from our JSON files."""
         tag = tag or state.tag
-        self.engine.save_checkpoint(str(self.checkpoints), tag=tag, save_latest=False,
-                                    client_state={**dataclasses.asdict(state), "rng": rng_states()})
+        self.engine.save_checkpoint(str(self.checkpoints), tag=tag, save_latest=False)
+        write_rng_states(self.checkpoints, tag, self.dist.rank)
+        self.barrier()  # every rank's files are on disk before train_state.json marks the checkpoint complete
         if self.dist.is_main:
             write_state(self.checkpoints, tag, state, mark_latest)
         self.barrier()
@@ -314,10 +322,41 @@ def run_main(args: argparse.Namespace) -> int:
         os.environ.setdefault(key, default)  # a bare single-process run: a world of one
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist = DistState.from_env(os.environ)
+    check_start(cfg, dist)
     with contextlib.ExitStack() as held:
         if dist.is_main:  # one run per OUT, checked before the minute of start-up below
             held.enter_context(output_lock(cfg.out, "train"))
         return _run_locked(args, cfg, dist)
+
+
+def check_start(cfg: TrainConfig, dist: DistState) -> None:
+    """Every rank, in seconds and before the lock, DeepSpeed's start-up and any write (a refused
+    run leaves no trace): OUT can be written, SHARDS is a complete shard set with a shard for
+    every loader, INIT_FROM is a stage-1 export.  A resumed checkpoint and the label set are
+    checked next, under the lock (`_run_locked`)."""
+    check_output_folder(cfg.out)
+    check_enough_shards(len(ShardSet.open(cfg.shards).urls), dist.world_size, cfg.num_workers)
+    if cfg.stage == "finetune" and cfg.init_from:
+        check_stage1_export(cfg.init_from)
+
+
+def check_stage1_export(path: str | os.PathLike) -> None:
+    """Refuse an --init-from that is not a `save_mim` file; the tensors are memory-mapped, not read."""
+    hint = "pass a stage-1 run's export/mim_epochNNNN.pt"
+    try:
+        is_file = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as err:
+        raise ValueError(f"--init-from {path} cannot be read: {err.strerror}") from None
+    if not is_file or not zipfile.is_zipfile(path):  # is_file first: a FIFO would block the read
+        raise ValueError(f"--init-from {path} is not a stage-1 export (not a file torch.save writes); {hint}")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - a damaged archive, or objects weights_only refuses
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--init-from {path} is not a stage-1 export ({reason}); {hint}") from None
+    kind = content.get("kind") if isinstance(content, dict) else type(content).__name__
+    if kind != MIM_KIND:
+        raise ValueError(f"--init-from {path} is not a stage-1 export (kind {kind!r}, not {MIM_KIND!r}); {hint}")
 
 
 def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> int:
@@ -339,8 +378,9 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
         if changed:  # a different recipe would silently continue someone else's schedule and weights
             raise ValueError(f"{checkpoints / tag} was written with another config "
                              f"({'; '.join(changed[:6])}); resume with the same config, or train into a new --out")
+        rng = read_rng_states(checkpoints, tag, dist.rank)
     else:
-        tag, (version, classes) = None, label_setup(cfg)
+        tag, rng, (version, classes) = None, None, label_setup(cfg)
         state = TrainState(label_version=version, num_classes=classes, config=to_dict(cfg))
     if state.label_version is not None and dist.is_main:
         check_label_set(cfg.shards, cfg.labels, state.label_version)
@@ -370,8 +410,11 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
     model = build_pretrain_model(cfg) if cfg.stage == "pretrain" else build_finetune_model(cfg, state.num_classes)
     run.initialize(model, build_optimizer(model, cfg))
     if tag is not None:
-        _, client = run.engine.load_checkpoint(str(run.checkpoints), tag=tag)
-        restore_rng_states(client.get("rng"))
+        run.engine.load_checkpoint(str(run.checkpoints), tag=tag)  # DeepSpeed's own states (docs/cluster.md)
+        restore_rng_states(rng)  # ours, from our JSON file
+        if rng is None and dist.is_main:
+            print(f"{run.checkpoints / tag} has no RNG state for rank {dist.rank} (an older trainer wrote it): "
+                  "the global RNGs go on from the seed", file=sys.stderr)
         if dist.is_main:
             print(f"resumed from {run.checkpoints / tag}: epoch {state.epoch}, step {state.step_in_epoch}, "
                   f"global step {state.global_step}", file=sys.stderr)

@@ -1,13 +1,18 @@
 """Where a run is (epoch, step, label version), saved beside every DeepSpeed checkpoint.
 
     checkpoints/epoch0003-step0/          DeepSpeed's model + optimizer states
+    checkpoints/epoch0003-step0/rng_rank0000.json   this module: each rank's global RNG states
     checkpoints/epoch0003-step0/train_state.json    this module: where a resume starts
     checkpoints/latest                    the tag of the newest *complete* checkpoint
 
 A tag names where a resume starts: epoch e with s of its steps already done
 (`epoch0003-step0` is an epoch boundary).  `latest` is written by us, last, after the
-states and train_state.json are on disk, so it never points at a half-written
-checkpoint; a checkpoint saved because the loss diverged does not move it.
+states, the RNG files and train_state.json are on disk, so it never points at a
+half-written checkpoint; a checkpoint saved because the loss diverged does not move it.
+
+The trainer's own state is JSON written here, never put into DeepSpeed's pickled
+`client_state`: a resume reads counters and RNGs without unpickling anything of ours
+(what DeepSpeed unpickles itself is the trust boundary in docs/cluster.md).
 
 Retention (`prune_checkpoints`, rank 0, once `latest` names a new checkpoint): the newest
 N complete checkpoints stay, and so do the one `latest` names and any the caller keeps
@@ -67,13 +72,58 @@ class TrainState:
         return f"epoch{self.epoch:04d}-step{self.step_in_epoch}"
 
 
-def rng_states() -> dict:
-    """Global RNG states (masks are drawn from per-step generators, so these matter only for
-    anything else that draws from the global RNGs)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_file(rank: int) -> str:
+    """Name of rank `rank`'s RNG state file in a checkpoint folder (a rank's global RNGs are its own)."""
+    return f"rng_rank{rank:04d}.json"
+
+
+def write_rng_states(checkpoint_dir: Path, tag: str, rank: int) -> None:
+    """Every rank, after `engine.save_checkpoint`: its global RNG states as plain JSON numbers.
+
+    Masks are drawn from per-step generators, so these matter only for anything else that
+    draws from the global RNGs.  The numpy state is (kind, keys [624] uint32, pos, has_gauss,
+    cached_gaussian); python's `random.getstate()` is (version, [625] ints, gauss_next).
+    """
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    write_json_atomic(checkpoint_dir / tag / rng_file(rank), {
+        "torch": torch.get_rng_state().tolist(),  # [5056] uint8
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    })
+
+
+def read_rng_states(checkpoint_dir: Path, tag: str, rank: int) -> dict | None:
+    """Rank `rank`'s states from `write_rng_states`, checked and ready for `restore_rng_states`;
+    None when the checkpoint has no file for this rank (written by an older trainer, or by a
+    run with fewer ranks).
+
+    Raises:
+        ValueError: the file is not one `write_rng_states` writes (damaged, or someone else's).
+    """
+    path = checkpoint_dir / tag / rng_file(rank)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        torch_state = torch.tensor(saved["torch"], dtype=torch.uint8)
+        numpy_saved, python_saved = saved["numpy"], saved["python"]
+        keys = np.array(numpy_saved["keys"], dtype=np.uint32)
+        internal = tuple(int(v) for v in python_saved["internal"])
+        if torch_state.shape != torch.get_rng_state().shape or keys.shape != (624,) or len(internal) != 625:
+            raise ValueError("a state has the wrong length")
+        gauss_next = python_saved["gauss_next"]
+        return {"torch": torch_state,
+                "numpy": (str(numpy_saved["kind"]), keys, int(numpy_saved["pos"]), int(numpy_saved["has_gauss"]),
+                          float(numpy_saved["cached_gaussian"])),
+                "python": (int(python_saved["version"]), internal, None if gauss_next is None else float(gauss_next))}
+    except (ValueError, KeyError, TypeError, OverflowError, RuntimeError) as err:
+        raise ValueError(f"{path} is not an RNG state file of this trainer ({type(err).__name__}: {err})") from None
 
 
 def restore_rng_states(states: dict | None) -> None:
+    """Set the global RNGs to what `read_rng_states` returned (None: leave them as they are)."""
     if not states:
         return
     torch.set_rng_state(states["torch"])

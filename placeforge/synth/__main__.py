@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from placeforge.config import ConfigError, add_config_arguments, config_from_args, from_mapping, load_file
+from placeforge.config import (
+    ConfigError,
+    add_config_arguments,
+    check_output_folder,
+    config_from_args,
+    from_mapping,
+    load_file,
+)
 from placeforge.synth.synth_config import PRESETS, SynthConfig, preset
 
 DESCRIPTION = """\
@@ -62,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve_config(args)
+        check_output_folder(args.out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
