@@ -72,6 +72,13 @@ class PlaceGroup:
     place_ids: tuple[int, ...]  # [P]
     image_ids: tuple[tuple[int, ...], ...]  # [P][K]
     jpegs: tuple[tuple[bytes, ...], ...]  # [P][K]
+    positions: tuple[tuple[tuple[float, float, float], ...], ...] = ()  # [P][K] utm_position of each image
+
+
+def utm_position(meta: dict) -> tuple[float, float, float]:
+    """(zone, east, north) of an image's sample record; NaN for what the record does not have."""
+    values = (meta.get("utm_zone"), meta.get("utm_east"), meta.get("utm_north"))
+    return tuple(float("nan") if v is None else float(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,7 @@ def _make_group(samples: list[PlaceSample], k: int, rng: random.Random) -> Place
         place_ids=tuple(s.place_id for s in samples),
         image_ids=tuple(tuple(s.image_ids[i] for i in p) for s, p in zip(samples, picks)),
         jpegs=tuple(tuple(s.jpegs[i] for i in p) for s, p in zip(samples, picks)),
+        positions=tuple(tuple(utm_position(s.meta[i]) for i in p) for s, p in zip(samples, picks)),
     )
 
 

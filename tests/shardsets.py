@@ -36,7 +36,9 @@ def write_shard_set(root: Path, layout: list[list[tuple[int, int]]], image: Imag
                     "path": str(path), "relpath": path.name, "source": "test", "dataset": "test",
                     "image_id": image_id, "place_id": place, "place_key": f"p{place}",
                     "sample_key": sample_key(sample_index), "part": 0, "parts": parts,
-                    "lat": None, "lon": None, "utm_east": None, "utm_north": None, "utm_zone": None, "heading_deg": None,
+                    # places 100 m apart along one line, their images 1 m apart
+                    "lat": None, "lon": None, "utm_east": 100.0 * place + i, "utm_north": 0.0, "utm_zone": 10,
+                    "heading_deg": None,
                 })  # fmt: skip
                 ids.append(image_id)
             sample_index += 1

@@ -226,8 +226,10 @@ def test_group_batches_are_p_places_by_k_images_with_their_classes(four_shards, 
     version, batches = group_class_ids(root, labels, None)
     assert version == 0
     seen_places = Counter()
-    for images, place_ids, image_ids, class_ids in batches:
+    for images, place_ids, image_ids, class_ids, positions in batches:
         assert images.shape == (12, 3, 16, 16) and place_ids.shape == image_ids.shape == class_ids.shape == (12,)
+        assert positions.shape == (12, 3) and (positions[:, 0] == 10).all()  # UTM zone, east, north per image
+        assert ((positions[:, 1] // 100).long() == place_ids).all()  # tests.shardsets: place p at 100 p m east
         places = place_ids.view(3, 4)
         assert (places == places[:, :1]).all() and len(set(places[:, 0].tolist())) == 3  # P distinct x K
         assert len(set(image_ids.tolist())) == 12

@@ -23,6 +23,7 @@ from models.decoder import (
 from models.encoders import EncoderConfig, build_model, encoder_spec
 from models.heads import CosFaceClassifier, PairClassifier
 from trainer.losses import (
+    far_apart,
     hardest_pairs,
     masked_patch_mse,
     multi_similarity_loss,
@@ -239,6 +240,31 @@ def test_hardest_pairs_by_global_similarity():
     assert anchor.tolist() == [0, 1, 2]
     assert positive.tolist() == [2, 2, 0]  # least similar positive: 0 -> 50 deg, 10 -> 50 deg, 50 -> 0 deg
     assert negative.tolist() == [3, 3, 3]
+
+
+def test_far_apart_by_zone_and_distance():
+    positions = torch.tensor([[10, 0.0, 0.0], [10, 20.0, 0.0], [10, 30.0, 0.0], [55, 0.0, 0.0],
+                              [float("nan")] * 3], dtype=torch.float64)
+    far = far_apart(positions, 25.0)
+    assert far.tolist() == [
+        [False, False, True, True, True],  # 20 m away is near, 30 m far; another zone is far
+        [False, False, False, True, True],
+        [True, False, False, True, True],
+        [True, True, True, False, True],
+        [True, True, True, True, True],  # no position: far from everything, itself included
+    ]
+    assert far_apart(positions, 0.0).all()
+
+
+def test_hardest_pairs_skip_negatives_that_are_near():
+    e = unit_vectors_deg(0, 60, 90, 180)  # LABELS [0, 0, 1, 1]
+    far = torch.ones(4, 4, dtype=torch.bool)
+    far[0, 2] = far[2, 0] = far[1, 2] = far[2, 1] = False  # image 2 is within the radius of 0 and 1
+    anchor, positive, negative = hardest_pairs(e, LABELS, far)
+    assert anchor.tolist() == [0, 1, 3]  # anchor 2 has no far negative left
+    assert negative.tolist() == [3, 3, 1]  # without `far`: [2, 2, 1] (2 is the most similar)
+    none_far = ~torch.eye(4, dtype=torch.bool) & False
+    assert hardest_pairs(e, LABELS, none_far)[0].numel() == 0  # no negative left: no anchor
 
 
 def test_pair_bce_by_hand():

@@ -5,7 +5,7 @@
     for img_a, img_b, place_ids in loader: ...            # exactly `steps` batches, on every rank
 
     loader, steps = make_loader(shard_dir, "groups", ..., labels_dir=labels, label_version=None)
-    for images, place_ids, image_ids, class_ids in loader: ...
+    for images, place_ids, image_ids, class_ids, positions in loader: ...
     loader.dataset.label_version                          # the label version these class ids came from
     check_label_set(shard_dir, labels, version)           # rank 0, once per version: sha256, same shard set
 
@@ -78,6 +78,7 @@ class GroupBatch(NamedTuple):
     place_ids: torch.Tensor  # [P*K] int64
     image_ids: torch.Tensor  # [P*K] int64
     class_ids: torch.Tensor  # [P*K] int64, -1 for images the label version does not cover
+    positions: torch.Tensor | None = None  # [P*K, 3] float64 (UTM zone, east, north), NaN where unknown
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ def group_batches(
             place_ids=torch.tensor(group.place_ids, dtype=torch.int64).repeat_interleave(k),
             image_ids=torch.from_numpy(image_ids),
             class_ids=torch.from_numpy(classes_of(*lookup, image_ids)),
+            positions=torch.tensor([xyz for row in group.positions for xyz in row], dtype=torch.float64
+                                   ).reshape(len(image_ids), 3),
         )
 
 

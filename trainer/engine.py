@@ -21,7 +21,7 @@ from models.decoder import patchify, random_patch_mask
 from models.heads import CosFaceClassifier
 from trainer.augment import model_input
 from trainer.data import GroupBatch, PairBatch
-from trainer.losses import masked_patch_mse, multi_similarity_loss, pair_bce_loss, positive_keys
+from trainer.losses import far_apart, masked_patch_mse, multi_similarity_loss, pair_bce_loss, positive_keys
 from trainer.schedules import layer_decay_groups
 from trainer.train_config import TrainConfig
 
@@ -57,7 +57,9 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Stage 2: MS loss on global descriptors + BCE of the pair classifier on each anchor's
     hardest positive and negative + CosFace over view classes (class id -1 ignored).
-    Positives are images of the same place, or of the same view class (`cfg.positives`).
+    Positives are images of the same place, or of the same view class (`cfg.positives`);
+    the pair classifier's negatives are images of other places, with
+    cfg.pair_negative_min_distance_m > 0 only those that far away (`trainer.losses.far_apart`).
 
     Args:
         batch: GroupBatch, images [P*K, 3, S, S] place-major, place_ids / class_ids [P*K].
@@ -68,7 +70,10 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
     place_ids = batch.place_ids.to(device)
     class_ids = batch.class_ids.to(device)
     keys = positive_keys(place_ids, class_ids, cfg.positives)  # [B]: equal keys are positives
-    out = model(images, keys, class_ids)
+    far = None
+    if cfg.pair_negative_min_distance_m > 0 and batch.positions is not None:
+        far = far_apart(batch.positions.to(device), cfg.pair_negative_min_distance_m)  # [B, B]
+    out = model(images, keys, class_ids, far)
     descriptors = out["descriptors"].float()
     ms = multi_similarity_loss(descriptors, keys)
     if out["has_pairs"]:

@@ -39,11 +39,35 @@ def masked_patch_mse(pred: torch.Tensor, target_patches: torch.Tensor, mask: tor
     return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def _pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B] labels -> (positive [B, B], negative [B, B]) bool; the diagonal is neither."""
+def far_apart(positions: torch.Tensor, min_distance_m: float) -> torch.Tensor:
+    """Which pairs of images are far enough apart to be shown to the pair classifier as negatives.
+
+    The evaluation protocol counts a database image within 25 m of a query as a match, so
+    an image of a neighbouring place 10 m down the same street is one of the candidates
+    re-ranking must accept; trained as a negative, it teaches the pair classifier to reject
+    them.  (The standard VPR training sets mine negatives the same way: NetVLAD's Pittsburgh
+    and Tokyo, MSLS.)
+
+    Args:
+        positions: [B, 3] (UTM zone, east, north); NaN where an image has no position.
+        min_distance_m: 0 makes every pair far.
+    Returns:
+        [B, B] bool: True where the two images are in different zones, either has no
+        position, or they are more than min_distance_m apart.
+    """
+    if min_distance_m <= 0:
+        return torch.ones(len(positions), len(positions), dtype=torch.bool, device=positions.device)
+    zone, east_north = positions[:, 0], positions[:, 1:]
+    near = (zone[:, None] == zone[None, :]) & (torch.cdist(east_north, east_north) <= min_distance_m)
+    return ~near  # NaN compares unequal and unordered: an image without a position is far from all
+
+
+def _pair_masks(labels: torch.Tensor, far: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] labels -> (positive [B, B], negative [B, B]) bool; the diagonal is neither.
+    With `far` ([B, B] bool, `far_apart`), only far pairs of other labels are negatives."""
     same = labels[:, None] == labels[None, :]
     positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    return positive, ~same
+    return positive, ~same if far is None else ~same & far
 
 
 def multi_similarity_mine(similarity: torch.Tensor, labels: torch.Tensor,
@@ -118,7 +142,7 @@ def positive_keys(place_ids: torch.Tensor, class_ids: torch.Tensor, mode: str) -
     return torch.where(class_ids >= 0, class_ids, place_ids)
 
 
-def hardest_pairs(embeddings: torch.Tensor, labels: torch.Tensor
+def hardest_pairs(embeddings: torch.Tensor, labels: torch.Tensor, far: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each anchor with a positive and a negative in the batch: its least similar
     positive and its most similar negative by global-descriptor similarity.
@@ -126,12 +150,13 @@ def hardest_pairs(embeddings: torch.Tensor, labels: torch.Tensor
     Args:
         embeddings: [B, D] L2-normalised descriptors.
         labels: [B] place ids.
+        far: [B, B] bool (`far_apart`): the pairs that may be negatives; None = every other label.
     Returns:
         (anchor_idx, positive_idx, negative_idx), each [A] int64, A <= B.
     """
     with torch.no_grad():
         similarity = embeddings @ embeddings.T  # [B, B]
-        positive, negative = _pair_masks(labels)
+        positive, negative = _pair_masks(labels, far)
         inf = torch.tensor(float("inf"), dtype=similarity.dtype, device=similarity.device)
         positive_idx = torch.where(positive, similarity, inf).argmin(dim=1)  # [B]
         negative_idx = torch.where(negative, similarity, -inf).argmax(dim=1)  # [B]

@@ -68,6 +68,11 @@ class TrainConfig:
     # ---- stage-2 losses ----
     positives: Literal["view_class", "place"] = field(
         default="view_class", metadata={"help": "stage 2 MS / pair positives: same view class (else place) or place"})
+    pair_negative_min_distance_m: float = field(
+        default=0.0, metadata={"help": "stage 2: the pair classifier's hardest negative is an image of another place "
+                                       "more than this far away (same UTM zone; images without a position always "
+                                       "qualify); 0: any other place. Set it to the evaluation radius (25) when "
+                                       "neighbouring places overlap, as in a densely sampled city"})
     ms_weight: float = field(default=1.0, metadata={"help": "weight of the Multi-Similarity loss"})
     pair_bce_weight: float = field(default=2.0, metadata={"help": "weight of the pair-classifier BCE (Pair-VPR 2)"})
     pair_trains_encoder: bool = field(
@@ -127,6 +132,8 @@ class TrainConfig:
             raise ValueError("growing the CosFace head for a new label version is not supported with ZeRO-3; use 0-2")
         if bool(self.val_database) != bool(self.val_queries):
             raise ValueError("give both val_database and val_queries, or neither")
+        if not self.pair_negative_min_distance_m >= 0:
+            raise ValueError(f"pair_negative_min_distance_m must be >= 0, got {self.pair_negative_min_distance_m}")
         if self.val_every_epochs < 1 or not self.val_radius_m > 0:
             raise ValueError("val_every_epochs must be >= 1 and val_radius_m > 0")
         for name in ("num_workers", "checkpoint_every_steps", "keep_checkpoints", "recluster_every_epochs",

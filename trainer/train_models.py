@@ -55,11 +55,13 @@ class FinetuneModel(nn.Module):
         self.pair = PairClassifier(decoder)
         self.cosface = CosFaceClassifier(global_model.head.out_features, num_classes, scale, margin)
 
-    def forward(self, images: torch.Tensor, place_ids: torch.Tensor, class_ids: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor, place_ids: torch.Tensor, class_ids: torch.Tensor,
+                far: torch.Tensor | None = None) -> dict:
         """Everything the stage-2 losses read, from one batch of P places x K images.
 
         Args:
             images: [B, 3, S, S]; place_ids [B]; class_ids [B] (-1: no view class).
+            far: [B, B] bool, pairs that may be negatives (trainer.losses.far_apart); None: all.
         Returns:
             descriptors [B, D]; pair_pos / pair_neg [A] logits of each anchor with its hardest
             positive / negative (has_pairs False: one stand-in pair, not a training signal); cosface [B', C] margin logits of the B' labelled images
@@ -72,7 +74,7 @@ class FinetuneModel(nn.Module):
         if not self.pair_trains_encoder:  # a small encoder serves the global descriptor better alone
             patches = patches.detach()
         grid = patch_grid(encoder, images)
-        anchor, positive, negative = hardest_pairs(descriptors, place_ids)  # [A] each
+        anchor, positive, negative = hardest_pairs(descriptors, place_ids, far)  # [A] each
         has_pairs = anchor.numel() > 0
         if not has_pairs:
             # No anchor has both a positive and a negative (possible with view-class positives):
