@@ -14,7 +14,8 @@ decoder runs at 224 px in stage 1 and 322 px in stage 2), then runs blocks of
 self-attention over image 1, cross-attention to image 2 and an MLP (pre-norm, as CroCo,
 on which Pair-VPR builds).  A linear head predicts each patch's pixels.  The encoder's
 class token is dropped before the decoder: the decoder works on patch tokens only, and
-stage 2's pair classifier (models.heads) prepends its own class token.
+stage 2's pair classifier (models.heads) prepends its own class token.  Register tokens
+(DINOv2 _reg4 presets) are dropped with the class token: every prefix token is skipped.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def encode_visible(encoder: VisionTransformer, images: torch.Tensor, keep_idx: t
         images: [B, 3, H, W].
         keep_idx: [B, N_keep] indices into the N = (H / p) * (W / p) patches.
     Returns:
-        [B, P + N_keep, C] after the final norm; P prefix tokens (1 for our encoders) first.
+        [B, P + N_keep, C] after the final norm; P prefix tokens (class, then registers) first.
     """
     x = encoder.patch_embed(images)  # [B, gh, gw, C] with dynamic_img_size, else [B, N, C]
     x = encoder._pos_embed(x)  # [B, P + N, C] prefix tokens prepended, positions added
@@ -233,9 +234,9 @@ class SiameseMIMDecoder(nn.Module):
 
         Args:
             visible_tokens: [B, N_keep, C] encoder patch tokens of image 1's visible patches
-                (class token removed), in the order of keep_idx.
+                (prefix tokens removed), in the order of keep_idx.
             keep_idx: [B, N_keep] their patch indices.
-            tokens_2: [B, M, C] encoder patch tokens of image 2, all of them (class token removed).
+            tokens_2: [B, M, C] encoder patch tokens of image 2, all of them (prefix tokens removed).
             grid: (gh, gw) of both images' patch grids; N = M = gh * gw.
         Returns:
             [B, N, p * p * 3] predicted pixels (the loss reads only the masked ones).
@@ -257,7 +258,7 @@ class SiameseMIM(nn.Module):
     """Stage-1 model: a shared ViT encoder for both images and the Siamese MIM decoder.
 
     Args:
-        encoder: timm VisionTransformer with one class token (models.encoders presets).
+        encoder: timm VisionTransformer with a class token and any registers (models.encoders presets).
         decoder: a SiameseMIMDecoder built for this encoder's width and patch size.
     """
 

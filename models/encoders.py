@@ -1,17 +1,21 @@
 """Encoders and the global-descriptor model: a registry of ViT presets, a head, preprocessing.
 
-    cfg = EncoderConfig(name="vit_base_patch14_dinov2", image_size=322)
+    cfg = EncoderConfig(name="vit_base_patch14_reg4_dinov2", image_size=322,
+                        checkpoint="weights/dinov2_vitb14_reg4_pretrain.pth")
     model = build_model(cfg)                       # encoder + head; weights from cfg.checkpoint if set
     descriptors = model(preprocess(jpegs, cfg.image_size))   # [B, 512], unit length
 
 Presets are named after their architecture (`ENCODERS`); `vit_tiny_test` is a ViT small
 enough to train on a laptop CPU and exists for tests and the demo.  The DINOv2 presets
-are timm's ViTs with patch 14; their weights come only from a local file
-(`EncoderConfig.checkpoint`), never from the network.
+are timm's ViTs with patch 14, with or without 4 registers (`_reg4_`, what Pair-VPR
+uses), plus DINOv2's mask token; their weights come only from a local file
+(`EncoderConfig.checkpoint`: the official release .pth or timm's safetensors, models.dinov2),
+never from the network.  Tokens are [class, registers..., patches]: P = 1 + registers prefix
+tokens (`encoder.num_prefix_tokens`) come first, and everything that wants patches skips P.
 
 Global head (Pair-VPR): class token -> Linear -> descriptor_dim -> L2 normalise.  With
 `pooling="gem"` (MutualVPR): patch tokens -> L2 normalise -> GeM (p = 3, learnable)
--> Linear -> descriptor_dim -> L2 normalise.
+-> Linear -> descriptor_dim -> L2 normalise.  Register tokens feed neither.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from models.dinov2 import add_mask_token, load_weights_into, require_weights_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,22 +57,37 @@ def normalize_input(images: torch.Tensor, mode: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """The shape of one ViT preset; `timm_name` builds it with timm, None builds it here."""
+    """The shape of one ViT preset.
+
+    `timm_name` builds timm's architecture of that name (layer scale, registers, SwiGLU as
+    timm defines it) at this width and depth; None builds a plain ViT here.  `release_file`
+    names the official DINOv2 weights file the preset is meant to start from.
+    """
 
     patch_size: int
     embed_dim: int
     depth: int
     num_heads: int
     timm_name: str | None = None
+    release_file: str | None = None
+
+    @property
+    def dinov2(self) -> bool:
+        """A DINOv2 architecture: it has a mask token, and DINOv2's position-resize rule."""
+        return self.timm_name is not None and self.timm_name.endswith("_dinov2")
 
     def build(self, image_size: int) -> VisionTransformer:
         """The encoder with random weights, for images of `image_size` pixels (any size works)."""
         if self.timm_name is not None:
             import timm
 
-            return timm.create_model(
-                self.timm_name, pretrained=False, img_size=image_size, num_classes=0, dynamic_img_size=True
+            encoder = timm.create_model(
+                self.timm_name, pretrained=False, img_size=image_size, num_classes=0, dynamic_img_size=True,
+                embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
             )
+            if self.dinov2:
+                add_mask_token(encoder)
+            return encoder
         return VisionTransformer(
             img_size=image_size,
             patch_size=self.patch_size,
@@ -88,10 +109,27 @@ ENCODERS: dict[str, EncoderSpec] = {
     # The CPU demo's encoder: 8 x 8 patches of 8 px at 64 px, width 128, 4 blocks, ~0.9 M
     # parameters (docs/benchmarks.md, "Making it learn": the variants measured).
     "vit_w128_d4_patch8": EncoderSpec(patch_size=8, embed_dim=128, depth=4, num_heads=4),
-    "vit_small_patch14_dinov2": EncoderSpec(14, 384, 12, 6, timm_name="vit_small_patch14_dinov2"),
-    "vit_base_patch14_dinov2": EncoderSpec(14, 768, 12, 12, timm_name="vit_base_patch14_dinov2"),
-    "vit_large_patch14_dinov2": EncoderSpec(14, 1024, 24, 16, timm_name="vit_large_patch14_dinov2"),
-    "vit_giant_patch14_dinov2": EncoderSpec(14, 1536, 40, 24, timm_name="vit_giant_patch14_dinov2"),
+    # 2 blocks of width 64 in DINOv2's register layout (4 registers, layer scale, mask token):
+    # the tests' encoder for every path that must skip class and register tokens.
+    "vit_tiny_reg4_dinov2_test": EncoderSpec(14, 64, 2, 2, timm_name="vit_base_patch14_reg4_dinov2"),
+    # DINOv2 (facebookresearch/dinov2, dinov2/hub/backbones.py): ViT-g is "vit_giant2", width 1536,
+    # 40 blocks, SwiGLU MLP; the _reg4 models (dinov2_vit*14_reg) add 4 register tokens.
+    "vit_small_patch14_dinov2": EncoderSpec(
+        14, 384, 12, 6, "vit_small_patch14_dinov2", "dinov2_vits14_pretrain.pth"),
+    "vit_base_patch14_dinov2": EncoderSpec(
+        14, 768, 12, 12, "vit_base_patch14_dinov2", "dinov2_vitb14_pretrain.pth"),
+    "vit_large_patch14_dinov2": EncoderSpec(
+        14, 1024, 24, 16, "vit_large_patch14_dinov2", "dinov2_vitl14_pretrain.pth"),
+    "vit_giant_patch14_dinov2": EncoderSpec(
+        14, 1536, 40, 24, "vit_giant_patch14_dinov2", "dinov2_vitg14_pretrain.pth"),
+    "vit_small_patch14_reg4_dinov2": EncoderSpec(
+        14, 384, 12, 6, "vit_small_patch14_reg4_dinov2", "dinov2_vits14_reg4_pretrain.pth"),
+    "vit_base_patch14_reg4_dinov2": EncoderSpec(
+        14, 768, 12, 12, "vit_base_patch14_reg4_dinov2", "dinov2_vitb14_reg4_pretrain.pth"),
+    "vit_large_patch14_reg4_dinov2": EncoderSpec(
+        14, 1024, 24, 16, "vit_large_patch14_reg4_dinov2", "dinov2_vitl14_reg4_pretrain.pth"),
+    "vit_giant_patch14_reg4_dinov2": EncoderSpec(
+        14, 1536, 40, 24, "vit_giant_patch14_reg4_dinov2", "dinov2_vitg14_reg4_pretrain.pth"),
 }
 
 
@@ -109,7 +147,8 @@ class EncoderConfig:
     descriptor_dim: int = field(default=512, metadata={"help": "global descriptor dimension"})
     pooling: str = field(default="cls", metadata={"help": "cls (Pair-VPR: class token) or gem (MutualVPR: GeM)"})
     checkpoint: str | None = field(
-        default=None, metadata={"help": "local file of timm/DINOv2 encoder weights to start from (never downloaded)"}
+        default=None, metadata={"help": "local file of encoder weights to start from: the official DINOv2 .pth or "
+                                        "timm's safetensors (never downloaded; relative to the working directory)"}
     )
     input_norm: str = field(
         default="imagenet", metadata={"help": "imagenet, or per_image: standardise each image's channels first"})
@@ -153,9 +192,10 @@ class GlobalDescriptorModel(nn.Module):
     """A ViT encoder and a global head that gives one unit-length descriptor per image.
 
     Args:
-        encoder: a timm VisionTransformer with one class token and no classifier.
+        encoder: a timm VisionTransformer with a class token (first), any number of register
+            tokens after it, and no classifier.
         descriptor_dim: output dimension D.
-        pooling: "cls" (class token) or "gem" (GeM over L2-normalised patch tokens).
+        pooling: "cls" (class token) or "gem" (GeM over L2-normalised patch tokens only).
         input_norm: INPUT_NORMS, applied to the images before the encoder.
     """
 
@@ -164,8 +204,9 @@ class GlobalDescriptorModel(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
-        if encoder.num_prefix_tokens != 1:
-            raise ValueError(f"expected an encoder with exactly one class token, got {encoder.num_prefix_tokens}")
+        if encoder.cls_token is None:
+            raise ValueError(f"expected an encoder whose first token is a class token, got "
+                             f"{encoder.num_prefix_tokens} prefix token(s) and no class token")
         self.encoder = encoder
         self.pooling = pooling
         self.input_norm = input_norm
@@ -173,7 +214,7 @@ class GlobalDescriptorModel(nn.Module):
         self.head = nn.Linear(encoder.embed_dim, descriptor_dim)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Encoder tokens after the final norm.  [B, 3, H, W] -> [B, 1 + N, C], class token first."""
+        """Encoder tokens after the final norm.  [B, 3, H, W] -> [B, P + N, C]: class token, registers, patches."""
         return self.encoder.forward_features(normalize_input(images, self.input_norm))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -181,11 +222,12 @@ class GlobalDescriptorModel(nn.Module):
         return self.pool(self.forward_features(images))
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Encoder tokens [B, 1 + N, C] -> global descriptors [B, D] (evaluation also keeps the tokens)."""
+        """Encoder tokens [B, P + N, C] -> global descriptors [B, D] (evaluation also keeps the tokens)."""
         if self.gem is None:
             pooled = tokens[:, 0]  # [B, C] class token
         else:
-            pooled = self.gem(F.normalize(tokens[:, 1:], dim=-1))  # [B, C] over the N patch tokens
+            patches = tokens[:, self.encoder.num_prefix_tokens:]  # [B, N, C]: no class, no registers
+            pooled = self.gem(F.normalize(patches, dim=-1))  # [B, C]
         return F.normalize(self.head(pooled), dim=-1)  # [B, D]
 
 
@@ -194,31 +236,20 @@ def build_model(cfg: EncoderConfig, load_encoder_weights: bool = True) -> Global
 
     `load_encoder_weights=False` gives the bare architecture, e.g. to load a full model
     checkpoint into (models.checkpoint), where the starting weights do not matter.
+
+    Raises:
+        ConfigError: `cfg.checkpoint` names a file that is not there (checked before building).
+        ValueError: the file's weights do not fit the preset (models.dinov2 names the keys).
     """
     cfg.validate()
-    encoder = encoder_spec(cfg.name).build(cfg.image_size)
+    spec = encoder_spec(cfg.name)
+    weights = None
     if load_encoder_weights and cfg.checkpoint is not None:
-        load_encoder_weights_from(encoder, cfg.checkpoint)
+        weights = require_weights_file(cfg.checkpoint, spec.release_file)
+    encoder = spec.build(cfg.image_size)
+    if weights is not None:
+        load_weights_into(encoder, weights, dinov2=spec.dinov2)
     return GlobalDescriptorModel(encoder, cfg.descriptor_dim, cfg.pooling, cfg.input_norm)
-
-
-def load_encoder_weights_from(encoder: VisionTransformer, path: str) -> None:
-    """Load timm or original DINOv2 weights from a local file (.pth / .safetensors) into `encoder`.
-
-    timm's filter converts DINOv2's own key names and resizes the position embedding to
-    this encoder's image size.  Loading is `weights_only`, so the file cannot run code.
-    """
-    from timm.models import load_state_dict
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    state = checkpoint_filter_fn(load_state_dict(str(path), weights_only=True), encoder)
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # no classifier here
-    result = encoder.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{path}: encoder weights do not fit this encoder (missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]})"
-        )
 
 
 def resize_and_crop(image: Image.Image, size: int, mode: str = "crop") -> np.ndarray:

@@ -46,7 +46,7 @@ class PairClassifier(nn.Module):
         """Logit that A and B show the same place (A attends to B; not symmetric).
 
         Args:
-            patches_a: [B, N, C] encoder patch tokens of image A (class token removed).
+            patches_a: [B, N, C] encoder patch tokens of image A (class and register tokens removed).
             patches_b: [B, M, C] encoder patch tokens of image B.
             grid_a: (gh, gw) of A, N = gh * gw; grid_b likewise, default grid_a.
         Returns:
@@ -56,7 +56,7 @@ class PairClassifier(nn.Module):
         for name, tokens, grid in (("A", patches_a, grid_a), ("B", patches_b, grid_b)):
             if tokens.shape[1] != grid[0] * grid[1]:
                 raise ValueError(f"image {name} has {tokens.shape[1]} tokens, its grid {grid} has "
-                                 f"{grid[0] * grid[1]} (pass patch tokens, without the class token)")
+                                 f"{grid[0] * grid[1]} (pass patch tokens only: no class token, no registers)")
         x = self.embed(patches_a) + sincos_2d_positions(grid_a, self.width, patches_a.device)  # [B, N, D]
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1 + N, D]
         y = self.embed(patches_b) + sincos_2d_positions(grid_b, self.width, patches_b.device)  # [B, M, D]

@@ -123,6 +123,10 @@ CASES = [
     Case("train-init-from-missing", "python -m trainer.train --init-from FILE", "the file does not exist",
          "trainer.train", f"{FINETUNE} {{data}}/mim_missing.pt",
          "mim_missing.pt cannot be read: No such file or directory"),
+    Case("train-dinov2-weights-missing", "python -m trainer.train --encoder-weights FILE",
+         "a DINOv2 recipe whose weight file is not there", "trainer.train",
+         f"{PRETRAIN} --encoder vit_tiny_reg4_dinov2_test --image-size 28 --encoder-weights {{data}}/weights/dino.pth",
+         "weights not found at"),
     Case("demo-foreign-city", "placeforge demo --out DIR", "DIR/city/ holds files placeforge did not write",
          "pipelines.cli", "demo --preset tiny --out {data}/foreign_demo", "refusing to write into"),
 ]

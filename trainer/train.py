@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
+from models.dinov2 import require_weights_file
+from models.encoders import encoder_spec
 from placeforge.config import add_config_arguments, check_output_folder, config_from_args, save_config, to_dict
 from placeforge.fileio import OutputLockedError, output_lock
 from placeforge.raysession import free_port
@@ -338,6 +340,8 @@ def check_start(cfg: TrainConfig, dist: DistState) -> None:
     check_enough_shards(len(ShardSet.open(cfg.shards).urls), dist.world_size, cfg.num_workers)
     if cfg.stage == "finetune" and cfg.init_from:
         check_stage1_export(cfg.init_from)
+    elif cfg.encoder_weights:  # a recipe that starts from DINOv2 never silently starts from random weights
+        require_weights_file(cfg.encoder_weights, encoder_spec(cfg.encoder).release_file)
 
 
 def check_stage1_export(path: str | os.PathLike) -> None:

@@ -9,30 +9,41 @@ Stage-1 exports are plain tensors (`torch.load(weights_only=True)`), like models
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from models.decoder import SiameseMIM, SiameseMIMDecoder, decoder_config, patch_grid
-from models.encoders import GlobalDescriptorModel, build_model
+from models.dinov2 import fit_position_embedding
+from models.encoders import GlobalDescriptorModel, build_model, encoder_spec
 from models.heads import CosFaceClassifier, PairClassifier
 from placeforge.fileio import atomic_write
 from trainer.losses import hardest_pairs
 from trainer.train_config import TrainConfig
 
 MIM_KIND = "siamese_mim"
+log = logging.getLogger(__name__)
 
 
 def build_decoder(cfg: TrainConfig, encoder: nn.Module) -> SiameseMIMDecoder:
     return SiameseMIMDecoder(decoder_config(cfg.decoder), encoder.embed_dim, encoder.patch_embed.patch_size[0])
 
 
-def build_pretrain_model(cfg: TrainConfig) -> SiameseMIM:
-    """Stage 1: the encoder (DINOv2 weights when `encoder_weights` is set) and a new decoder."""
-    encoder = build_model(cfg.encoder_config()).encoder
+def build_pretrain_model(cfg: TrainConfig, load_encoder_weights: bool = True) -> SiameseMIM:
+    """Stage 1: the encoder (DINOv2 weights when `encoder_weights` is set) and a new decoder.
+
+    Raises:
+        ConfigError: `encoder_weights` names a file that is not there (nothing is trained from
+            random weights in its place).
+    """
+    release = encoder_spec(cfg.encoder).release_file
+    if load_encoder_weights and release and not cfg.encoder_weights:
+        log.warning("encoder %s starts from RANDOM weights: encoder_weights is not set (the published recipes "
+                    "start from %s)", cfg.encoder, release)
+    encoder = build_model(cfg.encoder_config(), load_encoder_weights).encoder
     return SiameseMIM(encoder, build_decoder(cfg, encoder), cfg.input_norm)
 
 
@@ -106,7 +117,7 @@ def freeze_encoder_except_last(encoder: nn.Module, trainable_last_blocks: int) -
 def build_finetune_model(cfg: TrainConfig, num_classes: int) -> FinetuneModel:
     """Stage 2: stage-1 encoder + decoder from `cfg.init_from` (else as stage 1 starts), a new
     global head, pair class token and MLP, and a CosFace head of `num_classes` rows."""
-    mim = build_pretrain_model(cfg)
+    mim = build_pretrain_model(cfg, load_encoder_weights=not cfg.init_from)  # init_from replaces them
     if cfg.init_from:
         load_mim(mim, cfg.init_from)
     global_model = build_model(cfg.encoder_config(), load_encoder_weights=False)
@@ -143,11 +154,8 @@ def load_mim(mim: SiameseMIM, path: str | os.PathLike) -> None:
         raise ValueError(f"{path}: not a stage-1 export (kind {MIM_KIND!r}); pass out/export/mim_epochNNNN.pt")
     state = dict(content["state_dict"])
     pos = state.get("encoder.pos_embed")
-    target = mim.encoder.pos_embed
-    if pos is not None and pos.shape != target.shape:
-        prefix = mim.encoder.num_prefix_tokens
-        side = int(round((target.shape[1] - prefix) ** 0.5))
-        state["encoder.pos_embed"] = resample_abs_pos_embed(pos, (side, side), num_prefix_tokens=prefix)
+    if pos is not None and pos.shape != mim.encoder.pos_embed.shape:
+        state["encoder.pos_embed"] = fit_position_embedding(pos, mim.encoder)  # class position (if any) kept
     result = mim.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path}: weights do not fit encoder {content.get('encoder')} / decoder "
