@@ -1,12 +1,19 @@
 """Build place-aware WebDataset shards from VPR datasets, as a Ray Data job.
 
     python pipelines/build_shards.py --source atname:/data/sf_xl/train --source gsv_cities:/data/gsv --out /data/shards
+    python pipelines/build_shards.py --source atname:/nfs/sf_xl/processed /nfs/sf_xl/files.parquet --out /data/shards
     ray job submit --working-dir . -- python pipelines/build_shards.py --source ... --out /shared/shards
 
 Steps: ingest every source into one catalog (metadata only, on the driver), assign
 places, plan which image goes to which sample and shard (pure, seeded), then one Ray
 task per shard reads, re-encodes and packs its images.  Every input ends up in the
 shards or in rejects.parquet with a reason; the counts are checked and printed.
+
+A source given with a file list (a text file of paths, one per line, '#' comments, or a
+.parquet file with a `path` column; paths relative to ROOT) is not walked or stat'ed:
+the list stands for the folder (placeforge/ingest/filelist.py).  A listed path that is
+absolute or has a '..' is rejected as path_outside_root and never opened; a listed file
+that is not there is rejected when its shard task reads it.
 
 Re-running into the same --out resumes an interrupted build (finished shards are kept),
 does nothing for a complete one, and refuses if the config or the inputs changed
@@ -32,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--source",
         action="append",
+        nargs="+",
         required=True,
-        metavar="FORMAT:PATH",
-        help=f"a dataset to ingest (repeatable); FORMAT is one of {', '.join(sorted(READERS))}",
+        metavar=("FORMAT:ROOT", "LIST"),
+        help=f"a dataset to ingest (repeatable): FORMAT:ROOT walks the folder ROOT; FORMAT:ROOT LIST "
+        f"reads the images one file LIST names instead (text, one path per line, '#' comments; or .parquet with "
+        f"a 'path' column; paths relative to ROOT). FORMAT is one of {', '.join(sorted(READERS))}",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; nothing is written outside it)")
     parser.add_argument("--overwrite", action="store_true", help="replace a shard set built with another config")
@@ -47,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from placeforge.config import ConfigError
-    from placeforge.ingest import SourceError, parse_source_spec
+    from placeforge.ingest import SourceError, parse_source_args
     from placeforge.raysession import parse_resources
     from shards.build import BuildError, build
 
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> str:
         cfg = config_from_args(BuildConfig, args)
         check_output_folder(args.out)  # before the sources are listed, which can take minutes
-        sources = [parse_source_spec(spec) for spec in args.source]
+        sources = [parse_source_args(words) for words in args.source]
         return build(
             sources, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address, num_cpus=args.num_cpus,
             task_resources=parse_resources(args.task_resources),

@@ -64,6 +64,7 @@ REASONS = {
     "duplicate": "same image listed more than once",
     "missing_file": "metadata names an image file that does not exist",
     "not_in_metadata": "image file has no metadata row",
+    "path_outside_root": "a file list names an absolute path or one with '..' (never opened)",
     "place_too_small": "its place has fewer images than the configured minimum",
 }
 

@@ -105,7 +105,7 @@ class BuildSummary:
 
 
 def build(
-    sources: list[tuple[str, Path]],
+    sources: list[tuple[str, Path] | tuple[str, Path, Path | None]],
     out_dir: str | os.PathLike,
     cfg: BuildConfig,
     overwrite: bool = False,
@@ -114,6 +114,10 @@ def build(
     task_resources: dict[str, float] | None = None,
 ) -> BuildSummary:
     """Build (or resume, or confirm) the shard set in `out_dir` from `sources`.
+
+    A source is (format, root) or (format, root, file_list), e.g. placeforge.ingest.Source;
+    with a file list its files are not walked or stat'ed, and a listed file that is missing
+    is rejected (unreadable, "... does not exist") when its shard task reads it.
 
     `task_resources`: custom Ray resources every shard task asks for (placeforge.raysession.
     parse_resources), e.g. to keep decode work on CPU nodes; not part of the build's config.
@@ -151,13 +155,13 @@ def build(
     return BuildSummary(out, manifest, len(done), time.perf_counter() - started)
 
 
-def _ingest(sources: list[tuple[str, Path]]) -> tuple[pa.Table, pa.Table, int]:
+def _ingest(sources: list[tuple]) -> tuple[pa.Table, pa.Table, int]:
     """Read every source (all are checked before any work starts) and drop cross-source duplicates."""
     from placeforge.ingest import read_source
 
     if not sources:
         raise BuildError("no --source given")
-    results = [read_source(fmt, root) for fmt, root in sources]
+    results = [read_source(*source) for source in sources]
     catalog = concat([r.catalog for r in results], CATALOG_SCHEMA)
     rejects = concat([r.rejects for r in results], REJECTS_SCHEMA)
     inputs = sum(r.inputs for r in results)
@@ -188,10 +192,12 @@ def _ingest(sources: list[tuple[str, Path]]) -> tuple[pa.Table, pa.Table, int]:
     return catalog, rejects, inputs
 
 
-def _fingerprint(cfg: BuildConfig, sources: list[tuple[str, Path]], plan: pa.Table) -> str:
+def _fingerprint(cfg: BuildConfig, sources: list[tuple], plan: pa.Table) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(to_dict(cfg), sort_keys=True).encode())
-    digest.update(json.dumps([[f, str(Path(p).resolve())] for f, p in sources]).encode())
+    # [format, root] as before file lists existed, so older interrupted builds still resume
+    paths = [[s[0], *(str(Path(p).resolve()) for p in s[1:] if p is not None)] for s in sources]
+    digest.update(json.dumps(paths).encode())
     for name in ("image_id", "path", "shard_index", "sample_key", "member"):
         digest.update(name.encode())
         for chunk in plan.column(name).chunks:
@@ -353,9 +359,11 @@ def _assemble(
     inputs: int,
     num_shards: int,
     cfg: BuildConfig,
-    sources: list[tuple[str, Path]],
+    sources: list[tuple],
     fingerprint: str,
 ) -> Manifest:
+    from placeforge.ingest import Source
+
     work = out / WORK_SUBDIR
     records, index_parts, reject_parts = [], [], [rejects]
     for i in range(num_shards):
@@ -395,7 +403,7 @@ def _assemble(
     write_index(index, out / INDEX_FILE)
     manifest = Manifest(
         config=to_dict(cfg),
-        sources=[f"{f}:{Path(p).resolve()}" for f, p in sources],
+        sources=[Source(*s).label() for s in sources],
         counts=counts,
         shards=records,
         fingerprint=fingerprint,

@@ -8,7 +8,8 @@ each of which may be empty, between a leading and a trailing "@", then the exten
         @heading@pitch@roll@height@timestamp@note@.jpg
     @0543037.38@4180974.80@10@S@037.77510@-122.51130@1ooZhwTQyuNt0xiue5YhLg@@134@@@@201311@@.jpg
 
-Every file below the root is an input; `subset` is its folder relative to the root
+Every file below the root is an input (or every path a file list names, see
+`ingest.filelist`: then no folder is walked); `subset` is its folder relative to the root
 (e.g. "images/test/queries"; null at the root).  Coordinates come from lat/lon when
 both are present and valid, else from the UTM fields; UTM is then recomputed from
 lat/lon per point.  `pano_id` identifies a panorama, not a place, so
@@ -44,6 +45,7 @@ from placeforge.ingest.common import (
     parse_int,
     whole,
 )
+from placeforge.ingest.filelist import read_file_list
 from placeforge.ingest.listing import list_files
 
 SOURCE = "atname"
@@ -207,12 +209,17 @@ def parse_at_names(names: pl.Series) -> pl.DataFrame:
     return parsed.with_columns(captured_at_s=_timestamp_seconds(pl.col("timestamp")))
 
 
-def read_atname(root: str | Path) -> IngestResult:
-    """Catalog every file below `root` named in the "@" format (see the module docstring)."""
+def read_atname(root: str | Path, file_list: Path | None = None) -> IngestResult:
+    """Catalog every file below `root` named in the "@" format (see the module docstring).
+
+    With `file_list` (see placeforge.ingest.filelist) the files it names, relative to
+    `root`, instead of a walk of the folder: nothing is listed or stat'ed.
+    """
     root = open_root(SOURCE, root)
-    listing = list_files(root)
+    listing = list_files(root) if file_list is None else read_file_list(file_list)
     if not listing.relpaths and not listing.skipped:
-        raise SourceError(f"{SOURCE} source {root} has no files (expected @...@.jpg images in any subfolder)")
+        where = f"file list {file_list} names no files" if file_list else "has no files"
+        raise SourceError(f"{SOURCE} source {root} {where} (expected @...@.jpg images in any subfolder)")
     rejects = RejectLog()
     for entry in listing.skipped:
         rejects.add(entry.relpath, entry.reason, entry.detail)
@@ -251,7 +258,7 @@ def read_atname(root: str | Path) -> IngestResult:
     candidates = parsed.filter(pl.col("usable")).select(
         "relpath", "subset", "lat", "lon", "heading_deg", "captured_at_s", input="relpath"
     )
-    return finish(SOURCE, root, candidates, rejects, missing_reason="unreadable")
+    return finish(SOURCE, root, candidates, rejects, missing_reason="unreadable", stat_files=file_list is None)
 
 
 def _resolve_coordinates(parsed: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

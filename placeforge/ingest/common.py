@@ -13,6 +13,8 @@ and records every other input in a `RejectLog`.  `finish` then rejects the same
 image listed twice, files that are missing or unreadable, and one file reached
 under two names (hard links, symlinks), computes UTM per point with
 `placeforge.geo`, and checks that every input ended up in exactly one table.
+For a source given as a file list (`ingest.filelist`) nothing is stat'ed: the list
+stands for the folder, and the shard build rejects the files it cannot read.
 """
 
 from __future__ import annotations
@@ -227,6 +229,16 @@ def reject_unclaimed(rejects: RejectLog, listing: Listing, claimed: set[str], me
     ))  # fmt: skip
 
 
+def reject_unlisted(rows: pl.DataFrame, listing: Listing, rejects: RejectLog, list_name: str) -> pl.DataFrame:
+    """Rows (input, relpath) whose image a file list does not name are missing_file; return the others.
+
+    The list stands for the folder: what it does not name is taken not to exist.
+    """
+    listed = pl.col("relpath").is_in(pl.Series(listing.relpaths, dtype=pl.String))
+    reject_rows(rejects, rows.filter(~listed), "missing_file", pl.format(f"{{}} is not in {list_name}", "relpath"))
+    return rows.filter(listed)
+
+
 def normalise_heading(heading_deg: np.ndarray) -> np.ndarray:
     """[N] compass headings in degrees -> [N] float32 in [0, 360); non-finite -> NaN."""
     heading = np.asarray(heading_deg, dtype=np.float64)
@@ -243,6 +255,7 @@ def finish(
     rejects: RejectLog,
     missing_reason: str,
     warnings: tuple[str, ...] = (),
+    stat_files: bool = True,
 ) -> IngestResult:
     """Reject repeats and unreadable files among `candidates`, add UTM, build both tables.
 
@@ -253,6 +266,8 @@ def finish(
         rejects: the reader's rejects so far; finish adds its own.
         missing_reason: reason for a candidate file that does not exist ("missing_file"
             for metadata-driven readers, "unreadable" for listing-driven ones).
+        stat_files: False for a source given as a file list: no file is stat'ed, so missing,
+            unreadable and hard-linked files are found only when the shard build reads them.
     """
     dataset = root.name
     inputs = candidates.height + len(rejects)
@@ -274,6 +289,9 @@ def finish(
         "input", "relpath", reason=pl.lit("duplicate"), detail=pl.format("same image as {}", "first_input")
     ))
     cand = cand.filter(~repeated)
+
+    if not stat_files:
+        return IngestResult(_catalog(source, root, cand), rejects.table(source, dataset), inputs, warnings)
 
     # Files that are missing, unreadable, or not regular files.
     status = check_files(root, cand["relpath"].to_list(), missing_reason)

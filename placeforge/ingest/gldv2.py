@@ -36,9 +36,11 @@ from placeforge.ingest.common import (
     problems,
     read_csv_strings,
     reject_rows,
+    reject_unlisted,
     row_labels,
     whole,
 )
+from placeforge.ingest.filelist import read_file_list
 
 SOURCE = "gldv2"
 CSV_NAME = "train_clean.csv"
@@ -47,8 +49,14 @@ _IMAGE_ID = r"[0-9a-f]{3,}"
 _LANDMARK_ID = r"[0-9]{1,18}"
 
 
-def read_gldv2(root: str | Path) -> IngestResult:
-    """Catalog the train_clean subset of a GLDv2 folder (see the module docstring)."""
+def read_gldv2(root: str | Path, file_list: Path | None = None) -> IngestResult:
+    """Catalog the train_clean subset of a GLDv2 folder (see the module docstring).
+
+    With `file_list` (see placeforge.ingest.filelist; paths like "train/0/0/0/000abc.jpg",
+    relative to `root`) the list says which files exist: no image is stat'ed and an id
+    whose file is not listed is missing_file.  Listed files the CSV does not name are not
+    inputs (as files under train/ are not); listed paths that are unsafe or repeated are.
+    """
     root = open_root(SOURCE, root)
     if not (root / CSV_NAME).is_file():
         raise SourceError(f"{SOURCE} source {root} has no {CSV_NAME}")
@@ -90,4 +98,9 @@ def read_gldv2(root: str | Path) -> IngestResult:
     malformed = pl.col("problem") != ""
     reject_rows(rejects, ids.filter(malformed), "bad_row", pl.col("problem"))
     candidates = ids.filter(~malformed).select("input", "relpath", "subset", "source_place_id")
-    return finish(SOURCE, root, candidates, rejects, missing_reason="missing_file")
+    if file_list is not None:
+        listing = read_file_list(file_list)
+        for entry in listing.skipped:
+            rejects.add(entry.relpath, entry.reason, entry.detail)
+        candidates = reject_unlisted(candidates, listing, rejects, f"file list {file_list.name}")
+    return finish(SOURCE, root, candidates, rejects, missing_reason="missing_file", stat_files=file_list is None)

@@ -17,6 +17,11 @@ row names:
     the same row (same image name) again      duplicate
     image file no row names                   not_in_metadata  "Images/Rome/..."
 
+Given a file list (`ingest.filelist`) instead, the list stands for the Images/ folder:
+nothing is walked or stat'ed, a row whose image is not listed is missing_file, a listed
+path that no row names is not_in_metadata (or not_an_image), and a listed file that is
+gone is found when the shard build reads it.
+
 A CSV whose name is not alphanumeric (e.g. "a b.csv") is not trusted as a folder
 name: every row in it is `bad_row`.  A CSV that cannot be parsed at all is one
 `unreadable` input.  A file whose name a bad_row row could still spell (e.g. month
@@ -47,10 +52,12 @@ from placeforge.ingest.common import (
     read_csv_strings,
     reject_rows,
     reject_unclaimed,
+    reject_unlisted,
     row_labels,
     split_unplaced,
     whole,
 )
+from placeforge.ingest.filelist import read_file_list
 from placeforge.ingest.listing import is_text, list_files, printable
 
 SOURCE = "gsv_cities"
@@ -60,8 +67,14 @@ _PANOID = r"[A-Za-z0-9_-]+"
 _DIGITS = r"[0-9]{1,18}"
 
 
-def read_gsv_cities(root: str | Path) -> IngestResult:
-    """Catalog a GSV-Cities folder (see the module docstring)."""
+def read_gsv_cities(root: str | Path, file_list: Path | None = None) -> IngestResult:
+    """Catalog a GSV-Cities folder (see the module docstring).
+
+    With `file_list` (see placeforge.ingest.filelist; paths like "Images/Rome/Rome_....jpg",
+    relative to `root`) the list stands for the Images/ folder: it is not walked, no image is
+    stat'ed, a row whose image is not listed is missing_file and a listed path no row names
+    is not_in_metadata.  The CSVs are read as usual.
+    """
     root = open_root(SOURCE, root)
     csv_names = _csv_names(root / "Dataframes")
     if not csv_names:
@@ -77,9 +90,12 @@ def read_gsv_cities(root: str | Path) -> IngestResult:
         rows, names = _read_city(root, csv_name, rejects)
         cities.append(rows)
         claimed |= names
-    reject_unclaimed(rejects, list_files(root, "Images"), claimed, "Dataframes/*.csv")
+    listing = list_files(root, "Images") if file_list is None else read_file_list(file_list)
+    reject_unclaimed(rejects, listing, claimed, "Dataframes/*.csv")
     candidates = pl.concat(cities, how="diagonal_relaxed") if cities else pl.DataFrame()
-    return finish(SOURCE, root, candidates, rejects, missing_reason="missing_file")
+    if file_list is not None and candidates.height:
+        candidates = reject_unlisted(candidates, listing, rejects, f"file list {file_list.name}")
+    return finish(SOURCE, root, candidates, rejects, missing_reason="missing_file", stat_files=file_list is None)
 
 
 def _read_city(root: Path, csv_name: str, rejects: RejectLog) -> tuple[pl.DataFrame, set[str]]:

@@ -26,7 +26,7 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024
 class SkippedEntry:
     """A listed entry that is an input in its own right but yields no image."""
 
-    relpath: str  # POSIX path relative to the dataset root (made printable)
+    relpath: str  # the reject's input: path relative to the root (made printable), or "LIST:line N"
     reason: str  # a catalog.REASONS code
     detail: str
 

@@ -41,10 +41,12 @@ from placeforge.ingest.common import (
     read_csv_strings,
     reject_rows,
     reject_unclaimed,
+    reject_unlisted,
     row_labels,
     split_unplaced,
     whole,
 )
+from placeforge.ingest.filelist import read_file_list
 from placeforge.ingest.listing import is_text, list_files, printable
 
 SOURCE = "msls"
@@ -54,8 +56,15 @@ REQUIRED = ("key",)  # without lat/lon columns (withheld test sets) rows are no_
 _KEY = r"[A-Za-z0-9_-]+"
 
 
-def read_msls(root: str | Path) -> IngestResult:
-    """Catalog an MSLS folder (see the module docstring)."""
+def read_msls(root: str | Path, file_list: Path | None = None) -> IngestResult:
+    """Catalog an MSLS folder (see the module docstring).
+
+    With `file_list` (see placeforge.ingest.filelist; paths like
+    "train_val/<city>/query/images/<key>.jpg", relative to the root that holds train_val/)
+    the list stands for the images/ folders: they are not walked, no image is stat'ed, a
+    row whose image is not listed is missing_file and a listed path no row names is
+    not_in_metadata.  The CSVs are read as usual.
+    """
     root = open_root(SOURCE, root)
     if root.name == "train_val" and not (root / "train_val").is_dir():
         root = open_root(SOURCE, root.parent)
@@ -66,13 +75,21 @@ def read_msls(root: str | Path) -> IngestResult:
     if not any((root / folder / "raw.csv").is_file() for folder, _ in folders):
         raise SourceError(f"{SOURCE} source {root} has no train_val/<city>/{{query,database}}/raw.csv")
     warnings: list[str] = []
-    parts = []
+    parts, all_claimed = [], set()
     for folder, subset in folders:
         rows, claimed = _read_side(root, folder, subset, rejects, warnings)
         parts.append(rows)
-        reject_unclaimed(rejects, list_files(root, f"{folder}/images"), claimed, f"{folder}/raw.csv")
+        if file_list is None:
+            reject_unclaimed(rejects, list_files(root, f"{folder}/images"), claimed, f"{folder}/raw.csv")
+        all_claimed |= claimed
     candidates = pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
-    return finish(SOURCE, root, candidates, rejects, missing_reason="missing_file", warnings=tuple(warnings))
+    if file_list is not None:
+        listing = read_file_list(file_list)
+        reject_unclaimed(rejects, listing, all_claimed, "any <split>/<city>/<side>/raw.csv")
+        if candidates.height:
+            candidates = reject_unlisted(candidates, listing, rejects, f"file list {file_list.name}")
+    return finish(SOURCE, root, candidates, rejects, missing_reason="missing_file", warnings=tuple(warnings),
+                  stat_files=file_list is None)
 
 
 def _side_folders(root: Path, rejects: RejectLog) -> list[tuple[str, str]]:
