@@ -39,6 +39,8 @@ class StoreKey:
     descriptor_dim: int
     tokens_shape: tuple[int, int] | None  # (N, C), None: descriptors only
     format: int = STORE_FORMAT
+    resize: str = "crop"  # models.encoders.RESIZES
+    input_hw: tuple[int, int] | None = None  # (H, W) pixels each image is resized to; None: S x S
 
 
 def images_sha256(paths: list[str]) -> str:
@@ -117,7 +119,8 @@ class FeatureStore:
 def _read_key(folder: Path) -> StoreKey | None:
     try:
         raw = json.loads((folder / "store.json").read_text())
-        raw["tokens_shape"] = tuple(raw["tokens_shape"]) if raw.get("tokens_shape") else None
+        for name in ("tokens_shape", "input_hw"):  # JSON lists back to the key's tuples
+            raw[name] = tuple(raw[name]) if raw.get(name) else None
         return StoreKey(**raw)
     except (OSError, ValueError, TypeError, KeyError):
         return None

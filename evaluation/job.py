@@ -52,6 +52,9 @@ class EvalConfig:
     sample_queries: int = field(default=12, metadata={"help": "queries shown in report.html"})
     seed: int = field(default=0, metadata={"help": "seed of the report's query sample"})
     baseline: bool = field(default=True, metadata={"help": "also rank by 16x16 thumbnails: the raw-pixel baseline"})
+    resize: str | None = field(default=None, metadata={
+        "help": "crop, squash or short_side (aspect kept, no crop): how images are resized for the encoder "
+                "(default: the checkpoint's)"})
 
     def validate(self) -> None:
         if not self.radius_m > 0:
@@ -64,6 +67,11 @@ class EvalConfig:
         for name in ("rerank_top_k", "embed_actors", "sample_queries"):
             if getattr(self, name) < 0:
                 raise EvaluationError(f"{name} must be >= 0, got {getattr(self, name)}")
+        from models.encoders import RESIZES  # here, not at import: torch is slow to load for --help
+
+        if self.resize is not None and self.resize not in RESIZES:
+            raise EvaluationError(f"resize must be one of {list(RESIZES)} (or unset: the checkpoint's), "
+                                  f"got {self.resize!r}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out
 
 def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, title, actor_resources,
               held: contextlib.ExitStack) -> EvalSummary:
+    from evaluation.embed import split_input_hw
     from models.checkpoint import inspect_model_checkpoint, load_pair_classifier
     from models.encoders import encoder_spec
     from placeforge.raysession import ray_session
@@ -124,8 +133,10 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
     pair = load_pair_classifier(checkpoint) if cfg.rerank_top_k else None
     labelled = database.east_north is not None and queries.east_north is not None
     spec = encoder_spec(encoder_cfg.name)
-    side = encoder_cfg.image_size // spec.patch_size
-    tokens_shape = (side * side, spec.embed_dim) if pair is not None else None
+    resize = cfg.resize or encoder_cfg.resize
+    input_hw = {split.name: split_input_hw(split.paths, encoder_cfg.image_size, resize, spec.patch_size)
+                for split in (database, queries)}  # (H, W) pixels: one size per split
+    grids = {name: (h // spec.patch_size, w // spec.patch_size) for name, (h, w) in input_hw.items()}  # (gh, gw)
     top_k = min(cfg.rerank_top_k, len(database)) if pair is not None else 0
     notes = [_rerank_note(cfg, pair is not None, len(database))]
     try:
@@ -136,7 +147,10 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
     sha = file_sha256(checkpoint)
     stores = {}
     for split in (database, queries):
-        key = StoreKey(sha, images_sha256(split.paths), encoder_cfg.image_size, encoder_cfg.descriptor_dim, tokens_shape)
+        gh, gw = grids[split.name]
+        tokens_shape = (gh * gw, spec.embed_dim) if pair is not None else None
+        key = StoreKey(sha, images_sha256(split.paths), encoder_cfg.image_size, encoder_cfg.descriptor_dim,
+                       tokens_shape, resize=resize, input_hw=input_hw[split.name])
         stores[split.name] = FeatureStore.open(out / "features" / split.name, key, len(split))
     timings: dict[str, float] = {}
     with ray_session(ray_address, num_cpus):
@@ -151,7 +165,8 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
         for split in (database, queries):
             tick = time.perf_counter()
             embedded_now[split.name] = embed_split(stores[split.name], split.paths, str(checkpoint), cfg.batch_size,
-                                                   actors, split.name, actor_resources=actor_resources)
+                                                   actors, split.name, resize, input_hw[split.name],
+                                                   actor_resources=actor_resources)
             timings[f"embed_{split.name}"] = time.perf_counter() - tick
 
     db_store, q_store = stores[database.name], stores[queries.name]
@@ -172,7 +187,8 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
         top_k = min(top_k, k)
         tick = time.perf_counter()
         rerank_scores = pair_scores(pair, q_store.tokens, db_store.tokens, candidates[:, :top_k],
-                                    (side, side), cfg.pairs_per_batch, query_rows=q_rows)
+                                    grids[queries.name], cfg.pairs_per_batch, query_rows=q_rows,
+                                    db_grid=grids[database.name])
         timings["rerank"] = time.perf_counter() - tick
         order, top = rerank_order(candidates[:, :top_k], rerank_scores)
         reranked = np.concatenate([top, candidates[:, top_k:]], axis=1)  # below K: the global order
@@ -210,6 +226,9 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
         "format": REPORT_FORMAT, "title": title or f"{checkpoint.name} on {_test_set_name(database, queries)}",
         "checkpoint": str(checkpoint), "checkpoint_sha256": sha, "encoder": encoder_cfg.name,
         "image_size": encoder_cfg.image_size, "positive_radius_m": cfg.radius_m,
+        "preprocessing": {"resize": resize, "chosen_by": "--resize" if cfg.resize else "checkpoint",
+                          "image_size": encoder_cfg.image_size,
+                          "input_hw": {name: list(hw) for name, hw in input_hw.items()}},
         "positions": {split.name: split.frame for split in (database, queries)}, "config": to_dict(cfg),
         "counts": {"database": int(len(db_rows)), "queries": int(len(q_rows)),
                    "queries_with_positive": None if with_positive is None else int(with_positive.sum()),

@@ -140,7 +140,7 @@ def write_report(out_dir: Path, report: dict[str, Any], predictions: pa.Table, d
 
     Args:
         report: the report.json dict (recall, recall_curve, counts, checkpoint, rerank,
-            positive_radius_m, timings_s, optional title).
+            positive_radius_m, preprocessing, timings_s, optional title).
         predictions: one row per query (see the module docstring); candidates index `database_paths`.
         sample_queries: how many queries the page shows, picked by `pick_sample` with `seed`.
         thumb_px: longest side of a thumbnail in pixels.
@@ -291,12 +291,22 @@ def _facts(report: dict[str, Any]) -> str:
         ("queries", counts["queries"]),
         ("queries with a positive", counts["queries_with_positive"]),
         ("positive radius", f"{float(report.get('positive_radius_m', float('nan'))):g} m"),
+        ("preprocessing", _preprocessing_text(report.get("preprocessing"))),
         ("checkpoint", report.get("checkpoint", "")),
         ("re-ranked top K", rerank.get("top_k", "") if rerank.get("available") else "not run"),
     ]
     facts += [(f"time: {name}", f"{float(seconds):.1f} s") for name, seconds in (report.get("timings_s") or {}).items()]
     rows = "".join(f'<tr><th class="text">{_e(k)}</th><td class="text">{_e(v)}</td></tr>' for k, v in facts)
     return f'<table class="facts">{rows}</table>'
+
+
+def _preprocessing_text(pre: dict[str, Any] | None) -> str:
+    """"short_side at 322 px (from --resize): database 322 x 434, queries 322 x 434 (H x W)"."""
+    if not pre:
+        return "not recorded"
+    sizes = ", ".join(f"{name} {h} x {w}" for name, (h, w) in (pre.get("input_hw") or {}).items())
+    return (f"{pre.get('resize')} at {pre.get('image_size')} px (from {pre.get('chosen_by', 'checkpoint')})"
+            + (f": {sizes} (H x W)" if sizes else ""))
 
 
 def _page(title: str, report: dict[str, Any], reranked: bool, sample_rows: list[str], n_missed: int,

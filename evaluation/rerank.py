@@ -1,6 +1,6 @@
 """Re-ranking the global top K with the pair classifier (Pair-VPR's second stage).
 
-    scores = pair_scores(pair, query_tokens, db_tokens, candidates, grid)    # [Q, K]
+    scores = pair_scores(pair, query_tokens, db_tokens, candidates, grid)    # [Q, K]; db_grid if it differs
     order, reranked = rerank_order(candidates, scores)                       # [Q, K] each
 
 Each candidate's score is logit(query, candidate) + logit(candidate, query): the pair
@@ -20,17 +20,19 @@ from models.heads import PairClassifier
 
 def pair_scores(pair: PairClassifier, query_tokens: np.ndarray, db_tokens: np.ndarray, candidates: np.ndarray,
                 grid: tuple[int, int], pairs_per_batch: int = 512, progress: bool = True,
-                query_rows: np.ndarray | None = None) -> np.ndarray:
+                query_rows: np.ndarray | None = None, db_grid: tuple[int, int] | None = None) -> np.ndarray:
     """Symmetric same-place scores of every (query, candidate) pair.
 
     Args:
         pair: the stage-2 pair classifier (eval mode, on the device to use).
         query_tokens: [Q, N, C] float16 patch tokens (a memmap is fine).
-        db_tokens: [M, N, C] float16.
+        db_tokens: [M, N', C] float16.
         candidates: [Q, K] database indices.
         query_rows: [Q] rows of `query_tokens` the candidates belong to (default 0..Q-1), so a
             memmap of every query is read a chunk at a time, never copied whole.
-        grid: (gh, gw) patch grid, N = gh * gw.
+        grid: (gh, gw) patch grid of the queries, N = gh * gw.
+        db_grid: (gh', gw') of the database, N' = gh' * gw' (default `grid`); the two differ
+            when images keep their aspect ratio ("short_side") and the splits' shapes differ.
         pairs_per_batch: pairs per classifier call.
     Returns:
         [Q, K] float32 scores, higher = more likely the same place.
@@ -50,7 +52,7 @@ def pair_scores(pair: PairClassifier, query_tokens: np.ndarray, db_tokens: np.nd
             wanted_queries = np.arange(queries)[rows] if query_rows is None else query_rows[rows]
             query = torch.from_numpy(np.asarray(query_tokens[wanted_queries])).to(device).float()  # [q, N, C]
             query = query.repeat_interleave(k, dim=0)  # [q * K, N, C]
-            logits = pair.score(query, db[where], grid)  # [q * K]
+            logits = pair.score(query, db[where], grid, db_grid)  # [q * K]
             scores[rows] = logits.float().cpu().numpy().reshape(chunk.shape)
             bar.update(chunk.size)
     return scores

@@ -23,17 +23,23 @@ class Embedder:
         checkpoint: a model checkpoint (`models.checkpoint`).
         id_column: the column passed through to identify each row ("image_id", "row").
         keep_tokens: also return the encoder's patch tokens (the re-ranking input).
+        resize: models.encoders.RESIZES; None = the checkpoint's own (evaluation may override it).
+        input_hw: (H, W) every image of a "short_side" batch is resized to (one size per batch);
+            the other modes use the checkpoint's square image_size.
     """
 
-    def __init__(self, checkpoint: str, id_column: str = "image_id", keep_tokens: bool = False) -> None:
+    def __init__(self, checkpoint: str, id_column: str = "image_id", keep_tokens: bool = False,
+                 resize: str | None = None, input_hw: tuple[int, int] | None = None) -> None:
         import torch
 
         from models.checkpoint import load_model_checkpoint
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, cfg = load_model_checkpoint(checkpoint, self.device)
-        self.image_size = cfg.image_size
-        self.resize = cfg.resize
+        self.resize = resize or cfg.resize
+        if self.resize == "short_side" and input_hw is None:
+            raise ValueError("resize short_side needs input_hw, the (H, W) of the batch")
+        self.image_size = tuple(input_hw) if self.resize == "short_side" else cfg.image_size
         self.id_column = id_column
         self.keep_tokens = keep_tokens
 

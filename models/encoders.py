@@ -40,10 +40,14 @@ POOLINGS = ("cls", "gem")
 # image of one facade then differ far less (the 16 x 16-thumbnail baseline removes the mean
 # for the same reason); it has no weights, so it costs nothing to store or load.
 INPUT_NORMS = ("imagenet", "per_image")
-# How an image becomes S x S at inference: "crop" resizes the short side and cuts the centre
-# (a 4:3 image loses a quarter of its width); "squash" resizes the whole view (Pair-VPR's
-# 322 x 322), which is also what training's random resized crops of a 4:3 image look like.
-RESIZES = ("crop", "squash")
+# How an image becomes the encoder's input at inference: "crop" resizes the short side to S and
+# cuts the centre S x S (a 4:3 image loses a quarter of its width); "squash" resizes the whole
+# view to S x S (Pair-VPR's 322 x 322, MutualVPR's 504), which is also what training's random
+# resized crops of a 4:3 image look like; "short_side" resizes the short side to S and keeps the
+# aspect ratio, no crop (gmberton/VPR-methods-evaluation), with the long side rounded to the
+# nearest multiple of the patch as that tool's DINOv2 wrapper does: a 4:3 image at 322 is
+# 322 x 434 (H x W), a non-square patch grid of 23 x 31.
+RESIZES = ("crop", "squash", "short_side")
 
 
 def normalize_input(images: torch.Tensor, mode: str) -> torch.Tensor:
@@ -152,7 +156,7 @@ class EncoderConfig:
     )
     input_norm: str = field(
         default="imagenet", metadata={"help": "imagenet, or per_image: standardise each image's channels first"})
-    resize: str = field(default="crop", metadata={"help": "inference resize: crop (short side, centre) or squash"})
+    resize: str = field(default="crop", metadata={"help": "inference resize: crop (short side, centre), squash, or short_side (aspect kept)"})
 
     def validate(self) -> None:
         spec = encoder_spec(self.name)
@@ -252,14 +256,40 @@ def build_model(cfg: EncoderConfig, load_encoder_weights: bool = True) -> Global
     return GlobalDescriptorModel(encoder, cfg.descriptor_dim, cfg.pooling, cfg.input_norm)
 
 
-def resize_and_crop(image: Image.Image, size: int, mode: str = "crop") -> np.ndarray:
-    """Resize so the short side is `size`, then centre crop; or squash the whole image to
-    size x size (`mode` "squash").  -> [size, size, 3] uint8."""
+def short_side_hw(width: int, height: int, image_size: int, patch_size: int) -> tuple[int, int]:
+    """(H, W) of a `width` x `height` image resized so its short side is `image_size` px, aspect
+    kept, the long side rounded to the nearest multiple of `patch_size` (at least one patch).
+
+    VPR-methods-evaluation resizes the short side (torchvision Resize(int)), then rounds both
+    sides to the nearest multiple of 14 (vpr_models/resizing_wrapper.py); here it is one
+    resize straight to the rounded size (the two can differ by one patch column where the
+    long side lands within a pixel of a half patch).
+    """
+    short, long = min(width, height), max(width, height)
+    long_px = max(patch_size, round(long * image_size / short / patch_size) * patch_size)
+    return (image_size, long_px) if width >= height else (long_px, image_size)
+
+
+def resize_and_crop(image: Image.Image, size: int | tuple[int, int], mode: str = "crop") -> np.ndarray:
+    """One image -> the encoder's pixels, uint8 [H, W, 3].
+
+    `mode` (RESIZES): "crop" resizes the short side to `size` and centre crops; "squash" resizes
+    the whole image to size x size; "short_side" resizes the whole image to `size` = (H, W),
+    the size `short_side_hw` gives for the images of its batch.
+    """
+    if mode == "short_side":
+        if not isinstance(size, tuple):
+            raise ValueError("resize short_side needs the output size (H, W) (short_side_hw), not one side")
+        out_h, out_w = size
+    elif isinstance(size, tuple):
+        raise ValueError(f"resize {mode} makes a square: pass one side, not {size}")
+    else:
+        out_h = out_w = size
     # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is much larger than needed.
-    image.draft("RGB", (size, size))
+    image.draft("RGB", (out_w, out_h))
     image = image.convert("RGB")
-    if mode == "squash":
-        return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
+    if mode != "crop":
+        return np.asarray(image.resize((out_w, out_h), Image.Resampling.BICUBIC))
     width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
@@ -285,14 +315,24 @@ def preprocess(jpegs: list[bytes], image_size: int) -> torch.Tensor:
     return images
 
 
-def decode_images(blobs: list[bytes | None], image_size: int, resize: str = "crop") -> tuple[torch.Tensor, np.ndarray]:
+def decode_images(blobs: list[bytes | None], image_size: int | tuple[int, int], resize: str = "crop"
+                  ) -> tuple[torch.Tensor, np.ndarray]:
     """`preprocess` that tolerates bad images (the embedding actor and validation use it).
 
+    Args:
+        image_size: S for "crop" and "squash"; (H, W) for "short_side", one size for the whole
+            batch (a batch is one tensor), which the caller picks per image set (short_side_hw).
     Returns:
-        ([B, 3, S, S] float32, [B] bool ok); a blob that is None or does not decode becomes a
+        ([B, 3, H, W] float32, [B] bool ok); a blob that is None or does not decode becomes a
         black image with ok False.
     """
-    pixels = np.zeros((len(blobs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
+    if resize not in RESIZES:
+        raise ValueError(f"resize must be one of {list(RESIZES)}, got {resize!r}")
+    if isinstance(image_size, tuple) != (resize == "short_side"):  # checked here: the loop below keeps going
+        raise ValueError(f"resize {resize} takes {'(H, W)' if resize == 'short_side' else 'one side S'}, "
+                         f"got {image_size!r}")
+    out_h, out_w = image_size if isinstance(image_size, tuple) else (image_size, image_size)
+    pixels = np.zeros((len(blobs), out_h, out_w, 3), dtype=np.uint8)  # [B, H, W, 3]
     ok = np.ones(len(blobs), dtype=bool)
     for i, blob in enumerate(blobs):
         try:
@@ -306,7 +346,7 @@ def decode_images(blobs: list[bytes | None], image_size: int, resize: str = "cro
 
 
 def to_unit_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> float32 [B, 3, S, S] in [0, 1]."""
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [0, 1]."""
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
 
 

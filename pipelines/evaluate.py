@@ -21,7 +21,9 @@ top --rerank-top-k candidates (exact faiss search) are re-ranked by the checkpoi
 classifier, scored in both directions; a checkpoint without one (a stage-1 export) gives
 global recall only, and says so.  A database image within --radius-m (25 m) of the query
 is right; a query with none counts as a miss at every N.  With --no-labels the images may
-have any names: predictions are written, recall is not.
+have any names: predictions are written, recall is not.  --resize crop|squash|short_side
+overrides the checkpoint's preprocessing (short_side: aspect kept, no crop, as
+gmberton/VPR-methods-evaluation; docs/evaluation.md); report.json records which was used.
 
 Writes OUT/report.json (recall before/after, counts, timings, config), OUT/predictions.parquet
 (per query: candidates, scores, right or not), OUT/rejects.parquet, and OUT/report.html with
