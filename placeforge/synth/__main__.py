@@ -19,7 +19,7 @@ from placeforge.synth.synth_config import PRESETS, SynthConfig, preset
 DESCRIPTION = """\
 Render a synthetic city from a street-level camera and write it as real VPR datasets.
 
-Written under DIR (default sizes: 3570 images of 320x240, about a minute on 2 cores):
+Written under DIR (default sizes: 6770 images of 320x240, about a minute and a half on 2 cores):
   atname/train/*.jpg              training district: each place and heading seen train_captures
                                   times, first like the database, then under query conditions
   atname/test/database/*.jpg      test district (other streets), daylight, clear or overcast,
