@@ -202,7 +202,8 @@ OUTCOMES: dict[str, str] = {}  # case name -> its error line with paths made gen
 
 
 def _generic(line: str, data: Inputs, out: Path) -> str:
-    return line.replace(str(data.root), "DATA").replace(str(out), "OUT")
+    """The line with the case's folders (and the checkout the tests run in) named generically."""
+    return line.replace(str(data.root), "DATA").replace(str(out), "OUT").replace(str(Path.cwd()), "CWD")
 
 
 @pytest.mark.parametrize(
