@@ -256,7 +256,7 @@ def test_weights_that_do_not_fit_name_the_keys(tiny_presets, tmp_path):
         build_model(EncoderConfig("vit_tiny_reg4_dinov2_test", 56, checkpoint=str(without_registers)))
     with pytest.raises(ValueError, match=r"other shapes: blocks\.0\.attn\.proj\.bias \(64,\) != \(48,\)"):
         build_model(EncoderConfig("tiny_patch14_reg4_swiglu_dinov2_test", 56, checkpoint=str(with_registers)))
-    state = torch.load(with_registers)
+    state = torch.load(with_registers, weights_only=True)
     state["blocks.0.attn.q_bias"] = torch.zeros(64)  # a key nobody maps: never silently ignored
     torch.save(state, tmp_path / "extra.pth")
     with pytest.raises(ValueError, match=r"lacks \['blocks\.0\.attn\.q_bias'\]"):
