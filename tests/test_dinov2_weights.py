@@ -314,3 +314,14 @@ def test_stage2_with_a_stage1_export_does_not_read_the_dinov2_file(tmp_path):
     assert encoder.pos_embed.shape == (1, 25, 64)  # patch positions only (registers have none), 4x4 -> 5x5
     assert torch.equal(encoder.pos_embed, fit_position_embedding(mim.encoder.pos_embed, encoder))
     assert torch.equal(encoder.reg_token, mim.encoder.reg_token)
+
+
+def test_a_dinov2_preset_without_weights_is_refused_unless_random_is_asked_for():
+    with pytest.raises(ValueError, match="encoder_weights is not set: set it to your copy of "
+                                         "dinov2_vitb14_reg4_pretrain.pth.*encoder_init: random"):
+        TrainConfig(encoder="vit_base_patch14_reg4_dinov2", image_size=224).validate()
+    TrainConfig(encoder="vit_base_patch14_reg4_dinov2", image_size=224, encoder_init="random").validate()
+    TrainConfig(encoder="vit_base_patch14_reg4_dinov2", image_size=224, encoder_weights="w.pth").validate()
+    TrainConfig(stage="finetune", encoder="vit_base_patch14_reg4_dinov2", image_size=224,  # from a stage-1 export
+                init_from="mim_epoch0000.pt").validate()
+    TrainConfig(encoder="vit_tiny_reg4_dinov2_test", image_size=56).validate()  # no release: nothing to load

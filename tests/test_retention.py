@@ -101,3 +101,8 @@ def test_keep_checkpoints_is_checked_and_may_change_on_resume():
     saved = {"keep_checkpoints": 3, "epochs": 4}
     assert config_changes(saved, {"keep_checkpoints": 1, "epochs": 4}) == []
     assert config_changes({"epochs": 4}, {"keep_checkpoints": 3, "epochs": 4}) == []  # a run from before the field
+    # a field added later, at the default that keeps the old behaviour: resumable; another value: not
+    defaults = {"pair_negative_min_distance_m": 0.0, "epochs": 1}
+    assert config_changes({"epochs": 4}, {"pair_negative_min_distance_m": 0.0, "epochs": 4}, defaults) == []
+    assert config_changes({"epochs": 4}, {"pair_negative_min_distance_m": 25.0, "epochs": 4}, defaults) == [
+        "pair_negative_min_distance_m: 0.0 -> 25.0"]

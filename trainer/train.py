@@ -378,7 +378,7 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
     resumed = read_latest(checkpoints) if args.resume else None
     if resumed:
         tag, state = resumed
-        changed = config_changes(state.config, to_dict(cfg))
+        changed = config_changes(state.config, to_dict(cfg), to_dict(TrainConfig()))
         if changed:  # a different recipe would silently continue someone else's schedule and weights
             raise ValueError(f"{checkpoints / tag} was written with another config "
                              f"({'; '.join(changed[:6])}); resume with the same config, or train into a new --out")

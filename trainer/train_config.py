@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from models.decoder import DECODERS
-from models.encoders import ENCODERS, EncoderConfig
+from models.encoders import ENCODERS, EncoderConfig, encoder_spec
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,11 @@ class TrainConfig:
         default="crop", metadata={"help": "how exported models resize images at inference: crop the centre of the "
                                           "short-side resize, or squash the whole view to a square"})
     encoder_weights: str | None = field(
-        default=None, metadata={"help": "local DINOv2/timm encoder weights to start stage 1 from"})
+        default=None, metadata={"help": "local encoder weights to start from: the official DINOv2 .pth or timm's "
+                                        "safetensors (a relative path is resolved against the working directory)"})
+    encoder_init: Literal["pretrained", "random"] = field(
+        default="pretrained", metadata={"help": "a DINOv2 preset starts from encoder_weights (pretrained), or from "
+                                                "random weights only when asked for (random)"})
     decoder: str = field(default="dec64d2b", metadata={"help": f"decoder preset: {', '.join(DECODERS)}"})
     mask_ratio: float = field(default=0.9, metadata={"help": "share of image 1's patches masked in stage 1"})
     init_from: str | None = field(
@@ -110,6 +114,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         EncoderConfig(self.encoder, self.image_size, self.descriptor_dim).validate()
+        release = encoder_spec(self.encoder).release_file
+        starts_from_weights = not (self.stage == "finetune" and self.init_from)  # else from the stage-1 export
+        if release and starts_from_weights and not self.encoder_weights and self.encoder_init == "pretrained":
+            raise ValueError(f"encoder {self.encoder} starts from DINOv2 weights but encoder_weights is not set: "
+                             f"set it to your copy of {release} (never downloaded), or set encoder_init: random "
+                             "to train from random weights on purpose")
         if self.decoder not in DECODERS:
             raise ValueError(f"unknown decoder {self.decoder!r}; valid: {', '.join(DECODERS)}")
         if not 0.0 <= self.mask_ratio < 1.0:

@@ -40,8 +40,8 @@ def build_pretrain_model(cfg: TrainConfig, load_encoder_weights: bool = True) ->
             random weights in its place).
     """
     release = encoder_spec(cfg.encoder).release_file
-    if load_encoder_weights and release and not cfg.encoder_weights:
-        log.warning("encoder %s starts from RANDOM weights: encoder_weights is not set (the published recipes "
+    if load_encoder_weights and release and not cfg.encoder_weights:  # only with encoder_init: random
+        log.warning("encoder %s starts from RANDOM weights (encoder_init: random; the published recipes "
                     "start from %s)", cfg.encoder, release)
     encoder = build_model(cfg.encoder_config(), load_encoder_weights).encoder
     return SiameseMIM(encoder, build_decoder(cfg, encoder), cfg.input_norm)

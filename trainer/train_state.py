@@ -144,8 +144,13 @@ RESUMABLE_CHANGES = frozenset({"shards", "labels", "out", "init_from", "num_work
                                "checkpoint_every_steps", "keep_checkpoints"})
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """'key: saved -> current' for every field a resume must not change (empty: resumable)."""
+def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """'key: saved -> current' for every field a resume must not change (empty: resumable).
+
+    A field the saved config lacks (a run from before the field existed) counts as its value in
+    `defaults`: a field is added with the default that keeps the old behaviour.
+    """
+    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
     keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
