@@ -116,25 +116,19 @@ ENCODERS: dict[str, EncoderSpec] = {
     # 2 blocks of width 64 in DINOv2's register layout (4 registers, layer scale, mask token):
     # the tests' encoder for every path that must skip class and register tokens.
     "vit_tiny_reg4_dinov2_test": EncoderSpec(14, 64, 2, 2, timm_name="vit_base_patch14_reg4_dinov2"),
-    # DINOv2 (facebookresearch/dinov2, dinov2/hub/backbones.py): ViT-g is "vit_giant2", width 1536,
-    # 40 blocks, SwiGLU MLP; the _reg4 models (dinov2_vit*14_reg) add 4 register tokens.
-    "vit_small_patch14_dinov2": EncoderSpec(
-        14, 384, 12, 6, "vit_small_patch14_dinov2", "dinov2_vits14_pretrain.pth"),
-    "vit_base_patch14_dinov2": EncoderSpec(
-        14, 768, 12, 12, "vit_base_patch14_dinov2", "dinov2_vitb14_pretrain.pth"),
-    "vit_large_patch14_dinov2": EncoderSpec(
-        14, 1024, 24, 16, "vit_large_patch14_dinov2", "dinov2_vitl14_pretrain.pth"),
-    "vit_giant_patch14_dinov2": EncoderSpec(
-        14, 1536, 40, 24, "vit_giant_patch14_dinov2", "dinov2_vitg14_pretrain.pth"),
-    "vit_small_patch14_reg4_dinov2": EncoderSpec(
-        14, 384, 12, 6, "vit_small_patch14_reg4_dinov2", "dinov2_vits14_reg4_pretrain.pth"),
-    "vit_base_patch14_reg4_dinov2": EncoderSpec(
-        14, 768, 12, 12, "vit_base_patch14_reg4_dinov2", "dinov2_vitb14_reg4_pretrain.pth"),
-    "vit_large_patch14_reg4_dinov2": EncoderSpec(
-        14, 1024, 24, 16, "vit_large_patch14_reg4_dinov2", "dinov2_vitl14_reg4_pretrain.pth"),
-    "vit_giant_patch14_reg4_dinov2": EncoderSpec(
-        14, 1536, 40, 24, "vit_giant_patch14_reg4_dinov2", "dinov2_vitg14_reg4_pretrain.pth"),
 }
+
+# DINOv2 (facebookresearch/dinov2, dinov2/hub/backbones.py): size -> (letter of its release
+# file, width, depth, heads); ViT-g is "vit_giant2" there, width 1536, 40 blocks, SwiGLU MLP.
+# Each size comes as released (dinov2_vit?14) and with 4 register tokens (dinov2_vit?14_reg),
+# named after the timm model of the same weights, with the official file name it loads.
+_DINOV2_SIZES = {"small": ("s", 384, 12, 6), "base": ("b", 768, 12, 12), "large": ("l", 1024, 24, 16),
+                 "giant": ("g", 1536, 40, 24)}
+ENCODERS.update({
+    f"vit_{size}_patch14{registers}_dinov2": EncoderSpec(
+        14, width, depth, heads, f"vit_{size}_patch14{registers}_dinov2", f"dinov2_vit{letter}14{registers}_pretrain.pth")
+    for registers in ("", "_reg4") for size, (letter, width, depth, heads) in _DINOV2_SIZES.items()
+})
 
 
 def encoder_spec(name: str) -> EncoderSpec:
