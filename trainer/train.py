@@ -28,10 +28,8 @@ import dataclasses
 import datetime
 import json
 import os
-import stat
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -52,7 +50,13 @@ from trainer.schedules import (
     weight_decay_schedule,
 )
 from trainer.train_config import TrainConfig, deepspeed_config
-from trainer.train_models import MIM_KIND, build_finetune_model, build_pretrain_model, global_model_of, save_mim
+from trainer.train_models import (
+    build_finetune_model,
+    build_pretrain_model,
+    check_stage1_export,
+    global_model_of,
+    save_mim,
+)
 from trainer.train_state import (
     DistState,
     TrainState,
@@ -342,25 +346,6 @@ def check_start(cfg: TrainConfig, dist: DistState) -> None:
         check_stage1_export(cfg.init_from)
     elif cfg.encoder_weights:  # a recipe that starts from DINOv2 never silently starts from random weights
         require_weights_file(cfg.encoder_weights, encoder_spec(cfg.encoder).release_file)
-
-
-def check_stage1_export(path: str | os.PathLike) -> None:
-    """Refuse an --init-from that is not a `save_mim` file; the tensors are memory-mapped, not read."""
-    hint = "pass a stage-1 run's export/mim_epochNNNN.pt"
-    try:
-        is_file = stat.S_ISREG(os.stat(path).st_mode)
-    except OSError as err:
-        raise ValueError(f"--init-from {path} cannot be read: {err.strerror}") from None
-    if not is_file or not zipfile.is_zipfile(path):  # is_file first: a FIFO would block the read
-        raise ValueError(f"--init-from {path} is not a stage-1 export (not a file torch.save writes); {hint}")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - a damaged archive, or objects weights_only refuses
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--init-from {path} is not a stage-1 export ({reason}); {hint}") from None
-    kind = content.get("kind") if isinstance(content, dict) else type(content).__name__
-    if kind != MIM_KIND:
-        raise ValueError(f"--init-from {path} is not a stage-1 export (kind {kind!r}, not {MIM_KIND!r}); {hint}")
 
 
 def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> int:

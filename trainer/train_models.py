@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import zipfile
 from pathlib import Path
 
 import torch
@@ -144,6 +146,25 @@ def save_mim(mim: SiameseMIM, cfg: TrainConfig, path: str | os.PathLike) -> Path
     content = {"format": 1, "kind": MIM_KIND, "encoder": cfg.encoder, "decoder": cfg.decoder,
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in mim.state_dict().items()}}
     return atomic_write(path, lambda tmp: torch.save(content, tmp))
+
+
+def check_stage1_export(path: str | os.PathLike) -> None:
+    """Refuse an --init-from that is not a `save_mim` file; the tensors are memory-mapped, not read."""
+    hint = "pass a stage-1 run's export/mim_epochNNNN.pt"
+    try:
+        is_file = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as err:
+        raise ValueError(f"--init-from {path} cannot be read: {err.strerror}") from None
+    if not is_file or not zipfile.is_zipfile(path):  # is_file first: a FIFO would block the read
+        raise ValueError(f"--init-from {path} is not a stage-1 export (not a file torch.save writes); {hint}")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - a damaged archive, or objects weights_only refuses
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--init-from {path} is not a stage-1 export ({reason}); {hint}") from None
+    kind = content.get("kind") if isinstance(content, dict) else type(content).__name__
+    if kind != MIM_KIND:
+        raise ValueError(f"--init-from {path} is not a stage-1 export (kind {kind!r}, not {MIM_KIND!r}); {hint}")
 
 
 def load_mim(mim: SiameseMIM, path: str | os.PathLike) -> None:
