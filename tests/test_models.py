@@ -229,6 +229,21 @@ def test_multi_similarity_loss_by_hand():
     assert got == pytest.approx((anchor1 + anchor2) / 4, rel=1e-9)
 
 
+def test_multi_similarity_ignores_negatives_that_are_near():
+    e = unit_vectors_deg(0, 60, 90, 180)
+    far = torch.ones(4, 4, dtype=torch.bool)
+    far[1, 2] = far[2, 1] = False  # images 1 and 2 are of different places within the radius
+    keep_pos, keep_neg = multi_similarity_mine(e @ e.T, LABELS, epsilon=0.1, far=far)
+    # Without `far`: positives [[1, 0], [2, 3]], negatives [[1, 2], [2, 0], [2, 1]].  Anchor 1's
+    # hardest negative is now 3 (-0.5), so its positive 0 (0.5) is no longer kept.
+    assert keep_pos.nonzero().tolist() == [[2, 3]]
+    assert keep_neg.nonzero().tolist() == [[2, 0]]
+    expected = (math.log(2) + math.log(2) / 50) / 4  # anchor 2 only: S = 0 to its positive and negative
+    assert multi_similarity_loss(e, LABELS, far=far).item() == pytest.approx(expected, rel=1e-9)
+    everything_far = torch.ones(4, 4, dtype=torch.bool)
+    assert multi_similarity_loss(e, LABELS, far=everything_far).item() == multi_similarity_loss(e, LABELS).item()
+
+
 def test_hardest_pairs_by_global_similarity():
     e = unit_vectors_deg(0, 60, 90, 180)
     anchor, positive, negative = hardest_pairs(e, LABELS)

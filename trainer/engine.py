@@ -59,7 +59,8 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
     hardest positive and negative + CosFace over view classes (class id -1 ignored).
     Positives are images of the same place, or of the same view class (`cfg.positives`);
     the pair classifier's negatives are images of other places, with
-    cfg.pair_negative_min_distance_m > 0 only those that far away (`trainer.losses.far_apart`).
+    cfg.pair_negative_min_distance_m > 0 only those that far away (`trainer.losses.far_apart`);
+    cfg.ms_negative_min_distance_m does the same for the MS loss's negatives.
 
     Args:
         batch: GroupBatch, images [P*K, 3, S, S] place-major, place_ids / class_ids [P*K].
@@ -70,12 +71,16 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
     place_ids = batch.place_ids.to(device)
     class_ids = batch.class_ids.to(device)
     keys = positive_keys(place_ids, class_ids, cfg.positives)  # [B]: equal keys are positives
-    far = None
-    if cfg.pair_negative_min_distance_m > 0 and batch.positions is not None:
-        far = far_apart(batch.positions.to(device), cfg.pair_negative_min_distance_m)  # [B, B]
+    far, ms_far = None, None
+    if batch.positions is not None:
+        positions = batch.positions.to(device)
+        if cfg.pair_negative_min_distance_m > 0:
+            far = far_apart(positions, cfg.pair_negative_min_distance_m)  # [B, B]
+        if cfg.ms_negative_min_distance_m > 0:
+            ms_far = far_apart(positions, cfg.ms_negative_min_distance_m)  # [B, B]
     out = model(images, keys, class_ids, far)
     descriptors = out["descriptors"].float()
-    ms = multi_similarity_loss(descriptors, keys)
+    ms = multi_similarity_loss(descriptors, keys, far=ms_far)
     if out["has_pairs"]:
         bce = pair_bce_loss(out["pair_pos"].float(), out["pair_neg"].float())
     else:  # no anchor with both a positive and a negative: keep the graph, add nothing

@@ -70,8 +70,8 @@ def _pair_masks(labels: torch.Tensor, far: torch.Tensor | None = None) -> tuple[
     return positive, ~same if far is None else ~same & far
 
 
-def multi_similarity_mine(similarity: torch.Tensor, labels: torch.Tensor,
-                          epsilon: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def multi_similarity_mine(similarity: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1,
+                          far: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The Multi-Similarity miner (as pytorch-metric-learning's, for cosine similarity).
 
     For each anchor, a positive is kept if its similarity < the anchor's hardest (largest)
@@ -82,10 +82,12 @@ def multi_similarity_mine(similarity: torch.Tensor, labels: torch.Tensor,
     Args:
         similarity: [B, B] cosine similarities.
         labels: [B] class ids.
+        far: [B, B] bool (`far_apart`): the pairs of different labels that may be negatives;
+            None: all of them.
     Returns:
         (kept positive pairs [B, B] bool, kept negative pairs [B, B] bool).
     """
-    positive, negative = _pair_masks(labels)
+    positive, negative = _pair_masks(labels, far)
     inf = torch.tensor(float("inf"), dtype=similarity.dtype, device=similarity.device)
     hardest_negative = torch.where(negative, similarity, -inf).amax(dim=1, keepdim=True)  # [B, 1]
     hardest_positive = torch.where(positive, similarity, inf).amin(dim=1, keepdim=True)  # [B, 1]
@@ -102,7 +104,8 @@ def _log_one_plus_sum_exp(values: torch.Tensor, keep: torch.Tensor) -> torch.Ten
 
 
 def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
-                          beta: float = 50.0, base: float = 0.0, epsilon: float = 0.1) -> torch.Tensor:
+                          beta: float = 50.0, base: float = 0.0, epsilon: float = 0.1,
+                          far: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-Similarity loss on the pairs its miner keeps (Pair-VPR: 1, 50, 0, 0.1).
 
     Per anchor i, over kept positives P_i and negatives N_i:
@@ -112,11 +115,13 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha:
     Args:
         embeddings: [B, D], L2-normalised (the dot product is the cosine).
         labels: [B] place ids.
+        far: as `multi_similarity_mine`: with it, an image of another place nearer than the
+            evaluation radius is neither pulled nor pushed.
     Returns:
         scalar loss.
     """
     similarity = embeddings @ embeddings.T  # [B, B]
-    keep_positive, keep_negative = multi_similarity_mine(similarity.detach(), labels, epsilon)
+    keep_positive, keep_negative = multi_similarity_mine(similarity.detach(), labels, epsilon, far)
     positive_term = _log_one_plus_sum_exp(-alpha * (similarity - base), keep_positive) / alpha  # [B]
     negative_term = _log_one_plus_sum_exp(beta * (similarity - base), keep_negative) / beta  # [B]
     return (positive_term + negative_term).mean()

@@ -77,6 +77,10 @@ class TrainConfig:
                                        "more than this far away (same UTM zone; images without a position always "
                                        "qualify); 0: any other place. Set it to the evaluation radius (25) when "
                                        "neighbouring places overlap, as in a densely sampled city"})
+    ms_negative_min_distance_m: float = field(
+        default=0.0, metadata={"help": "stage 2: the Multi-Similarity loss pushes apart only images of other places "
+                                       "more than this far away (as pair_negative_min_distance_m); a nearer image "
+                                       "of another place is neither pulled nor pushed. 0: every other place"})
     ms_weight: float = field(default=1.0, metadata={"help": "weight of the Multi-Similarity loss"})
     pair_bce_weight: float = field(default=2.0, metadata={"help": "weight of the pair-classifier BCE (Pair-VPR 2)"})
     pair_trains_encoder: bool = field(
@@ -142,8 +146,9 @@ class TrainConfig:
             raise ValueError("growing the CosFace head for a new label version is not supported with ZeRO-3; use 0-2")
         if bool(self.val_database) != bool(self.val_queries):
             raise ValueError("give both val_database and val_queries, or neither")
-        if not self.pair_negative_min_distance_m >= 0:
-            raise ValueError(f"pair_negative_min_distance_m must be >= 0, got {self.pair_negative_min_distance_m}")
+        for name in ("pair_negative_min_distance_m", "ms_negative_min_distance_m"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.val_every_epochs < 1 or not self.val_radius_m > 0:
             raise ValueError("val_every_epochs must be >= 1 and val_radius_m > 0")
         for name in ("num_workers", "checkpoint_every_steps", "keep_checkpoints", "recluster_every_epochs",
