@@ -19,7 +19,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,30 +97,55 @@ def output_lock(folder: str | os.PathLike, job: str) -> Iterator[None]:
     The lock is an advisory `flock`: the kernel (or the NFS server, which maps it to a
     POSIX lock) releases it when its process ends in any way, so a lock left by a killed
     run is never stale.  The file names its holder (job, host, pid, start time), which a
-    second run quotes when it refuses.
+    second run quotes when it refuses.  A job that wrote nothing (one refused after taking
+    the lock) leaves no trace: the lock file goes, and so do the folders this call made.
 
     Raises:
         OutputLockedError: another process holds the lock.
     """
     folder = Path(folder)
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise OutputLockedError(
-                f"{folder} is being written by {holder}; wait for it to finish or choose another output folder"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        handle.write(f"{job} (host {socket.gethostname()}, pid {os.getpid()}, since {started})\n")
-        handle.flush()
+    lock = folder / LOCK_FILE
+    had_lock = lock.exists()
+    with _take_lock(lock, job) as handle:
         try:
             yield
         finally:
             handle.seek(0)
             handle.truncate()
+            if not had_lock and os.listdir(folder) == [LOCK_FILE]:
+                lock.unlink()  # while still held: whoever opened it meanwhile re-opens the path (_take_lock)
+                for path in made:
+                    with contextlib.suppress(OSError):  # one another process wrote into meanwhile stays
+                        path.rmdir()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _take_lock(lock: Path, job: str) -> IO[str]:
+    """The lock file, open, exclusively locked and naming its holder.  A file its last holder
+    unlinked after we opened it is no longer the lock: the path is opened again."""
+    while True:
+        handle = open(lock, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OutputLockedError(
+                f"{lock.parent} is being written by {holder}; wait for it to finish or choose another output folder"
+            ) from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if not current:
+            handle.close()
+            continue
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        handle.write(f"{job} (host {socket.gethostname()}, pid {os.getpid()}, since {started})\n")
+        handle.flush()
+        return handle

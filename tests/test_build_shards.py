@@ -257,6 +257,7 @@ def test_a_second_build_into_the_same_out_is_refused_and_names_the_holder(at_dat
     out = tmp_path / "o"
     with output_lock(out, "build_shards"):
         assert run(at_dataset["root"], out) == 2
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing else written
     err = capsys.readouterr().err
     assert "is being written by build_shards (host" in err and f"pid {os.getpid()}" in err
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing else written
+    assert not out.exists()  # the holder wrote nothing either: no trace left

@@ -155,5 +155,5 @@ def test_a_second_evaluation_into_the_same_out_is_refused(test_set, checkpoints,
     out = tmp_path / "busy"
     with output_lock(out, "evaluate"):
         code, _, err = run(capsys, "--checkpoint", checkpoints[0], "--test-set", test_set, "--out", out)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # refused before any feature was stored
     assert code == 2 and "is being written by evaluate (host" in err
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # refused before any feature was stored

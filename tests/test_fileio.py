@@ -65,3 +65,20 @@ def test_the_lock_of_a_killed_process_is_free_at_once(tmp_path):
         proc.stdout.close()
     with output_lock(tmp_path, "third"):  # no stale lock: the kernel released the dead holder's
         pass
+
+
+def test_a_job_that_wrote_nothing_leaves_no_trace(tmp_path):
+    with output_lock(tmp_path / "new" / "run", "train"):
+        assert (tmp_path / "new" / "run" / LOCK_FILE).is_file()
+    assert list(tmp_path.iterdir()) == []  # the lock file and both folders it made are gone
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError):
+        with output_lock(tmp_path / "mine", "train"):
+            raise ValueError("refused after taking the lock")
+    assert list((tmp_path / "mine").iterdir()) == []  # the user's folder stays, empty as it was
+    with output_lock(tmp_path / "mine", "train"):
+        (tmp_path / "mine" / "result.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [LOCK_FILE, "result.json"]
+    with output_lock(tmp_path / "mine", "train"):  # a lock file that was there before stays
+        (tmp_path / "mine" / "result.json").unlink()
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [LOCK_FILE]
