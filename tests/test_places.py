@@ -16,7 +16,15 @@ def test_cell_indices_floor_negative_and_boundaries():
 
 
 def test_heading_sector_wraps_and_marks_unknown():
-    assert heading_sector(np.array([0.0, 89.9, 90.0, 359.9, 360.0, -10.0, np.nan]), 4).tolist() == [0, 0, 1, 3, 0, 3, -1]
+    headings = np.array([0.0, 44.9, 45.0, 90.0, 134.9, 225.0, 314.9, 315.0, 359.9, 360.0, -10.0, np.nan])
+    assert heading_sector(headings, 4).tolist() == [0, 0, 1, 1, 1, 3, 3, 0, 0, 0, 0, -1]
+
+
+def test_a_view_jittered_around_a_cardinal_direction_stays_one_sector():
+    for centre, sector in ((0.0, 0), (90.0, 1), (180.0, 2), (270.0, 3)):
+        jittered = centre + np.array([-8.0, -1.0, 0.0, 3.0, 8.0])
+        assert heading_sector(jittered, 4).tolist() == [sector] * 5
+    assert heading_sector(np.array([0.0, 29.9, 30.0, 345.0]), 12).tolist() == [0, 1, 1, 0]
 
 
 def test_same_metric_cell_in_two_zones_or_hemispheres_is_two_places():
