@@ -6,7 +6,8 @@ A checkpoint is a `torch.save` of plain types and tensors only:
      "encoder_config": {...EncoderConfig fields...},
      "state_dict": {name: tensor, ...},
      "pair_classifier": {"decoder": "dec64d2b", "hidden_dim": 512,      # optional: stage-2
-                         "state_dict": {name: tensor, ...}}}            # exports, for re-ranking
+                         "aligned": false,                              # exports, for re-ranking
+                         "state_dict": {name: tensor, ...}}}            # ("aligned" absent: false)
 
 so it always loads with `torch.load(path, weights_only=True)`: a file that needs
 arbitrary unpickling is refused, never executed.  The config travels with the weights,
@@ -62,7 +63,7 @@ def save_model_checkpoint(model: GlobalDescriptorModel, cfg: EncoderConfig, path
         if decoder is None:
             raise ValueError("save_model_checkpoint: pass the decoder preset name with the pair classifier")
         content["pair_classifier"] = {
-            "decoder": decoder, "hidden_dim": pair.mlp[0].out_features,
+            "decoder": decoder, "hidden_dim": pair.mlp[0].out_features, "aligned": pair.aligned,
             "state_dict": {name: _float32_copy(t) for name, t in pair.state_dict().items()},
         }
     return atomic_write(path, lambda tmp: torch.save(content, tmp))
@@ -117,7 +118,7 @@ def load_pair_classifier(path: str | os.PathLike, device: str | torch.device = "
     spec = encoder_spec(cfg.name)
     try:
         decoder = SiameseMIMDecoder(decoder_config(str(stored["decoder"])), spec.embed_dim, spec.patch_size)
-        pair = PairClassifier(decoder, int(stored["hidden_dim"]))
+        pair = PairClassifier(decoder, int(stored["hidden_dim"]), bool(stored.get("aligned", False)))  # older: no term
         pair.load_state_dict(dict(stored["state_dict"]), strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

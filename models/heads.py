@@ -26,12 +26,22 @@ class PairClassifier(nn.Module):
     copied, so weights loaded into the decoder before this is built carry over; its mask
     token and pixel head are not part of this module (they would receive no gradient).
 
+    With `aligned` (not in Pair-VPR; placeforge's option), the logit also gets a learned
+    affine function of the *aligned token similarity*: the mean over grid positions of the
+    cosine between A's and B's encoder tokens at the same position (B's grid resampled to
+    A's when the two differ).  The MLP's last layer then starts at zero, so before any
+    training the classifier ranks pairs by that similarity alone.  Why: on the synthetic
+    city a small decoder trained with the pair BCE did not learn to compare positions
+    (validation AUC 0.50 among the global top 20), while the encoder's own tokens, compared
+    position by position, re-rank well (docs/benchmarks.md, issue 10, round 3).
+
     Args:
         decoder: a SiameseMIMDecoder, typically holding stage-1 weights.
         hidden_dim: MLP hidden width (512 in Pair-VPR: width -> 512 -> 1).
+        aligned: add the aligned token similarity term (scale and offset learned).
     """
 
-    def __init__(self, decoder: SiameseMIMDecoder, hidden_dim: int = 512) -> None:
+    def __init__(self, decoder: SiameseMIMDecoder, hidden_dim: int = 512, aligned: bool = False) -> None:
         super().__init__()
         self.width = decoder.width
         self.embed = decoder.embed
@@ -40,6 +50,14 @@ class PairClassifier(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(1, 1, decoder.width))
         self.mlp = nn.Sequential(nn.Linear(decoder.width, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
         nn.init.normal_(self.class_token, std=0.02)
+        self.aligned = aligned
+        if aligned:
+            # logit = MLP(class token) + scale * (similarity - offset): a similarity of 1 is
+            # a near-certain match, 0.5 an even one, before training moves either.
+            self.aligned_scale = nn.Parameter(torch.tensor([10.0]))  # [1]: DeepSpeed cannot broadcast 0-d
+            self.aligned_offset = nn.Parameter(torch.tensor([0.5]))
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, patches_a: torch.Tensor, patches_b: torch.Tensor, grid_a: tuple[int, int],
                 grid_b: tuple[int, int] | None = None) -> torch.Tensor:
@@ -62,13 +80,35 @@ class PairClassifier(nn.Module):
         y = self.embed(patches_b) + sincos_2d_positions(grid_b, self.width, patches_b.device)  # [B, M, D]
         for block in self.blocks:
             x = block(x, y)
-        return self.mlp(self.norm(x[:, 0])).squeeze(-1)  # [B]
+        logits = self.mlp(self.norm(x[:, 0])).squeeze(-1)  # [B]
+        if self.aligned:
+            similarity = aligned_similarity(patches_a, patches_b, grid_a, grid_b)  # [B]
+            logits = logits + self.aligned_scale * (similarity - self.aligned_offset)
+        return logits
 
     def score(self, patches_a: torch.Tensor, patches_b: torch.Tensor, grid_a: tuple[int, int],
               grid_b: tuple[int, int] | None = None) -> torch.Tensor:
         """Symmetric re-ranking score logit(a, b) + logit(b, a).  -> [B]."""
         grid_b = grid_a if grid_b is None else grid_b
         return self(patches_a, patches_b, grid_a, grid_b) + self(patches_b, patches_a, grid_b, grid_a)
+
+
+def aligned_similarity(patches_a: torch.Tensor, patches_b: torch.Tensor, grid_a: tuple[int, int],
+                       grid_b: tuple[int, int]) -> torch.Tensor:
+    """Mean over A's grid positions of cos(A's token, B's token at the same place in the image).
+
+    Args:
+        patches_a: [B, N, C] on grid_a (gh, gw); patches_b: [B, M, C] on grid_b, bilinearly
+            resampled to grid_a when the grids differ.
+    Returns:
+        [B] in [-1, 1].
+    """
+    a = F.normalize(patches_a.float(), dim=-1)
+    b = patches_b.float()
+    if tuple(grid_b) != tuple(grid_a):
+        b = b.transpose(1, 2).reshape(b.shape[0], b.shape[2], *grid_b)  # [B, C, gh', gw']
+        b = F.interpolate(b, size=tuple(grid_a), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    return (a * F.normalize(b, dim=-1)).sum(dim=-1).mean(dim=-1)
 
 
 class CosFaceClassifier(nn.Module):

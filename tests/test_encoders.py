@@ -187,6 +187,15 @@ def test_pair_classifier_travels_with_the_model_and_scores_identically(tmp_path)
         assert torch.equal(pair.score(patches_a, patches_b, (4, 4)), loaded.score(patches_a, patches_b, (4, 4)))
     assert load_model_checkpoint(path)[1] == cfg  # the model part reads as before
 
+    aligned = PairClassifier(SiameseMIMDecoder(decoder_config("dec64d2b"), 64, 14), hidden_dim=32, aligned=True)
+    with torch.no_grad():
+        aligned.aligned_scale.fill_(7.0)
+    loaded = load_pair_classifier(save_model_checkpoint(model, cfg, tmp_path / "aligned.pt", pair=aligned.eval(),
+                                                        decoder="dec64d2b"))
+    assert loaded.aligned and loaded.aligned_scale.item() == 7.0
+    with torch.no_grad():
+        assert torch.equal(aligned.score(patches_a, patches_b, (4, 4)), loaded.score(patches_a, patches_b, (4, 4)))
+
     content = torch.load(path, weights_only=True)
     content["pair_classifier"]["decoder"] = "dec768d12b"  # weights of another decoder width
     torch.save(content, tmp_path / "wrong_decoder.pt")

@@ -21,7 +21,7 @@ from models.decoder import (
     random_patch_mask,
 )
 from models.encoders import EncoderConfig, build_model, encoder_spec
-from models.heads import CosFaceClassifier, PairClassifier
+from models.heads import CosFaceClassifier, PairClassifier, aligned_similarity
 from trainer.losses import (
     far_apart,
     hardest_pairs,
@@ -121,6 +121,32 @@ def test_shapes_with_tiny_presets_square_and_not():
     with pytest.raises(ValueError, match="class token"):
         pair(torch.randn(3, 65, 64), patches_a, (8, 8))
     assert CosFaceClassifier(512, 7)(torch.randn(3, 512), torch.tensor([0, 6, 3])).shape == (3, 7)
+
+
+def test_aligned_similarity_by_hand_and_across_grids():
+    torch.manual_seed(0)
+    a = torch.randn(2, 6, 8)  # [B, N, C] on a 2 x 3 grid
+    assert torch.allclose(aligned_similarity(a, 3.0 * a, (2, 3), (2, 3)), torch.ones(2))  # scale-free
+    assert torch.allclose(aligned_similarity(a, -a, (2, 3), (2, 3)), -torch.ones(2))
+    shifted = a.roll(1, dims=1)  # the same tokens, one position on
+    by_hand = F.cosine_similarity(a, shifted, dim=-1).mean(dim=1)
+    assert torch.allclose(aligned_similarity(a, shifted, (2, 3), (2, 3)), by_hand)
+    b = a.reshape(2, 2, 3, 8).repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).reshape(2, 24, 8)  # 4 x 6 copy
+    assert torch.allclose(aligned_similarity(a, b, (2, 3), (4, 6)), torch.ones(2), atol=1e-5)
+
+
+def test_aligned_pair_classifier_starts_from_the_aligned_similarity_and_learns_its_scale():
+    torch.manual_seed(0)
+    pair = PairClassifier(SiameseMIMDecoder(decoder_config("dec64d2b"), 64, PATCH), hidden_dim=32, aligned=True)
+    a, b = torch.randn(4, 64, 64), torch.randn(4, 64, 64)
+    same = a + 0.1 * torch.randn(4, 64, 64)
+    logits = pair(a, b, (8, 8))
+    assert torch.allclose(logits, 10.0 * (aligned_similarity(a, b, (8, 8), (8, 8)) - 0.5), atol=1e-6)
+    assert (pair.score(a, same, (8, 8)) > pair.score(a, b, (8, 8))).all()  # a near copy outranks a stranger
+    pair_bce_loss(pair(a, same, (8, 8)), pair(a, b, (8, 8))).backward()
+    assert pair.aligned_scale.grad.abs() > 0 and pair.aligned_offset.grad.abs() > 0
+    assert pair.mlp[-1].weight.grad.abs().sum() > 0  # the decoder part learns from the start too
+    assert not PairClassifier(SiameseMIMDecoder(decoder_config("dec64d2b"), 64, PATCH)).aligned  # Pair-VPR's: off
 
 
 def test_unknown_decoder_lists_valid_names():

@@ -81,6 +81,11 @@ class TrainConfig:
         default=0.0, metadata={"help": "stage 2: the Multi-Similarity loss pushes apart only images of other places "
                                        "more than this far away (as pair_negative_min_distance_m); a nearer image "
                                        "of another place is neither pulled nor pushed. 0: every other place"})
+    pair_aligned_similarity: bool = field(
+        default=False, metadata={"help": "stage 2: the pair classifier's logit also gets a learned affine function of "
+                                         "the aligned token similarity (mean cosine of the two images' encoder tokens "
+                                         "at the same grid position; models.heads.PairClassifier). Not in Pair-VPR; "
+                                         "the demo uses it (docs/benchmarks.md, issue 10)"})
     ms_weight: float = field(default=1.0, metadata={"help": "weight of the Multi-Similarity loss"})
     pair_bce_weight: float = field(default=2.0, metadata={"help": "weight of the pair-classifier BCE (Pair-VPR 2)"})
     pair_trains_encoder: bool = field(
