@@ -45,6 +45,16 @@ def test_validation_follows_the_evaluation_protocol(city):
     assert "val_reranked_r1" not in validate(model, None, split, 28, "squash", torch.device("cpu"))
 
 
+def test_validation_keeps_the_aspect_ratio_with_short_side(city):
+    same = ValidationSplit.open(f"atname:{city / 'database'}", f"atname:{city / 'database'}")
+    torch.manual_seed(0)
+    model = build_model(EncoderConfig("vit_tiny_test", 28, 16, "gem", resize="short_side"))
+    pair = PairClassifier(SiameseMIMDecoder(decoder_config("dec64d2b"), 64, 14), aligned=True)  # 64 x 48 images:
+    result = validate(model, pair, same, 28, "short_side", torch.device("cpu"), rerank_top_k=5)  # a 2 x 3 grid
+    assert result["val_r1"] == 100.0
+    assert result["val_reranked_r1"] == 100.0  # aligned similarity 1 with its own twin: first after re-ranking
+
+
 @pytest.mark.slow
 def test_training_writes_validation_events_and_the_best_model(city, tmp_path):
     ids = write_shards(tmp_path / "shards", [[(s * 6 + p, 4) for p in range(6)] for s in range(4)])  # 24 places x 4

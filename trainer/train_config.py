@@ -36,9 +36,11 @@ class TrainConfig:
     input_norm: Literal["imagenet", "per_image"] = field(
         default="imagenet", metadata={"help": "encoder input: ImageNet-normalised, or each image's channels "
                                               "standardised (per_image)"})
-    resize: Literal["crop", "squash"] = field(
-        default="crop", metadata={"help": "how exported models resize images at inference: crop the centre of the "
-                                          "short-side resize, or squash the whole view to a square"})
+    resize: Literal["crop", "squash", "short_side"] = field(
+        default="crop", metadata={"help": "how exported models (and validation during training) resize images at "
+                                          "inference: crop the centre of the short-side resize, squash the whole "
+                                          "view to a square, or short_side: resize the short side to image_size and "
+                                          "keep the aspect ratio (gmberton/VPR-methods-evaluation)"})
     encoder_weights: str | None = field(
         default=None, metadata={"help": "local encoder weights to start from: the official DINOv2 .pth or timm's "
                                         "safetensors (a relative path is resolved against the working directory)"})

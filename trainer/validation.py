@@ -51,9 +51,10 @@ class ValidationSplit:
 
 
 @torch.inference_mode()
-def embed_paths(model: GlobalDescriptorModel, paths: list[str], image_size: int, resize: str, device: torch.device,
-                keep_tokens: bool, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray | None]:
-    """Descriptors [M, D] float32 and, with keep_tokens, patch tokens [M, N, C] float16 of image files."""
+def embed_paths(model: GlobalDescriptorModel, paths: list[str], image_size: int | tuple[int, int], resize: str,
+                device: torch.device, keep_tokens: bool, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray | None]:
+    """Descriptors [M, D] float32 and, with keep_tokens, patch tokens [M, N, C] float16 of image files.
+    `image_size`: S, or (H, W) for "short_side" (`evaluation.embed.split_input_hw`)."""
     from placeforge.ingest.listing import read_image_file
 
     descriptors, tokens = [], []
@@ -70,22 +71,30 @@ def validate(model: GlobalDescriptorModel, pair: PairClassifier | None, split: V
              resize: str, device: torch.device, rerank_top_k: int = 20) -> dict[str, float]:
     """Recall@1/5 (%) of `model` on `split`, and after re-ranking the top K with `pair` when given.
 
+    With resize "short_side" each side keeps its images' aspect ratio (its most common size,
+    as pipelines/evaluate.py), so the two patch grids the pair classifier compares may differ.
     The modules are put in eval mode for the measurement and back in their previous mode after.
     """
+    from evaluation.embed import split_input_hw
+
     started = time.perf_counter()
     modes = [(m, m.training) for m in (model, pair) if m is not None]
     for module, _ in modes:
         module.eval()
     try:
         keep = pair is not None and rerank_top_k > 0
-        db, db_tokens = embed_paths(model, split.database.paths, image_size, resize, device, keep)
-        q, q_tokens = embed_paths(model, split.queries.paths, image_size, resize, device, keep)
+        patch = model.encoder.patch_embed.patch_size[0]
+        db_hw = split_input_hw(split.database.paths, image_size, resize, patch)
+        q_hw = split_input_hw(split.queries.paths, image_size, resize, patch)
+        size = (lambda hw: hw if resize == "short_side" else image_size)
+        db, db_tokens = embed_paths(model, split.database.paths, size(db_hw), resize, device, keep)
+        q, q_tokens = embed_paths(model, split.queries.paths, size(q_hw), resize, device, keep)
         k = min(max(RECALL_AT[-1], rerank_top_k), len(db))
         _, candidates = exact_search(db, q, k)
         result = _recall("val", candidates, split.positives)
         if keep:
-            side = image_size // model.encoder.patch_embed.patch_size[0]
-            scores = pair_scores(pair, q_tokens, db_tokens, candidates[:, :rerank_top_k], (side, side), progress=False)
+            scores = pair_scores(pair, q_tokens, db_tokens, candidates[:, :rerank_top_k], (q_hw[0] // patch, q_hw[1] // patch),
+                                 progress=False, db_grid=(db_hw[0] // patch, db_hw[1] // patch))
             _, reranked = rerank_order(candidates[:, :rerank_top_k], scores)
             result.update(_recall("val_reranked", reranked, split.positives))
     finally:
