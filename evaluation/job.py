@@ -55,6 +55,9 @@ class EvalConfig:
     resize: str | None = field(default=None, metadata={
         "help": "crop, squash or short_side (aspect kept, no crop): how images are resized for the encoder "
                 "(default: the checkpoint's)"})
+    msls_submission: bool = field(default=False, metadata={
+        "help": "also write OUT/msls_submission.txt: every query's key and its ranked database keys (re-ranked "
+                "where a pair classifier is), the Mapillary SLS challenge's prediction format"})
 
     def validate(self) -> None:
         if not self.radius_m > 0:
@@ -240,6 +243,18 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
         "timings_s": {name: round(value, 3) for name, value in timings.items()},
         "throughput": _throughput(timings, len(q_rows), top_k),
     }
+    if cfg.msls_submission:
+        from evaluation.msls_submission import MIN_PREDICTIONS, write_msls_submission
+
+        ranked_all = np.full((len(queries), k), -1, dtype=np.int64)  # an unreadable query: its key alone
+        ranked_all[q_rows] = candidates if reranked is None else reranked
+        write_msls_submission(out / "msls_submission.txt", queries.paths, database.paths, ranked_all)
+        if k < MIN_PREDICTIONS:
+            notes.append(f"msls_submission.txt holds {k} predictions per query; the challenge scores up to "
+                         f"{MIN_PREDICTIONS}")
+        report["msls_submission"] = {"file": "msls_submission.txt", "predictions_per_query": int(k),
+                                     "ranking": "global" if reranked is None else "reranked"}
+        report["rerank"]["note"] = " ".join(n for n in notes if n)
     predictions = _predictions(queries, q_rows, candidates, scores, correct, reranked, rerank_scores, with_positive)
     write_parquet_atomic(predictions, out / "predictions.parquet")
     write_parquet_atomic(rejects, out / "rejects.parquet")

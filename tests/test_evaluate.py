@@ -129,8 +129,14 @@ def test_names_without_coordinates_need_no_labels_and_bad_images_are_set_aside(l
     code, _, err = run(capsys, "--checkpoint", checkpoints[0], "--test-set", plain, "--out", tmp_path / "x")
     assert code == 2 and "no usable images" in err  # @-names are required for recall
     code, printed, err = run(capsys, "--checkpoint", checkpoints[0], "--test-set", plain, "--out", tmp_path / "y",
-                             "--no-labels", "--rerank-top-k", 3)
+                             "--no-labels", "--rerank-top-k", 3, "--msls-submission", "true")
     assert code == 0, err
+    rows = [line.split() for line in (tmp_path / "y" / "msls_submission.txt").read_text().splitlines()
+            if not line.startswith("#")]
+    assert [r[0] for r in rows] == [f"img_{i}" for i in range(6)]  # every query, by key
+    assert all(len(r) == 1 + 6 and sorted(r[1:]) == [f"img_{i}" for i in range(6)] for r in rows)  # all 6 ranked
+    submission = json.loads((tmp_path / "y" / "report.json").read_text())["msls_submission"]
+    assert submission == {"file": "msls_submission.txt", "predictions_per_query": 6, "ranking": "reranked"}
     report = json.loads((tmp_path / "y" / "report.json").read_text())
     assert report["recall"] == {"global": None, "reranked": None} and report["counts"]["database"] == 6
     assert report["baseline"] is None  # no positions, no recall to compare
