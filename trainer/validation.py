@@ -86,9 +86,10 @@ def validate(model: GlobalDescriptorModel, pair: PairClassifier | None, split: V
         patch = model.encoder.patch_embed.patch_size[0]
         db_hw = split_input_hw(split.database.paths, image_size, resize, patch)
         q_hw = split_input_hw(split.queries.paths, image_size, resize, patch)
-        size = (lambda hw: hw if resize == "short_side" else image_size)
-        db, db_tokens = embed_paths(model, split.database.paths, size(db_hw), resize, device, keep)
-        q, q_tokens = embed_paths(model, split.queries.paths, size(q_hw), resize, device, keep)
+        short_side = resize == "short_side"  # crop and squash take S, short_side one (H, W) per side
+        db, db_tokens = embed_paths(model, split.database.paths, db_hw if short_side else image_size, resize, device,
+                                    keep)
+        q, q_tokens = embed_paths(model, split.queries.paths, q_hw if short_side else image_size, resize, device, keep)
         k = min(max(RECALL_AT[-1], rerank_top_k), len(db))
         _, candidates = exact_search(db, q, k)
         result = _recall("val", candidates, split.positives)
