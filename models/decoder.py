@@ -37,17 +37,31 @@ class DecoderConfig:
     depth: int = field(default=12, metadata={"help": "number of decoder blocks"})
     num_heads: int = field(default=12, metadata={"help": "attention heads per block"})
     mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden width / token width"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of every LayerNorm (Pair-VPR's code: 1e-6)"})
+    head_activation: str = field(default="gelu", metadata={
+        "help": "activation of the stage-2 pair classifier's MLP head: gelu, or relu (Pair-VPR's code)"})
 
     def validate(self) -> None:
         if self.width % 4 or self.width % self.num_heads:
             raise ValueError(f"width {self.width} must be a multiple of 4 and of num_heads {self.num_heads}")
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if self.head_activation not in HEAD_ACTIVATIONS:
+            raise ValueError(f"head_activation must be one of {list(HEAD_ACTIVATIONS)}, got {self.head_activation!r}")
+
+
+# The pair classifier's head (models.heads) is part of the preset a checkpoint names, so a file
+# rebuilds exactly the classifier it was trained with.
+HEAD_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 DECODERS: dict[str, DecoderConfig] = {
     "dec768d12b": DecoderConfig(width=768, depth=12, num_heads=12),  # published, for every encoder size
     "dec64d2b": DecoderConfig(width=64, depth=2, num_heads=2),  # tests and the CPU demo
+    # Exactly the decoder and pair head of the released Pair-VPR checkpoints (ViT-B and ViT-G alike;
+    # pairvpr/models/pairvpr.py): LayerNorm eps 1e-6 and a ReLU head (models.import_released).
+    "pairvpr_dec768d12b": DecoderConfig(width=768, depth=12, num_heads=12, norm_eps=1e-6, head_activation="relu"),
+    "pairvpr_dec64d2b": DecoderConfig(width=64, depth=2, num_heads=2, norm_eps=1e-6, head_activation="relu"),  # tests
 }
 
 
@@ -174,16 +188,17 @@ class DecoderBlock(nn.Module):
         dim: token width.
         num_heads: attention heads.
         mlp_ratio: MLP hidden width / dim.
+        norm_eps: epsilon of the block's LayerNorms.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.self_attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm_context = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm_context = nn.LayerNorm(dim, eps=norm_eps)
         self.cross_attn = Attention(dim, num_heads)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -210,10 +225,12 @@ class SiameseMIMDecoder(nn.Module):
         super().__init__()
         cfg.validate()
         self.width = cfg.width
+        self.head_activation = cfg.head_activation  # read by models.heads.PairClassifier
         self.embed = nn.Linear(encoder_dim, cfg.width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.blocks = nn.ModuleList(DecoderBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.pixel_head = nn.Linear(cfg.width, patch_size * patch_size * 3)
         self.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)

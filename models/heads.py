@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.decoder import SiameseMIMDecoder, sincos_2d_positions
+from models.decoder import HEAD_ACTIVATIONS, SiameseMIMDecoder, sincos_2d_positions
 
 
 class PairClassifier(nn.Module):
@@ -48,7 +48,8 @@ class PairClassifier(nn.Module):
         self.blocks = decoder.blocks
         self.norm = decoder.norm
         self.class_token = nn.Parameter(torch.zeros(1, 1, decoder.width))
-        self.mlp = nn.Sequential(nn.Linear(decoder.width, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
+        activation = HEAD_ACTIVATIONS[decoder.head_activation]()  # the decoder preset's: GELU, or ReLU as Pair-VPR
+        self.mlp = nn.Sequential(nn.Linear(decoder.width, hidden_dim), activation, nn.Linear(hidden_dim, 1))
         nn.init.normal_(self.class_token, std=0.02)
         self.aligned = aligned
         if aligned:

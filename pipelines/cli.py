@@ -4,6 +4,7 @@
     placeforge synth --out DIR             render the synthetic city (python -m placeforge.synth)
     placeforge build-shards ...            pipelines/build_shards.py
     placeforge evaluate ...                pipelines/evaluate.py
+    placeforge import-checkpoint --from pairvpr FILE --out OUT    a released model -> a placeforge model file
 """
 
 from __future__ import annotations
@@ -210,7 +211,59 @@ COMMANDS = {
     "synth": ("render the synthetic city", lambda argv: _synth_main(argv)),
     "build-shards": ("build place-aware WebDataset shards (Ray Data)", lambda argv: _build_shards_main(argv)),
     "evaluate": ("Recall@N before and after re-ranking, with a report", lambda argv: _evaluate_main(argv)),
+    "import-checkpoint": ("convert a released checkpoint (Pair-VPR) into a placeforge model file",
+                          lambda argv: import_checkpoint(argv)),
 }
+
+# Released checkpoints that cannot be imported yet, and why (printed as the error).
+IMPORT_NOT_SUPPORTED = {
+    "mutualvpr": "MutualVPR's encoder adds a MulConv adapter to every DINOv2 block's MLP path (Linear 768 -> 384, "
+                 "1x1 / 3x3 / 5x5 convolutions over the patch grid, Linear 384 -> 768, added with scale 0.2; "
+                 "Gucci233/MutualVPR backbone/dinov2/block.py); placeforge's encoders are plain timm ViTs with no "
+                 "such layer, so those weights have nowhere to go",
+}
+
+
+IMPORT_HELP = """Convert a released checkpoint into a placeforge model file, so that
+`python -m pipelines.evaluate --checkpoint OUT ...` evaluates the published model as it is
+(global descriptor, then pair-classifier re-ranking).
+
+--from pairvpr: a stage-2 model of csiro-robotics/Pair-VPR: pairvpr-vitB.pth ("speed") or
+pairvpr-vitG.pth ("performance"); its trained_models/models_readme.md links the download.
+The file is read with torch.load(weights_only=True). Every key is mapped or dropped by name
+(the stage-1 masked-image-modelling parts and the fixed position tables:
+{dropped}).
+Any other key fails the import, naming it.
+The model file evaluates at 322 px, squashed, as Pair-VPR does.
+Re-rank as published with --rerank-top-k 100 (ViT-B) or 500 (ViT-G); see docs/evaluation.md.
+"""
+
+
+def import_checkpoint(argv: list[str]) -> int:
+    """Convert a released checkpoint of a published method into a placeforge model file."""
+    from models.import_released import PAIRVPR_DROPPED, PAIRVPR_VARIANTS
+    from pipelines.shell import run_guarded, script_parser
+
+    parser = script_parser("placeforge import-checkpoint", IMPORT_HELP.format(dropped=", ".join(PAIRVPR_DROPPED)),
+                           split_epilog=True)
+    parser.add_argument("--from", dest="source_format", required=True, choices=["pairvpr", *IMPORT_NOT_SUPPORTED],
+                        help="whose release FILE is: pairvpr (mutualvpr is not supported yet)")
+    parser.add_argument("file", type=Path, metavar="FILE", help="the released checkpoint file")
+    parser.add_argument("--out", required=True, type=Path, help="the placeforge model file to write")
+    parser.add_argument("--variant", choices=list(PAIRVPR_VARIANTS),
+                        help="vitb or vitg (default: detected from the tensor shapes; a mismatch is an error)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    args = parser.parse_args(argv)
+
+    def run() -> str:
+        from models.import_released import import_pairvpr
+
+        if args.source_format in IMPORT_NOT_SUPPORTED:
+            raise ValueError(f"--from {args.source_format} is not supported yet: "
+                             f"{IMPORT_NOT_SUPPORTED[args.source_format]}")
+        return import_pairvpr(args.file, args.out, args.variant, overwrite=args.overwrite).text()
+
+    return run_guarded("placeforge import-checkpoint", run, (ValueError, FileNotFoundError, FileExistsError))
 
 
 def _evaluate_main(argv: list[str]) -> int:
