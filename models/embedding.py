@@ -53,7 +53,7 @@ class Embedder:
         images = images.to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
             tokens = self.model.forward_features(images)  # [B, P + N, C], P prefix tokens
-            descriptors = self.model.pool(tokens)  # [B, D], unit length: float16 loses nothing that matters
+            descriptors = self.model.pool(tokens, self.model.token_grid(images))  # [B, D], unit length: float16 is enough
         out = {self.id_column: np.asarray(batch[self.id_column], dtype=np.int64), "ok": ok,
                "descriptor": descriptors.float().cpu().numpy().astype(np.float16)}
         if self.keep_tokens:

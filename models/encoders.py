@@ -15,7 +15,13 @@ tokens (`encoder.num_prefix_tokens`) come first, and everything that wants patch
 
 Global head (Pair-VPR): class token -> Linear -> descriptor_dim -> L2 normalise.  With
 `pooling="gem"` (MutualVPR): patch tokens -> L2 normalise -> GeM (p = 3, learnable)
--> Linear -> descriptor_dim -> L2 normalise.  Register tokens feed neither.
+-> Linear -> descriptor_dim -> L2 normalise.  With `pooling="gem_grid"` (not in either
+paper; the CPU demo's choice): the patch grid is cut into `pooling_grid` x `pooling_grid`
+cells, each cell GeM-pooled and projected by one shared Linear to descriptor_dim / cells^2,
+each cell's vector L2-normalised, then all concatenated and L2-normalised, so the cosine of
+two descriptors is the mean of their cells' cosines: the descriptor keeps where in the view
+things are (the 16 x 16-thumbnail baseline's strength), which one GeM over the whole view
+throws away.  Register tokens feed none of them.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from models.dinov2 import add_mask_token, load_weights_into, require_weights_fil
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-POOLINGS = ("cls", "gem")
+POOLINGS = ("cls", "gem", "gem_grid")
 # How an encoder sees its (ImageNet-normalised) input.  "per_image" standardises each image's
 # channels by their own mean and std first: a night or foggy query and a daylight database
 # image of one facade then differ far less (the 16 x 16-thumbnail baseline removes the mean
@@ -143,7 +149,8 @@ class EncoderConfig:
     name: str = field(default="vit_tiny_test", metadata={"help": f"encoder preset: one of {', '.join(ENCODERS)}"})
     image_size: int = field(default=112, metadata={"help": "square input side in pixels (a multiple of the patch)"})
     descriptor_dim: int = field(default=512, metadata={"help": "global descriptor dimension"})
-    pooling: str = field(default="cls", metadata={"help": "cls (Pair-VPR: class token) or gem (MutualVPR: GeM)"})
+    pooling: str = field(default="cls", metadata={"help": "cls (Pair-VPR: class token), gem (MutualVPR: GeM) or "
+                                                          "gem_grid (GeM per cell of a grid over the view)"})
     checkpoint: str | None = field(
         default=None, metadata={"help": "local file of encoder weights to start from: the official DINOv2 .pth or "
                                         "timm's safetensors (never downloaded; relative to the working directory)"}
@@ -151,6 +158,7 @@ class EncoderConfig:
     input_norm: str = field(
         default="imagenet", metadata={"help": "imagenet, or per_image: standardise each image's channels first"})
     resize: str = field(default="crop", metadata={"help": "inference resize: crop (short side, centre), squash, or short_side (aspect kept)"})
+    pooling_grid: int = field(default=2, metadata={"help": "gem_grid: cells per side of the grid (2: 2 x 2 cells)"})
 
     def validate(self) -> None:
         spec = encoder_spec(self.name)
@@ -161,10 +169,21 @@ class EncoderConfig:
             raise ValueError(f"descriptor_dim must be >= 1, got {self.descriptor_dim}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if self.pooling == "gem_grid":
+            check_grid_fits(self.pooling_grid, self.descriptor_dim)
         if self.resize not in RESIZES:
             raise ValueError(f"resize must be one of {list(RESIZES)}, got {self.resize!r}")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {list(INPUT_NORMS)}, got {self.input_norm!r}")
+
+
+def check_grid_fits(cells_per_side: int, descriptor_dim: int) -> None:
+    """gem_grid: at least one cell, and a descriptor that splits evenly over the cells."""
+    if cells_per_side < 1:
+        raise ValueError(f"pooling_grid must be >= 1, got {cells_per_side}")
+    if descriptor_dim % cells_per_side ** 2:
+        raise ValueError(f"gem_grid splits the descriptor over {cells_per_side} x {cells_per_side} cells: "
+                         f"descriptor_dim must be a multiple of {cells_per_side ** 2}, got {descriptor_dim}")
 
 
 class GeM(nn.Module):
@@ -185,6 +204,14 @@ class GeM(nn.Module):
         """[B, N, C] -> [B, C]."""
         return tokens.clamp(min=self.eps).pow(self.p).mean(dim=1).pow(1.0 / self.p)
 
+    def grid(self, tokens: torch.Tensor, grid: tuple[int, int], cells: int) -> torch.Tensor:
+        """[B, H * W, C] tokens in row-major grid order -> [B, cells * cells, C], one GeM per cell
+        (cells in row-major order; a grid that does not divide evenly gets overlapping cells)."""
+        batch, _, channels = tokens.shape
+        powered = tokens.clamp(min=self.eps).pow(self.p).transpose(1, 2).reshape(batch, channels, *grid)
+        pooled = F.adaptive_avg_pool2d(powered, cells)  # [B, C, cells, cells]: the mean of each cell
+        return pooled.flatten(2).transpose(1, 2).pow(1.0 / self.p)
+
 
 class GlobalDescriptorModel(nn.Module):
     """A ViT encoder and a global head that gives one unit-length descriptor per image.
@@ -193,23 +220,29 @@ class GlobalDescriptorModel(nn.Module):
         encoder: a timm VisionTransformer with a class token (first), any number of register
             tokens after it, and no classifier.
         descriptor_dim: output dimension D.
-        pooling: "cls" (class token) or "gem" (GeM over L2-normalised patch tokens only).
+        pooling: "cls" (class token), "gem" (GeM over L2-normalised patch tokens only) or
+            "gem_grid" (GeM per cell of a `pooling_grid` x `pooling_grid` grid of them).
         input_norm: INPUT_NORMS, applied to the images before the encoder.
+        pooling_grid: cells per side for "gem_grid"; descriptor_dim must split evenly over the cells.
     """
 
     def __init__(self, encoder: VisionTransformer, descriptor_dim: int = 512, pooling: str = "cls",
-                 input_norm: str = "imagenet") -> None:
+                 input_norm: str = "imagenet", pooling_grid: int = 2) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        cells = pooling_grid ** 2 if pooling == "gem_grid" else 1
+        if pooling == "gem_grid":
+            check_grid_fits(pooling_grid, descriptor_dim)
         if encoder.cls_token is None:
             raise ValueError(f"expected an encoder whose first token is a class token, got "
                              f"{encoder.num_prefix_tokens} prefix token(s) and no class token")
         self.encoder = encoder
         self.pooling = pooling
         self.input_norm = input_norm
-        self.gem = GeM() if pooling == "gem" else None
-        self.head = nn.Linear(encoder.embed_dim, descriptor_dim)
+        self.pooling_grid = pooling_grid
+        self.gem = GeM() if pooling in ("gem", "gem_grid") else None
+        self.head = nn.Linear(encoder.embed_dim, descriptor_dim // cells)  # gem_grid: shared by every cell
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder tokens after the final norm.  [B, 3, H, W] -> [B, P + N, C]: class token, registers, patches."""
@@ -217,16 +250,30 @@ class GlobalDescriptorModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Global descriptors.  [B, 3, H, W] -> [B, D], each row of unit L2 norm."""
-        return self.pool(self.forward_features(images))
+        return self.pool(self.forward_features(images), self.token_grid(images))
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Encoder tokens [B, P + N, C] -> global descriptors [B, D] (evaluation also keeps the tokens)."""
+    def token_grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """The patch grid (rows, columns) the encoder makes of `images` [B, 3, H, W]."""
+        patch_h, patch_w = self.encoder.patch_embed.patch_size
+        return images.shape[-2] // patch_h, images.shape[-1] // patch_w
+
+    def pool(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Encoder tokens [B, P + N, C] -> global descriptors [B, D] (evaluation also keeps the tokens).
+
+        `grid`: the patch grid (rows, columns), `token_grid(images)`; only gem_grid reads it, and
+        without it takes the grid to be square (a non-square N then fails)."""
         if self.gem is None:
-            pooled = tokens[:, 0]  # [B, C] class token
-        else:
-            patches = tokens[:, self.encoder.num_prefix_tokens:]  # [B, N, C]: no class, no registers
-            pooled = self.gem(F.normalize(patches, dim=-1))  # [B, C]
-        return F.normalize(self.head(pooled), dim=-1)  # [B, D]
+            return F.normalize(self.head(tokens[:, 0]), dim=-1)  # [B, D] from the class token
+        patches = F.normalize(tokens[:, self.encoder.num_prefix_tokens:], dim=-1)  # [B, N, C]: no class, registers
+        if self.pooling == "gem":
+            return F.normalize(self.head(self.gem(patches)), dim=-1)  # [B, D]
+        if grid is None:
+            side = round(patches.shape[1] ** 0.5)
+            if side * side != patches.shape[1]:
+                raise ValueError(f"gem_grid needs the patch grid of {patches.shape[1]} tokens (not a square): pass grid")
+            grid = (side, side)
+        cells = self.head(self.gem.grid(patches, grid, self.pooling_grid))  # [B, cells^2, D / cells^2]
+        return F.normalize(F.normalize(cells, dim=-1).flatten(1), dim=-1)  # [B, D]: cosine = mean over cells
 
 
 def build_model(cfg: EncoderConfig, load_encoder_weights: bool = True) -> GlobalDescriptorModel:
@@ -247,7 +294,7 @@ def build_model(cfg: EncoderConfig, load_encoder_weights: bool = True) -> Global
     encoder = spec.build(cfg.image_size)
     if weights is not None:
         load_weights_into(encoder, weights, dinov2=spec.dinov2)
-    return GlobalDescriptorModel(encoder, cfg.descriptor_dim, cfg.pooling, cfg.input_norm)
+    return GlobalDescriptorModel(encoder, cfg.descriptor_dim, cfg.pooling, cfg.input_norm, cfg.pooling_grid)
 
 
 def short_side_hw(width: int, height: int, image_size: int, patch_size: int) -> tuple[int, int]:

@@ -36,7 +36,7 @@ def images(batch: int = 2, size: int = 112, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("pooling", ["cls", "gem"])
+@pytest.mark.parametrize("pooling", ["cls", "gem", "gem_grid"])
 def test_tiny_model_shapes_and_unit_norm(pooling):
     torch.manual_seed(0)
     model = build_model(EncoderConfig(pooling=pooling, descriptor_dim=32)).eval()
@@ -49,7 +49,7 @@ def test_tiny_model_shapes_and_unit_norm(pooling):
     assert model(images(1, size=140)).shape == (1, 32)  # dynamic image size: other multiples of 14 work
 
 
-@pytest.mark.parametrize("pooling", ["cls", "gem"])
+@pytest.mark.parametrize("pooling", ["cls", "gem", "gem_grid"])
 def test_every_parameter_receives_a_gradient(pooling):
     torch.manual_seed(0)
     model = build_model(EncoderConfig(pooling=pooling, descriptor_dim=16)).train()
@@ -58,8 +58,46 @@ def test_every_parameter_receives_a_gradient(pooling):
     (descriptors * target).sum().backward()
     no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
-    if pooling == "gem":
+    if pooling != "cls":
         assert model.gem.p.grad is not None
+
+
+def by_hand_grid_descriptor(model, x: torch.Tensor, cells: int) -> torch.Tensor:
+    """gem_grid written out cell by cell: GeM over each cell's tokens, shared head, normalise, join."""
+    patch = model.encoder.patch_embed.patch_size[0]
+    rows, cols = x.shape[-2] // patch, x.shape[-1] // patch
+    tokens = torch.nn.functional.normalize(model.forward_features(x)[:, 1:], dim=-1)  # [B, N, C]
+    grid = tokens.reshape(x.shape[0], rows, cols, -1)
+    p, parts = model.gem.p, []
+    for i in range(cells):
+        for j in range(cells):
+            cell = grid[:, rows * i // cells:-(-rows * (i + 1) // cells), cols * j // cells:-(-cols * (j + 1) // cells)]
+            pooled = cell.flatten(1, 2).clamp(min=1e-6).pow(p).mean(dim=1).pow(1 / p)  # [B, C]
+            parts.append(torch.nn.functional.normalize(model.head(pooled), dim=-1))
+    return torch.nn.functional.normalize(torch.cat(parts, dim=1), dim=-1)
+
+
+@pytest.mark.parametrize("size_hw", [(112, 112), (56, 98), (70, 112)])  # grids 8 x 8, 4 x 7 (uneven), 5 x 8
+def test_gem_grid_is_gem_per_cell_through_one_head(size_hw):
+    torch.manual_seed(0)
+    model = build_model(EncoderConfig(pooling="gem_grid", pooling_grid=2, descriptor_dim=32)).eval()
+    x = torch.randn(2, 3, *size_hw, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), by_hand_grid_descriptor(model, x, 2), atol=1e-5, rtol=1e-4)
+    assert model.head.weight.shape == (32 // 4, ENCODERS["vit_tiny_test"].embed_dim)  # one head shared by 4 cells
+
+
+def test_gem_grid_needs_a_descriptor_that_splits_over_the_cells_and_the_grid_of_odd_shapes():
+    with pytest.raises(ValueError, match="multiple of 9, got 32"):
+        EncoderConfig(pooling="gem_grid", pooling_grid=3, descriptor_dim=32).validate()
+    with pytest.raises(ValueError, match="pooling_grid must be >= 1"):
+        EncoderConfig(pooling="gem_grid", pooling_grid=0).validate()
+    model = build_model(EncoderConfig(pooling="gem_grid", descriptor_dim=16)).eval()
+    x = torch.randn(1, 3, 56, 98)
+    tokens = model.forward_features(x)  # 4 x 7 = 28 patches: not a square
+    with pytest.raises(ValueError, match="not a square"):
+        model.pool(tokens)
+    torch.testing.assert_close(model.pool(tokens, model.token_grid(x)), model(x))
 
 
 def test_unknown_encoder_lists_the_valid_names():
@@ -87,7 +125,7 @@ def test_dinov2_presets_have_the_shapes_their_names_spell(name):
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(1)
-    cfg = EncoderConfig(pooling="gem", descriptor_dim=24)
+    cfg = EncoderConfig(pooling="gem_grid", pooling_grid=2, descriptor_dim=24)
     model = build_model(cfg).eval()
     with torch.no_grad():
         model.gem.p.fill_(2.5)  # a non-default value must survive the round trip
@@ -100,7 +138,10 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
         assert torch.equal(model(x), loaded(x))
     assert inspect_model_checkpoint(path) == cfg
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == 1 and raw["kind"] == "global_descriptor" and raw["encoder_config"]["pooling"] == "gem"
+    assert raw["format"] == 1 and raw["kind"] == "global_descriptor" and raw["encoder_config"]["pooling"] == "gem_grid"
+    del raw["encoder_config"]["pooling_grid"]  # a file from before the grid option reads with its default
+    torch.save(raw, tmp_path / "older.pt")
+    assert inspect_model_checkpoint(tmp_path / "older.pt") == cfg
 
 
 def test_checkpoint_of_another_architecture_names_the_file_and_keys(tmp_path):

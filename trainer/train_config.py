@@ -31,8 +31,12 @@ class TrainConfig:
     encoder: str = field(default="vit_tiny_test", metadata={"help": f"encoder preset: {', '.join(ENCODERS)}"})
     image_size: int = field(default=112, metadata={"help": "training image side, pixels (224 stage 1, 322 stage 2)"})
     descriptor_dim: int = field(default=512, metadata={"help": "global descriptor dimension"})
-    pooling: Literal["cls", "gem"] = field(
-        default="cls", metadata={"help": "global head input: class token (Pair-VPR) or GeM over patch tokens"})
+    pooling: Literal["cls", "gem", "gem_grid"] = field(
+        default="cls", metadata={"help": "global head input: class token (Pair-VPR), GeM over patch tokens "
+                                         "(MutualVPR), or gem_grid: GeM per cell of a grid over the view, "
+                                         "the cells' descriptors concatenated (not in either paper)"})
+    pooling_grid: int = field(default=2, metadata={"help": "gem_grid: cells per side (2: a 2 x 2 grid); "
+                                                           "descriptor_dim must be a multiple of its square"})
     input_norm: Literal["imagenet", "per_image"] = field(
         default="imagenet", metadata={"help": "encoder input: ImageNet-normalised, or each image's channels "
                                               "standardised (per_image)"})
@@ -124,7 +128,7 @@ class TrainConfig:
     log_every: int = field(default=1, metadata={"help": "write a metrics line every N steps"})
 
     def validate(self) -> None:
-        EncoderConfig(self.encoder, self.image_size, self.descriptor_dim).validate()
+        self.encoder_config().validate()
         release = encoder_spec(self.encoder).release_file
         starts_from_weights = not (self.stage == "finetune" and self.init_from)  # else from the stage-1 export
         if release and starts_from_weights and not self.encoder_weights and self.encoder_init == "pretrained":
@@ -174,7 +178,7 @@ class TrainConfig:
     def encoder_config(self) -> EncoderConfig:
         """The global-descriptor architecture (what models.checkpoint exports record)."""
         return EncoderConfig(self.encoder, self.image_size, self.descriptor_dim, self.pooling, self.encoder_weights,
-                             self.input_norm, self.resize)
+                             self.input_norm, self.resize, self.pooling_grid)
 
     def images_per_rank_step(self) -> int:
         """Images one rank's micro-batch holds (stage 1 counts both images of a pair)."""

@@ -83,7 +83,7 @@ class FinetuneModel(nn.Module):
         """
         encoder = self.global_model.encoder
         tokens = self.global_model.forward_features(images)  # [B, 1 + N, C]
-        descriptors = self.global_model.pool(tokens)  # [B, D], unit length (class token or GeM)
+        descriptors = self.global_model.pool(tokens, self.global_model.token_grid(images))  # [B, D], unit length
         patches = tokens[:, encoder.num_prefix_tokens:]  # [B, N, C]
         if not self.pair_trains_encoder:  # a small encoder serves the global descriptor better alone
             patches = patches.detach()
@@ -138,7 +138,7 @@ def global_model_of(model: nn.Module, cfg: TrainConfig) -> GlobalDescriptorModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         global_model = GlobalDescriptorModel(model.encoder, cfg.descriptor_dim, cfg.pooling,
-                                             cfg.input_norm)  # shares the encoder
+                                             cfg.input_norm, cfg.pooling_grid)  # shares the encoder
     return global_model
 
 

@@ -60,8 +60,9 @@ def embed_paths(model: GlobalDescriptorModel, paths: list[str], image_size: int 
     descriptors, tokens = [], []
     for start in range(0, len(paths), batch_size):
         images, _ = decode_images([read_image_file(p) for p in paths[start:start + batch_size]], image_size, resize)
-        features = model.forward_features(images.to(device))  # [B, P + N, C]
-        descriptors.append(model.pool(features).float().cpu().numpy())
+        images = images.to(device)
+        features = model.forward_features(images)  # [B, P + N, C]
+        descriptors.append(model.pool(features, model.token_grid(images)).float().cpu().numpy())
         if keep_tokens:
             tokens.append(features[:, model.encoder.num_prefix_tokens:].to(torch.float16).cpu().numpy())
     return np.concatenate(descriptors), (np.concatenate(tokens) if keep_tokens else None)
