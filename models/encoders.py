@@ -241,6 +241,7 @@ class GlobalDescriptorModel(nn.Module):
         self.pooling = pooling
         self.input_norm = input_norm
         self.pooling_grid = pooling_grid
+        self.descriptor_dim = descriptor_dim
         self.gem = GeM() if pooling in ("gem", "gem_grid") else None
         self.head = nn.Linear(encoder.embed_dim, descriptor_dim // cells)  # gem_grid: shared by every cell
 

@@ -462,7 +462,8 @@ def test_pair_bce_reaches_the_encoder_only_when_asked(pair_trains_encoder):
     assert all(p.grad is not None for p in model.pair.mlp.parameters())  # the classifier learns either way
 
 
-def test_a_batch_without_positives_still_reaches_every_parameter():
+@pytest.mark.parametrize("pooling", ["gem", "gem_grid"])  # gem_grid: CosFace rows of the whole descriptor
+def test_a_batch_without_positives_still_reaches_every_parameter(pooling):
     """View-class positives can leave a P x K batch with no anchor that has a positive; the
     step must still run one graph over every parameter (ranks must agree) and add no pair loss."""
     from trainer.data import GroupBatch
@@ -471,8 +472,9 @@ def test_a_batch_without_positives_still_reaches_every_parameter():
     from trainer.train_models import build_finetune_model
 
     torch.manual_seed(0)
-    cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pooling="gem")
+    cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pooling=pooling)
     model = build_finetune_model(cfg, num_classes=8)
+    assert model.cosface.weight.shape == (8, 16)
     pixels = torch.randint(0, 256, (4, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     batch = GroupBatch(images=pixels, place_ids=torch.tensor([1, 1, 2, 2]),
                        image_ids=torch.arange(4), class_ids=torch.tensor([0, 1, 2, 3]))  # every view differs

@@ -67,7 +67,7 @@ class FinetuneModel(nn.Module):
         self.pair_trains_encoder = pair_trains_encoder
         self.global_model = global_model
         self.pair = PairClassifier(decoder, aligned=pair_aligned)
-        self.cosface = CosFaceClassifier(global_model.head.out_features, num_classes, scale, margin)
+        self.cosface = CosFaceClassifier(global_model.descriptor_dim, num_classes, scale, margin)
 
     def forward(self, images: torch.Tensor, place_ids: torch.Tensor, class_ids: torch.Tensor,
                 far: torch.Tensor | None = None) -> dict:
