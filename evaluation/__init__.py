@@ -9,6 +9,7 @@
     positions.py     where an "@"-named test image is: UTM fields of the name, or mock coordinates
     testset.py       test splits: "@" names placed by positions.py, other formats via the catalog readers
     benchmarks.py    the standard test sets by name, in the folder layouts their tools write
+    ground_truth.py  query / database lists and per-query positives from files (MSLS-val's 740 queries)
     report.py        report.html + recall.png a person looks at
     job.py           orchestration behind pipelines/evaluate.py
 """

@@ -9,6 +9,13 @@ carry: "utm" (east/north/zone/letter from lat/lon) or "planar" (mock coordinates
 evaluation/positions.py).  Reading a set checks both, so a wrong root fails with the
 folders that were expected instead of a recall of zero.  Folder names are constants here;
 nothing is built from file names.
+
+    database, queries = read_benchmark("msls-val-740:/data/msls", ground_truth_dir=Path("gsv-cities/datasets/msls_val"))
+
+LISTED_BENCHMARKS are named by index files that ship apart from the images (GSV-Cities'
+msls_val_*.npy): the images they list, relative to ROOT, and the right answers they give
+(evaluation/ground_truth.py), not positions within a radius.  The files are read from
+`ground_truth_dir`, else from ROOT/<folder>/.
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from evaluation.ground_truth import ListedSide, read_listed_test_set, read_path_list, read_positives
+from evaluation.npy_safe import load_npy
 from evaluation.testset import Split, check_comparable, read_split
 from placeforge.ingest.common import SourceError
 
@@ -67,24 +78,53 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
+@dataclass(frozen=True)
+class ListedBenchmark:
+    """A test set named by .npy index files (GSV-Cities' layout); paths in them are relative to ROOT."""
+
+    database: str  # 1-D strings: the database images
+    queries: str  # 1-D strings: the query images
+    evaluated: str  # 1-D ints: the rows of `queries` evaluated, in the order `positives` follows
+    positives: str  # object array: per evaluated query, the rows of `database` that are right
+    folder: str  # where the files are below ROOT when no ground_truth_dir is given
+    root_holds: str  # the folder below ROOT that the listed paths start with
+    written_by: str
+
+
+LISTED_BENCHMARKS: dict[str, ListedBenchmark] = {
+    "msls-val-740": ListedBenchmark(
+        "msls_val_dbImages.npy", "msls_val_qImages.npy", "msls_val_qIdx.npy", "msls_val_pIdx.npy", "msls_val",
+        "train_val", "GSV-Cities (amaralibey/gsv-cities datasets/msls_val/, the same files as Pair-VPR's "
+                     "pairvpr/datasets/datasetfiles/msls_val/)"),
+}
+
+
 def parse_benchmark_spec(spec: str) -> tuple[str, Path]:
     """"NAME:ROOT" -> (name, root), e.g. "svox-night:/data/datasets/svox"; SourceError naming the valid names."""
     name, colon, root = spec.partition(":")
-    if name not in BENCHMARKS:
-        raise SourceError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
+    if name not in BENCHMARKS and name not in LISTED_BENCHMARKS:
+        raise SourceError(f"unknown benchmark {name!r}; valid: {', '.join([*BENCHMARKS, *LISTED_BENCHMARKS])}")
     if not colon or not root:
         raise SourceError(f"benchmark {spec!r} has no root; expected NAME:ROOT, e.g. {name}:/data/datasets/{name}")
     return name, Path(root)
 
 
-def read_benchmark(spec: str, no_labels: bool = False) -> tuple[Split, Split]:
+def read_benchmark(spec: str, no_labels: bool = False, ground_truth_dir: Path | None = None
+                   ) -> tuple[Split, Split]:
     """The database and queries of benchmark "NAME:ROOT", checked against its layout.
 
+    For a LISTED_BENCHMARKS name the queries carry the ground truth of its files (none with
+    `no_labels`), read from `ground_truth_dir` or ROOT/<folder>/.
+
     Raises:
-        SourceError: an unknown name, a folder of the layout missing under ROOT, or names whose
-            coordinates are not the kind the benchmark's names carry.
+        SourceError: an unknown name, a folder of the layout or an index file missing, names whose
+            coordinates are not the kind the benchmark's names carry, or index files that disagree.
     """
     name, root = parse_benchmark_spec(spec)
+    if name in LISTED_BENCHMARKS:
+        return _read_listed(name, root, ground_truth_dir, no_labels)
+    if ground_truth_dir is not None:
+        raise SourceError(f"{name} has no index files; --ground-truth-dir goes with {', '.join(LISTED_BENCHMARKS)}")
     bench = BENCHMARKS[name]
     for folder in (bench.database, bench.queries):
         if not (root / folder).is_dir():
@@ -98,6 +138,41 @@ def read_benchmark(spec: str, no_labels: bool = False) -> tuple[Split, Split]:
                               f"{_FRAMES[bench.frame]}; for another set use --test-set or --database/--queries")
     check_comparable(database, queries)
     return database, queries
+
+
+def _read_listed(name: str, root: Path, ground_truth_dir: Path | None, no_labels: bool) -> tuple[Split, Split]:
+    bench = LISTED_BENCHMARKS[name]
+    folder = ground_truth_dir if ground_truth_dir is not None else root / bench.folder
+    absent = [file for file in (bench.database, bench.queries, bench.evaluated, bench.positives)
+              if not (folder / file).is_file()]
+    if absent:
+        where = "" if ground_truth_dir is not None else f" (ROOT/{bench.folder}/; or give --ground-truth-dir DIR)"
+        raise SourceError(f"{name} reads {', '.join(absent)} from {folder}{where}: the index files of "
+                          f"{bench.written_by}")
+    if not (root / bench.root_holds).is_dir():
+        raise SourceError(f"{name} expects {root / bench.root_holds}: ROOT is the folder that holds "
+                          f"{bench.root_holds}/, as the paths in {bench.database} start with it; it is not a folder")
+    database = read_path_list(folder / bench.database)
+    query_images = read_path_list(folder / bench.queries)
+    evaluated = _row_numbers(folder / bench.evaluated, len(query_images), bench.queries)
+    positives = None if no_labels else read_positives(folder / bench.positives, len(evaluated))
+    return read_listed_test_set(ListedSide(root, database, bench.database),
+                                ListedSide(root, [query_images[i] for i in evaluated], bench.evaluated),
+                                positives, str(folder / bench.positives))
+
+
+def _row_numbers(path: Path, rows: int, of: str) -> list[int]:
+    """A 1-D .npy of row numbers into a list of `rows` entries (`of`, for messages)."""
+    try:
+        array = load_npy(path)
+    except (OSError, ValueError) as err:
+        raise SourceError(f"{path} cannot be read: {err}") from None
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise SourceError(f"{path}: expected a 1-D array of row numbers, got {array.dtype} of shape {array.shape}")
+    outside = array[(array < 0) | (array >= rows)]
+    if outside.size:
+        raise SourceError(f"{path} names row {outside[0]}, but {of} has rows 0..{rows - 1}")
+    return array.tolist()
 
 
 _FRAMES = {"utm": "UTM positions", "planar": "mock coordinates (@0@<metres>@ with no zone)"}

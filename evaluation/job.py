@@ -9,7 +9,8 @@ Steps, each checked before the next costs minutes:
      OUT/features/ (descriptors + float16 patch tokens, memory-mapped; a re-run resumes);
   3. exact faiss search of every query among the database descriptors;
   4. the top K re-ranked by the pair classifier, both directions;
-  5. Recall@N with positives within `radius_m`, before and after, and of the raw-pixel
+  5. Recall@N with positives within `radius_m` (or, where the queries carry `ground_truth`,
+     the positives a file gives: evaluation/ground_truth.py), before and after, and of the raw-pixel
      baseline (16 x 16 thumbnails ranked by correlation, evaluation/baseline.py) the model must beat;
   6. OUT/report.json, OUT/predictions.parquet, OUT/rejects.parquet, OUT/report.html, OUT/recall.png.
 """
@@ -29,7 +30,7 @@ from evaluation.baseline import BASELINE_NAME, rank_by_thumbnails
 from evaluation.dense_store import DONE, FeatureStore, StoreKey, bytes_per_image, images_sha256
 from evaluation.recall import correct_matrix, first_correct, positives_within, recall_at, recall_curve
 from evaluation.search import exact_search
-from evaluation.testset import Split, check_comparable
+from evaluation.testset import GroundTruth, Split, check_comparable
 from placeforge.catalog import REJECTS_SCHEMA, concat
 from placeforge.config import to_dict
 from placeforge.fileio import OutputLockedError, file_sha256, output_lock, write_json_atomic, write_parquet_atomic
@@ -94,6 +95,9 @@ class EvalSummary:
         r, c = self.report, self.report["counts"]
         lines = [f"evaluated {c['queries']} queries against {c['database']} database images "
                  f"({c['rejected']} image(s) set aside, see rejects.parquet)"]
+        if r.get("ground_truth"):
+            lines.append(f"right answers: {r['ground_truth']['positives']}; {c['queries_with_positive']} of "
+                         f"{c['queries']} queries have one")
         for kind, title in (("global", "global descriptor"), ("reranked", f"re-ranked top {r['rerank']['top_k']}")):
             if r["recall"][kind] is not None:
                 lines.append(f"{title:>24}: " + "  ".join(f"R@{n} {100 * v:5.1f}" for n, v in r["recall"][kind].items()))
@@ -129,12 +133,13 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
 
     cfg.validate()
     check_comparable(database, queries)  # mock coordinates against UTM positions: no answer could be right
+    ground_truth = _check_ground_truth(database, queries)
     started = time.perf_counter()
     checkpoint = Path(checkpoint).resolve()
     out = Path(out).resolve()
     encoder_cfg = inspect_model_checkpoint(checkpoint)  # a wrong file fails here, before any work
     pair = load_pair_classifier(checkpoint) if cfg.rerank_top_k else None
-    labelled = database.east_north is not None and queries.east_north is not None
+    labelled = ground_truth is not None or (database.east_north is not None and queries.east_north is not None)
     spec = encoder_spec(encoder_cfg.name)
     resize = cfg.resize or encoder_cfg.resize
     input_hw = {split.name: split_input_hw(split.paths, encoder_cfg.image_size, resize, spec.patch_size)
@@ -203,9 +208,14 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
     correct = {"global": None, "reranked": None}
     with_positive = baseline = None
     if labelled:
-        positives = positives_within(database.east_north, database.zone, queries.east_north[q_rows],
-                                     queries.zone[q_rows], cfg.radius_m)
+        if ground_truth is not None:  # [Q] rows of database.paths, as the file gives them
+            positives = [ground_truth.positives[i] for i in q_rows]
+        else:
+            positives = positives_within(database.east_north, database.zone, queries.east_north[q_rows],
+                                         queries.zone[q_rows], cfg.radius_m)
         with_positive = np.array([len(p) > 0 for p in positives])
+        if ground_truth is not None:
+            notes.append(_ground_truth_note(ground_truth, int((~with_positive).sum())))
         for kind, ranked in (("global", candidates), ("reranked", reranked)):
             if ranked is not None:
                 correct[kind], recall[kind], curves[kind] = _score(ranked, positives, cfg.recall_at)
@@ -229,6 +239,7 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
         "format": REPORT_FORMAT, "title": title or f"{checkpoint.name} on {_test_set_name(database, queries)}",
         "checkpoint": str(checkpoint), "checkpoint_sha256": sha, "encoder": encoder_cfg.name,
         "image_size": encoder_cfg.image_size, "positive_radius_m": cfg.radius_m,
+        "ground_truth": _ground_truth_report(ground_truth, cfg, labelled),
         "preprocessing": {"resize": resize, "chosen_by": "--resize" if cfg.resize else "checkpoint",
                           "image_size": encoder_cfg.image_size,
                           "input_hw": {name: list(hw) for name, hw in input_hw.items()}},
@@ -243,6 +254,8 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
         "timings_s": {name: round(value, 3) for name, value in timings.items()},
         "throughput": _throughput(timings, len(q_rows), top_k),
     }
+    if ground_truth is not None:
+        del report["positive_radius_m"]  # a file's positives have no radius; "ground_truth" names the file
     if cfg.msls_submission:
         from evaluation.msls_submission import MIN_PREDICTIONS, write_msls_submission
 
@@ -263,6 +276,43 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
 
     write_report(out, report, predictions, database.paths, sample_queries=cfg.sample_queries, seed=cfg.seed)
     return EvalSummary(out, report)
+
+
+def _check_ground_truth(database: Split, queries: Split) -> GroundTruth | None:
+    """The queries' ground truth, checked to index this database; None when positives come from positions."""
+    if database.ground_truth is not None:
+        raise EvaluationError("the database carries ground truth; it belongs to the queries (positives per query)")
+    truth = queries.ground_truth
+    if truth is None:
+        return None
+    if len(truth.positives) != len(queries):
+        raise EvaluationError(f"the ground truth of {truth.source} has {len(truth.positives)} rows for "
+                              f"{len(queries)} queries")
+    if truth.database_paths != database.paths:
+        raise EvaluationError(f"the ground truth of {truth.source} indexes another database "
+                              f"({len(truth.database_paths)} images) than the one given ({len(database)}); "
+                              "read both from the same lists")
+    return truth
+
+
+def _ground_truth_report(truth: GroundTruth | None, cfg: EvalConfig, labelled: bool) -> dict | None:
+    """report.json's account of which database images count as right; None without labels."""
+    if not labelled:
+        return None
+    if truth is None:
+        return {"kind": "radius", "positives": f"database images within {cfg.radius_m:g} m", "radius_m": cfg.radius_m}
+    return {"kind": "file", "positives": f"from {truth.source}", "file": truth.source,
+            "positives_set_aside": truth.positives_set_aside}
+
+
+def _ground_truth_note(truth: GroundTruth, without_positive: int) -> str:
+    note = f"right answers from {Path(truth.source).name}, not a radius."
+    if truth.positives_set_aside:
+        note += f" {truth.positives_set_aside} listed positive(s) dropped: their database image is set aside."
+    if without_positive:
+        note += (f" {without_positive} query(ies) have no positive in the database: misses at every N, as in "
+                 "GSV-Cities' recall.")
+    return note
 
 
 def _test_set_name(database: Split, queries: Split) -> str:

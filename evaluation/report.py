@@ -284,13 +284,23 @@ def _baseline_text(baseline: dict[str, Any] | None) -> str:
             f'{_e(baseline.get("note", ""))}</p>\n')
 
 
+def _right_answers_text(report: dict[str, Any]) -> str:
+    """Which database images count as right: a radius, or the ground-truth file that lists them."""
+    truth = report.get("ground_truth")
+    if truth:
+        return truth["positives"]
+    if "positive_radius_m" in report:
+        return f"database images within {float(report['positive_radius_m']):g} m"
+    return "none (no labels)"
+
+
 def _facts(report: dict[str, Any]) -> str:
     counts, rerank = report["counts"], report.get("rerank") or {}
     facts = [
         ("database images", counts["database"]),
         ("queries", counts["queries"]),
         ("queries with a positive", counts["queries_with_positive"]),
-        ("positive radius", f"{float(report.get('positive_radius_m', float('nan'))):g} m"),
+        ("right answers", _right_answers_text(report)),
         ("preprocessing", _preprocessing_text(report.get("preprocessing"))),
         ("checkpoint", report.get("checkpoint", "")),
         ("re-ranked top K", rerank.get("top_k", "") if rerank.get("available") else "not run"),

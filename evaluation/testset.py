@@ -5,6 +5,9 @@
     split = read_split("atname:/data/my_queries", no_labels=True)   # any image names, no positions
     check_comparable(database, queries)                             # one coordinate frame for both
 
+A queries Split may carry `ground_truth`: its positives given by a file (evaluation/ground_truth.py
+builds them, e.g. MSLS-val's 740-query subset) instead of computed from positions within a radius.
+
 "@"-named images (format atname, the downloader layout) are placed as the reference evaluator
 places them: by the UTM east/north in the name, or in a plane of their own for mock
 coordinates (evaluation/positions.py has the rules); a split, and a database with its
@@ -39,6 +42,21 @@ NO_POSITIONS = {"gldv2": "GLDv2 has landmark ids, no positions"}
 
 
 @dataclass(frozen=True)
+class GroundTruth:
+    """The right database images of each query, as a file gives them (not by distance).
+
+    Rows follow the Splits, not the file: `positives[i]` belongs to the queries Split's i-th
+    path and holds indices into `database_paths`, the paths of the database Split it was built
+    with (evaluation checks that it is given that Split).
+    """
+
+    positives: list[np.ndarray]  # [Q] int64 arrays, ascending; empty: no positive (a miss at every N)
+    database_paths: list[str]  # [M] the database Split's paths the indices point into
+    source: str  # the ground-truth file, as reports name it
+    positives_set_aside: int = 0  # listed positives whose database image was set aside (missing, unreadable)
+
+
+@dataclass(frozen=True)
 class Split:
     """The images of one side of a test set, in a fixed order (sorted by path)."""
 
@@ -47,7 +65,8 @@ class Split:
     east_north: np.ndarray | None  # [M, 2] metres (UTM, or planar mock coordinates); None with no_labels
     zone: np.ndarray | None  # [M] int zone key: UTM zone, negative south; 0: mock coordinates (planar)
     rejects: pa.Table | None  # catalog.REJECTS_SCHEMA rows the reader set aside
-    frame: str | None = None  # "utm" or "planar" (mock coordinates); None with no_labels
+    frame: str | None = None  # "utm" or "planar" (mock coordinates); None with no_labels or from lists
+    ground_truth: GroundTruth | None = None  # queries only: positives from a file instead of positions
 
     def __len__(self) -> int:
         return len(self.paths)
