@@ -5,7 +5,10 @@ A place is, in order of preference:
     by source and dataset so ids never collide across cities or datasets;
   * otherwise a square UTM cell of `cell_size_m` (15 m by default, Pair-VPR's choice),
     optionally split into `heading_sectors` equal compass sectors centred on north (with 4:
-    north, east, south and west, each +-45 degrees).
+    north, east, south and west, each +-45 degrees);
+  * or, with `view_radius_m` > 0, a view: images of one heading sector within that radius
+    of a leader image (leader clustering, below), so a place holds what one camera position
+    looking one way sees, wherever the cell edges fall.
 
 Places with fewer than `min_images_per_place` images are set aside with the reason
 `place_too_small`, since a place must yield pairs (stage 1) and K-image groups (stage 2).
@@ -32,6 +35,10 @@ class PlaceConfig:
     min_images_per_place: int = field(
         default=4, metadata={"help": "places with fewer images are rejected as place_too_small"}
     )
+    view_radius_m: float = field(
+        default=0.0, metadata={"help": "> 0: a geo place is a view, the images of one heading sector within this "
+                                       "many metres of a leader image, instead of a cell (0 = cells)"}
+    )
 
     def validate(self) -> None:
         if not self.cell_size_m > 0:
@@ -40,6 +47,10 @@ class PlaceConfig:
             raise ValueError(f"heading_sectors must be >= 0, got {self.heading_sectors}")
         if self.min_images_per_place < 1:
             raise ValueError(f"min_images_per_place must be >= 1, got {self.min_images_per_place}")
+        if self.view_radius_m < 0:
+            raise ValueError(f"view_radius_m must be >= 0, got {self.view_radius_m}")
+        if self.view_radius_m > 0 and self.heading_sectors < 1:
+            raise ValueError("view_radius_m needs heading_sectors >= 1: a view is one position looking one way")
 
 
 def heading_sector(heading_deg: np.ndarray, sectors: int) -> np.ndarray:
@@ -81,6 +92,52 @@ def geo_place_keys(
     return keys
 
 
+def view_place_keys(cell_keys: list[str], zone_number: np.ndarray, northern: np.ndarray, east_m: np.ndarray,
+                    north_m: np.ndarray, heading_deg: np.ndarray, heading_sectors: int, image_id: np.ndarray,
+                    radius_m: float) -> list[str]:
+    """Place keys "<leader's cell key>:v<leader image id>" of views (`view_leaders`), for [N]
+    points whose cell keys (with sector) are `cell_keys`.  A point whose heading is unknown is
+    clustered with the others of unknown heading."""
+    sector = heading_sector(heading_deg, heading_sectors)  # -1: unknown
+    zone = np.asarray(zone_number, dtype=np.int64) * np.where(northern, 1, -1)
+    group = zone * (heading_sectors + 1) + (sector + 1)
+    leader = view_leaders(group, np.asarray(east_m, np.float64), np.asarray(north_m, np.float64),
+                          np.asarray(image_id), radius_m)
+    ids = np.asarray(image_id)
+    return [f"{cell_keys[j]}:v{ids[j]}" for j in leader]
+
+
+def view_leaders(group: np.ndarray, east_m: np.ndarray, north_m: np.ndarray, order: np.ndarray,
+                 radius_m: float) -> np.ndarray:
+    """Leader clustering: for [N] points, the index of each one's leader.
+
+    Within each `group` (zone, hemisphere and heading sector in one integer), points are
+    visited by ascending `order` (a stable image id, so the result does not depend on listing
+    order); an unassigned point becomes a leader and takes every unassigned point of its group
+    within `radius_m` of it.  A cluster is thus at most 2 x radius across and never cut by a
+    grid line; with views captured a few metres apart, one view is one cluster.  Cost: one
+    KD-tree query per leader.
+    """
+    from scipy.spatial import KDTree
+
+    leader = np.full(len(group), -1, dtype=np.int64)
+    by_group = np.lexsort((order, group))  # group, then order within it
+    starts = np.flatnonzero(np.r_[True, group[by_group][1:] != group[by_group][:-1], True])
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        members = by_group[lo:hi]  # ascending order
+        points = np.column_stack([east_m[members], north_m[members]])
+        tree = KDTree(points)
+        taken = np.zeros(len(members), dtype=bool)
+        for i in range(len(members)):
+            if taken[i]:
+                continue
+            near = np.asarray(tree.query_ball_point(points[i], radius_m), dtype=np.int64)
+            near = near[~taken[near]]
+            taken[near] = True
+            leader[members[near]] = members[i]
+    return leader
+
+
 def source_place_keys(source: list[str], dataset: list[str], source_place_id: list[str]) -> list[str]:
     """Place keys "<source>:<dataset>:<source place id>" (ids are unique only inside a dataset)."""
     return [f"{s}:{d}:{p}" for s, d, p in zip(source, dataset, source_place_id)]
@@ -107,15 +164,15 @@ def assign_places(catalog: pa.Table, cfg: PlaceConfig) -> tuple[pa.Table, pa.Tab
     geo = ~has_source_place & has_utm
     if geo.any():
         sub = df.filter(pl.Series(geo))
-        keys[geo] = geo_place_keys(
-            sub["utm_zone"].to_numpy(),
-            is_northern_letter(sub["utm_letter"].fill_null("").to_numpy().astype("<U1")),
-            sub["utm_east"].to_numpy(),
-            sub["utm_north"].to_numpy(),
-            cfg.cell_size_m,
-            sub["heading_deg"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-            cfg.heading_sectors,
-        )
+        zone = sub["utm_zone"].to_numpy()
+        northern = is_northern_letter(sub["utm_letter"].fill_null("").to_numpy().astype("<U1"))
+        east, north = sub["utm_east"].to_numpy(), sub["utm_north"].to_numpy()
+        heading = sub["heading_deg"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        cell_keys = geo_place_keys(zone, northern, east, north, cfg.cell_size_m, heading, cfg.heading_sectors)
+        if cfg.view_radius_m > 0:
+            cell_keys = view_place_keys(cell_keys, zone, northern, east, north, heading, cfg.heading_sectors,
+                                        sub["image_id"].to_numpy(), cfg.view_radius_m)
+        keys[geo] = cell_keys
     unplaceable = ~has_source_place & ~has_utm
     df = df.with_columns(pl.Series("place_key", keys.tolist(), dtype=pl.String))
     counts = df.group_by("place_key").len("place_size")

@@ -58,6 +58,9 @@ class BuildConfig:
     cell_size_m: float = field(default=15.0, metadata={"help": "side of a geo place cell in metres"})
     heading_sectors: int = field(default=0, metadata={"help": "split geo cells into compass sectors (0 = no)"})
     min_images_per_place: int = field(default=4, metadata={"help": "smaller places are rejected"})
+    view_radius_m: float = field(
+        default=0.0, metadata={"help": "> 0: a geo place is one view, the images of a heading sector within this "
+                                       "many metres of a leader image, not a whole cell (needs heading_sectors)"})
     max_images_per_sample: int = field(default=16, metadata={"help": "bigger places are split into parts"})
     images_per_shard: int = field(default=2000, metadata={"help": "target images per shard"})
     min_shards: int = field(default=16, metadata={"help": "at least this many shards (>= ranks x loader workers)"})
@@ -74,7 +77,7 @@ class BuildConfig:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
     def place_config(self) -> PlaceConfig:
-        return PlaceConfig(self.cell_size_m, self.heading_sectors, self.min_images_per_place)
+        return PlaceConfig(self.cell_size_m, self.heading_sectors, self.min_images_per_place, self.view_radius_m)
 
 
 @dataclass(frozen=True)
