@@ -22,6 +22,7 @@ from models.heads import CosFaceClassifier
 from trainer.augment import model_input
 from trainer.data import GroupBatch, PairBatch
 from trainer.losses import far_apart, masked_patch_mse, multi_similarity_loss, pair_bce_loss, positive_keys
+from trainer.mining import MiningGroup, gather_rows, mining_group
 from trainer.schedules import layer_decay_groups
 from trainer.train_config import TrainConfig
 
@@ -54,7 +55,7 @@ def pretrain_step(model: nn.Module, batch: PairBatch, cfg: TrainConfig, generato
 
 
 def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device: torch.device,
-                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype = torch.float32, group: MiningGroup | None = None) -> dict[str, torch.Tensor]:
     """Stage 2: MS loss on global descriptors + BCE of the pair classifier on each anchor's
     hardest positive and negative + CosFace over view classes (class id -1 ignored).
     Positives are images of the same place, or of the same view class (`cfg.positives`);
@@ -62,27 +63,45 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
     cfg.pair_negative_min_distance_m > 0 only those that far away (`trainer.losses.far_apart`);
     cfg.ms_negative_min_distance_m does the same for the MS loss's negatives.
 
+    With a mining group (cfg.mining_scope "global" on several ranks) each rank's images are
+    anchors mined against the global batch, and the MS and pair terms are scaled so that their
+    mean over ranks, and DeepSpeed's mean of the gradients, are those of one process on the
+    whole batch (trainer.mining).  CosFace stays a mean over this rank's labelled images.
+
     Args:
         batch: GroupBatch, images [P*K, 3, S, S] place-major, place_ids / class_ids [P*K].
+        group: None: `cfg.mining_scope` over torch.distributed's default process group (the one
+            DeepSpeed initialised; none: one process).
     Returns:
         {"loss": weighted sum, "ms", "pair_bce", "cosface": unweighted terms (detached)}.
     """
+    if group is None:
+        group = default_mining_group(cfg)
     images = model_input(batch.images, device, dtype)
     place_ids = batch.place_ids.to(device)
     class_ids = batch.class_ids.to(device)
     keys = positive_keys(place_ids, class_ids, cfg.positives)  # [B]: equal keys are positives
+    positions = None if batch.positions is None else batch.positions.to(device)  # [B, 3]
+    anchors = None
+    if group is not None:
+        anchors = group.rows(len(keys))
+        keys = gather_rows(keys, group)  # [R*B]
+        if cfg.pair_negative_min_distance_m > 0 or cfg.ms_negative_min_distance_m > 0:
+            if positions is None:  # NaN: far from every image, as no positions at all (every rank gathers)
+                positions = torch.full((len(place_ids), 3), float("nan"), dtype=torch.float64, device=device)
+            positions = gather_rows(positions, group)  # [R*B, 3]
     far, ms_far = None, None
-    if batch.positions is not None:
-        positions = batch.positions.to(device)
+    if positions is not None:
         if cfg.pair_negative_min_distance_m > 0:
-            far = far_apart(positions, cfg.pair_negative_min_distance_m)  # [B, B]
+            far = far_apart(positions, cfg.pair_negative_min_distance_m)  # [B, B] (global: [R*B, R*B])
         if cfg.ms_negative_min_distance_m > 0:
-            ms_far = far_apart(positions, cfg.ms_negative_min_distance_m)  # [B, B]
-    out = model(images, keys, class_ids, far)
-    descriptors = out["descriptors"].float()
-    ms = multi_similarity_loss(descriptors, keys, far=ms_far)
+            ms_far = far_apart(positions, cfg.ms_negative_min_distance_m)  # [B, B] (global: [R*B, R*B])
+    out = model(images, keys, class_ids, far, group)
+    ms = multi_similarity_loss(out["all_descriptors"].float(), keys, far=ms_far, anchors=anchors)
     if out["has_pairs"]:
-        bce = pair_bce_loss(out["pair_pos"].float(), out["pair_neg"].float())
+        # Global: sum over this rank's pairs / mean pair count per rank, so the ranks' mean is the global mean.
+        per_rank = None if group is None else out["pair_logits_total"] / group.world_size
+        bce = pair_bce_loss(out["pair_pos"].float(), out["pair_neg"].float(), per_rank)
     else:  # no anchor with both a positive and a negative: keep the graph, add nothing
         bce = (out["pair_pos"].float().sum() + out["pair_neg"].float().sum()) * 0.0
     if out["cosface_targets"].numel():
@@ -91,6 +110,13 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
         cosface = out["cosface"].float().sum() * 0.0
     loss = cfg.ms_weight * ms + cfg.pair_bce_weight * bce + cfg.cosface_weight * cosface
     return {"loss": loss, "ms": ms.detach(), "pair_bce": bce.detach(), "cosface": cosface.detach()}
+
+
+def default_mining_group(cfg: TrainConfig) -> MiningGroup | None:
+    """`cfg.mining_scope` over torch.distributed's default process group (None without one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    return mining_group(cfg.mining_scope, torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
 def _patch_size(model: nn.Module) -> int:

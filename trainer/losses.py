@@ -7,6 +7,9 @@ Stage 2 of Pair-VPR, per batch of P places x 4 images:
     anchor, positive, negative = hardest_pairs(descriptors, labels)
     loss = multi_similarity_loss(descriptors, labels) + 2.0 * pair_bce_loss(
         pair(patches[anchor], patches[positive], grid), pair(patches[anchor], patches[negative], grid))
+
+With `anchors` (a slice of rows), the miners and the MS loss treat only those rows as anchors,
+each against the whole batch: one rank's images in the global batch (trainer.mining).
 """
 
 from __future__ import annotations
@@ -62,16 +65,21 @@ def far_apart(positions: torch.Tensor, min_distance_m: float) -> torch.Tensor:
     return ~near  # NaN compares unequal and unordered: an image without a position is far from all
 
 
-def _pair_masks(labels: torch.Tensor, far: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B] labels -> (positive [B, B], negative [B, B]) bool; the diagonal is neither.
-    With `far` ([B, B] bool, `far_apart`), only far pairs of other labels are negatives."""
-    same = labels[:, None] == labels[None, :]
-    positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    return positive, ~same if far is None else ~same & far
+def _pair_masks(labels: torch.Tensor, far: torch.Tensor | None = None, anchors: slice | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B] labels -> (positive [A, B], negative [A, B]) bool for the anchor rows (None: all B);
+    an image is neither its own positive nor negative.  With `far` ([B, B] bool, `far_apart`),
+    only far pairs of other labels are negatives."""
+    rows = slice(None) if anchors is None else anchors
+    same = labels[rows, None] == labels[None, :]  # [A, B]
+    index = torch.arange(len(labels), device=labels.device)
+    positive = same & (index[rows, None] != index[None, :])
+    return positive, ~same if far is None else ~same & far[rows]
 
 
 def multi_similarity_mine(similarity: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1,
-                          far: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          far: torch.Tensor | None = None, anchors: slice | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Multi-Similarity miner (as pytorch-metric-learning's, for cosine similarity).
 
     For each anchor, a positive is kept if its similarity < the anchor's hardest (largest)
@@ -80,24 +88,25 @@ def multi_similarity_mine(similarity: torch.Tensor, labels: torch.Tensor, epsilo
     no positives and vice versa.
 
     Args:
-        similarity: [B, B] cosine similarities.
+        similarity: [A, B] cosine similarities of the anchor rows to the whole batch.
         labels: [B] class ids.
         far: [B, B] bool (`far_apart`): the pairs of different labels that may be negatives;
             None: all of them.
+        anchors: the rows of the batch that `similarity` holds (None: all, A = B).
     Returns:
-        (kept positive pairs [B, B] bool, kept negative pairs [B, B] bool).
+        (kept positive pairs [A, B] bool, kept negative pairs [A, B] bool).
     """
-    positive, negative = _pair_masks(labels, far)
+    positive, negative = _pair_masks(labels, far, anchors)
     inf = torch.tensor(float("inf"), dtype=similarity.dtype, device=similarity.device)
-    hardest_negative = torch.where(negative, similarity, -inf).amax(dim=1, keepdim=True)  # [B, 1]
-    hardest_positive = torch.where(positive, similarity, inf).amin(dim=1, keepdim=True)  # [B, 1]
+    hardest_negative = torch.where(negative, similarity, -inf).amax(dim=1, keepdim=True)  # [A, 1]
+    hardest_positive = torch.where(positive, similarity, inf).amin(dim=1, keepdim=True)  # [A, 1]
     keep_positive = positive & (similarity - epsilon < hardest_negative)
     keep_negative = negative & (similarity + epsilon > hardest_positive)
     return keep_positive, keep_negative
 
 
 def _log_one_plus_sum_exp(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """log(1 + sum_j exp(values[i, j]) over kept j), stably.  [B, B] -> [B]; 0 where none kept."""
+    """log(1 + sum_j exp(values[i, j]) over kept j), stably.  [A, B] -> [A]; 0 where none kept."""
     zero = torch.zeros(values.shape[0], 1, dtype=values.dtype, device=values.device)  # the "1 +"
     masked = values.masked_fill(~keep, float("-inf"))
     return torch.logsumexp(torch.cat([zero, masked], dim=1), dim=1)
@@ -105,7 +114,7 @@ def _log_one_plus_sum_exp(values: torch.Tensor, keep: torch.Tensor) -> torch.Ten
 
 def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
                           beta: float = 50.0, base: float = 0.0, epsilon: float = 0.1,
-                          far: torch.Tensor | None = None) -> torch.Tensor:
+                          far: torch.Tensor | None = None, anchors: slice | None = None) -> torch.Tensor:
     """Multi-Similarity loss on the pairs its miner keeps (Pair-VPR: 1, 50, 0, 0.1).
 
     Per anchor i, over kept positives P_i and negatives N_i:
@@ -117,13 +126,16 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha:
         labels: [B] place ids.
         far: as `multi_similarity_mine`: with it, an image of another place nearer than the
             evaluation radius is neither pulled nor pushed.
+        anchors: average over these rows' terms only, each still mined against all B
+            (trainer.mining: a rank's own images in the global batch); None: all B.
     Returns:
         scalar loss.
     """
-    similarity = embeddings @ embeddings.T  # [B, B]
-    keep_positive, keep_negative = multi_similarity_mine(similarity.detach(), labels, epsilon, far)
-    positive_term = _log_one_plus_sum_exp(-alpha * (similarity - base), keep_positive) / alpha  # [B]
-    negative_term = _log_one_plus_sum_exp(beta * (similarity - base), keep_negative) / beta  # [B]
+    rows = embeddings if anchors is None else embeddings[anchors]  # [A, D]
+    similarity = rows @ embeddings.T  # [A, B]
+    keep_positive, keep_negative = multi_similarity_mine(similarity.detach(), labels, epsilon, far, anchors)
+    positive_term = _log_one_plus_sum_exp(-alpha * (similarity - base), keep_positive) / alpha  # [A]
+    negative_term = _log_one_plus_sum_exp(beta * (similarity - base), keep_negative) / beta  # [A]
     return (positive_term + negative_term).mean()
 
 
@@ -147,8 +159,8 @@ def positive_keys(place_ids: torch.Tensor, class_ids: torch.Tensor, mode: str) -
     return torch.where(class_ids >= 0, class_ids, place_ids)
 
 
-def hardest_pairs(embeddings: torch.Tensor, labels: torch.Tensor, far: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hardest_pairs(embeddings: torch.Tensor, labels: torch.Tensor, far: torch.Tensor | None = None,
+                  anchors: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each anchor with a positive and a negative in the batch: its least similar
     positive and its most similar negative by global-descriptor similarity.
 
@@ -156,23 +168,32 @@ def hardest_pairs(embeddings: torch.Tensor, labels: torch.Tensor, far: torch.Ten
         embeddings: [B, D] L2-normalised descriptors.
         labels: [B] place ids.
         far: [B, B] bool (`far_apart`): the pairs that may be negatives; None = every other label.
+        anchors: the rows that may be anchors, mined against all B (trainer.mining); None: all.
     Returns:
-        (anchor_idx, positive_idx, negative_idx), each [A] int64, A <= B.
+        (anchor_idx, positive_idx, negative_idx), each [A] int64 indices into the B rows, A <= B.
     """
     with torch.no_grad():
-        similarity = embeddings @ embeddings.T  # [B, B]
-        positive, negative = _pair_masks(labels, far)
+        rows = embeddings if anchors is None else embeddings[anchors]  # [R, D]
+        similarity = rows @ embeddings.T  # [R, B]
+        positive, negative = _pair_masks(labels, far, anchors)
         inf = torch.tensor(float("inf"), dtype=similarity.dtype, device=similarity.device)
-        positive_idx = torch.where(positive, similarity, inf).argmin(dim=1)  # [B]
-        negative_idx = torch.where(negative, similarity, -inf).argmax(dim=1)  # [B]
-        anchor_idx = torch.nonzero(positive.any(dim=1) & negative.any(dim=1)).squeeze(1)  # [A]
-    return anchor_idx, positive_idx[anchor_idx], negative_idx[anchor_idx]
+        positive_idx = torch.where(positive, similarity, inf).argmin(dim=1)  # [R]
+        negative_idx = torch.where(negative, similarity, -inf).argmax(dim=1)  # [R]
+        row_idx = torch.nonzero(positive.any(dim=1) & negative.any(dim=1)).squeeze(1)  # [A]
+    first = 0 if anchors is None else anchors.start
+    return row_idx + first, positive_idx[row_idx], negative_idx[row_idx]
 
 
-def pair_bce_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.Tensor:
+def pair_bce_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor, mean_over: float | None = None
+                  ) -> torch.Tensor:
     """Binary cross-entropy over same-place logits: targets 1 for logits_pos [A], 0 for
     logits_neg [A'], averaged over all A + A' pairs.  Pair-VPR weighs it 2.0 against MS
-    (the caller applies the weight)."""
+    (the caller applies the weight).
+
+    mean_over: divide the summed BCE by this count instead of A + A' (global mining: the mean
+    number of pair logits per rank, trainer.mining)."""
     logits = torch.cat([logits_pos, logits_neg])
     targets = torch.cat([torch.ones_like(logits_pos), torch.zeros_like(logits_neg)])
-    return F.binary_cross_entropy_with_logits(logits, targets)
+    if mean_over is None:
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / mean_over

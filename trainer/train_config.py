@@ -97,6 +97,12 @@ class TrainConfig:
     pair_trains_encoder: bool = field(
         default=True, metadata={"help": "the pair BCE's gradient reaches the encoder (Pair-VPR); false: the pair "
                                         "classifier learns on detached tokens and only MS / CosFace shape the encoder"})
+    mining_scope: Literal["global", "rank"] = field(
+        default="rank", metadata={"help": "stage 2: the MS loss and the pair classifier's hardest positive / "
+                                            "negative are mined over the global batch of all ranks (Pair-VPR, "
+                                            "whose DataParallel saw the whole batch; gradients equal one process on "
+                                            "it; trainer.mining) or within each rank's micro-batch (rank). The same "
+                                            "on one process"})
     cosface_weight: float = field(default=1.0, metadata={"help": "weight of CosFace over view classes (0: off)"})
     cosface_scale: float = field(default=30.0, metadata={"help": "CosFace s (CosPlace 30, MutualVPR 60)"})
     cosface_margin: float = field(default=0.4, metadata={"help": "CosFace m (CosPlace 0.4, MutualVPR 0.5)"})

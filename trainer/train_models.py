@@ -24,6 +24,7 @@ from models.encoders import GlobalDescriptorModel, build_model, encoder_spec
 from models.heads import CosFaceClassifier, PairClassifier
 from placeforge.fileio import atomic_write
 from trainer.losses import hardest_pairs
+from trainer.mining import MiningGroup, fetch_rows, gather_rows
 from trainer.train_config import TrainConfig
 
 MIM_KIND = "siamese_mim"
@@ -70,16 +71,21 @@ class FinetuneModel(nn.Module):
         self.cosface = CosFaceClassifier(global_model.descriptor_dim, num_classes, scale, margin)
 
     def forward(self, images: torch.Tensor, place_ids: torch.Tensor, class_ids: torch.Tensor,
-                far: torch.Tensor | None = None) -> dict:
+                far: torch.Tensor | None = None, group: MiningGroup | None = None) -> dict:
         """Everything the stage-2 losses read, from one batch of P places x K images.
 
         Args:
             images: [B, 3, S, S]; place_ids [B]; class_ids [B] (-1: no view class).
             far: [B, B] bool, pairs that may be negatives (trainer.losses.far_apart); None: all.
+            group: mine over the global batch of the group's ranks (trainer.mining); place_ids and
+                far then cover it ([R*B], [R*B, R*B], rank-major) and each rank's anchors are its B images.
         Returns:
-            descriptors [B, D]; pair_pos / pair_neg [A] logits of each anchor with its hardest
-            positive / negative (has_pairs False: one stand-in pair, not a training signal); cosface [B', C] margin logits of the B' labelled images
-            and their class ids `cosface_targets` [B'].
+            descriptors [B, D] and all_descriptors [R*B, D] (the gathered global batch, gradient
+            flowing back to each owner; the same tensor without a group); pairs [A, 3] (anchor,
+            hardest positive, hardest negative) indices into the global batch; pair_pos / pair_neg [A]
+            logits of those pairs (has_pairs False: one stand-in pair, not a training signal) and
+            pair_logits_total, their count over all ranks (2 A without a group); cosface [B', C]
+            margin logits of the B' labelled images and their class ids `cosface_targets` [B'].
         """
         encoder = self.global_model.encoder
         tokens = self.global_model.forward_features(images)  # [B, 1 + N, C]
@@ -88,19 +94,33 @@ class FinetuneModel(nn.Module):
         if not self.pair_trains_encoder:  # a small encoder serves the global descriptor better alone
             patches = patches.detach()
         grid = patch_grid(encoder, images)
-        anchor, positive, negative = hardest_pairs(descriptors, place_ids, far)  # [A] each
+        if group is None:  # mine within the micro-batch
+            all_descriptors, anchors, first = descriptors, None, 0
+        else:  # this rank's images are the anchors, mined against every rank's
+            all_descriptors, anchors = gather_rows(descriptors, group), group.rows(len(descriptors))  # [R*B, D]
+            first = anchors.start
+        anchor, positive, negative = hardest_pairs(all_descriptors, place_ids, far, anchors)  # [A] each
+        pairs = torch.stack([anchor, positive, negative], dim=1)  # [A, 3], indices into the global batch
+        table = patches  # [B, N, C]; global: [B + received, N, C], this rank's rows first
+        if group is None:
+            pair_logits_total = 2 * len(anchor)
+        else:  # a hardest negative (or positive) may live on another rank: fetch its tokens
+            table, partners, pair_logits_total = fetch_rows(patches, torch.cat([positive, negative]), group)
+            positive, negative = partners.split(len(anchor))  # [A] each, rows of `table`
+        anchor = anchor - first  # rows of `table`
         has_pairs = anchor.numel() > 0
         if not has_pairs:
             # No anchor has both a positive and a negative (possible with view-class positives):
             # score one stand-in pair so every rank runs the same graph; the loss weighs it 0.
             anchor = positive = negative = torch.zeros(1, dtype=torch.long, device=images.device)
-        pair_pos = self.pair(patches[anchor], patches[positive], grid)  # [A]
-        pair_neg = self.pair(patches[anchor], patches[negative], grid)  # [A]
+        pair_pos = self.pair(table[anchor], table[positive], grid)  # [A]
+        pair_neg = self.pair(table[anchor], table[negative], grid)  # [A]
         labelled = class_ids >= 0
         targets = class_ids[labelled]  # [B']
         cosface = self.cosface(descriptors[labelled], targets)  # [B', C]
-        return {"descriptors": descriptors, "pair_pos": pair_pos, "pair_neg": pair_neg, "has_pairs": has_pairs,
-                "cosface": cosface, "cosface_targets": targets}
+        return {"descriptors": descriptors, "all_descriptors": all_descriptors, "pairs": pairs,
+                "pair_pos": pair_pos, "pair_neg": pair_neg, "has_pairs": has_pairs,
+                "pair_logits_total": pair_logits_total, "cosface": cosface, "cosface_targets": targets}
 
 
 def freeze_encoder_except_last(encoder: nn.Module, trainable_last_blocks: int) -> None:
