@@ -47,6 +47,9 @@ class EvalConfig:
     radius_m: float = field(default=25.0, metadata={"help": "a database image within this distance is right"})
     recall_at: tuple[int, ...] = field(default=(1, 5, 10, 20), metadata={"help": "N of the Recall@N reported"})
     rerank_top_k: int = field(default=100, metadata={"help": "global candidates re-ranked per query (0: none)"})
+    rerank_global_weight: float | None = field(
+        default=None, metadata={"help": "weight of the global cosine added to the pair classifier's re-ranking score "
+                                        "(default: the model file's, 0 for Pair-VPR's score)"})
     batch_size: int = field(default=32, metadata={"help": "images per encoder batch"})
     embed_actors: int = field(default=0, metadata={"help": "encoder actors (0: one per GPU, else one per 2 CPUs)"})
     pairs_per_batch: int = field(default=256, metadata={"help": "pairs per pair-classifier call"})
@@ -139,6 +142,8 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
     out = Path(out).resolve()
     encoder_cfg = inspect_model_checkpoint(checkpoint)  # a wrong file fails here, before any work
     pair = load_pair_classifier(checkpoint) if cfg.rerank_top_k else None
+    if pair is not None and cfg.rerank_global_weight is not None:
+        pair.global_weight = cfg.rerank_global_weight  # the command line's choice over the model file's
     labelled = ground_truth is not None or (database.east_north is not None and queries.east_north is not None)
     spec = encoder_spec(encoder_cfg.name)
     resize = cfg.resize or encoder_cfg.resize
@@ -196,7 +201,7 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
         tick = time.perf_counter()
         rerank_scores = pair_scores(pair, q_store.tokens, db_store.tokens, candidates[:, :top_k],
                                     grids[queries.name], cfg.pairs_per_batch, query_rows=q_rows,
-                                    db_grid=grids[database.name])
+                                    db_grid=grids[database.name], global_scores=scores[:, :top_k])
         timings["rerank"] = time.perf_counter() - tick
         order, top = rerank_order(candidates[:, :top_k], rerank_scores)
         reranked = np.concatenate([top, candidates[:, top_k:]], axis=1)  # below K: the global order
@@ -248,7 +253,8 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
                    "queries_with_positive": None if with_positive is None else int(with_positive.sum()),
                    "rejected": rejects.num_rows, "embedded_now": embedded_now},
         "recall": recall, "recall_curve": curves, "baseline": baseline,
-        "rerank": {"available": pair is not None, "top_k": top_k, "note": " ".join(n for n in notes if n)},
+        "rerank": {"available": pair is not None, "top_k": top_k, "note": " ".join(n for n in notes if n),
+                   "global_weight": None if pair is None else pair.global_weight},
         "feature_store": {"bytes_per_database_image": bytes_per_image(db_store.key),
                           "folder": str(db_store.folder)},
         "timings_s": {name: round(value, 3) for name, value in timings.items()},

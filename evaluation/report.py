@@ -284,6 +284,14 @@ def _baseline_text(baseline: dict[str, Any] | None) -> str:
             f'{_e(baseline.get("note", ""))}</p>\n')
 
 
+def _rerank_score_text(rerank: dict[str, Any]) -> str:
+    """How a candidate's re-ranking score is made: the two pair logits, plus w x the global cosine."""
+    if not rerank.get("available"):
+        return "not run"
+    weight = rerank.get("global_weight") or 0.0
+    return "logit(q, db) + logit(db, q)" + (f" + {weight:g} x global cosine" if weight else "")
+
+
 def _right_answers_text(report: dict[str, Any]) -> str:
     """Which database images count as right: a radius, or the ground-truth file that lists them."""
     truth = report.get("ground_truth")
@@ -304,6 +312,7 @@ def _facts(report: dict[str, Any]) -> str:
         ("preprocessing", _preprocessing_text(report.get("preprocessing"))),
         ("checkpoint", report.get("checkpoint", "")),
         ("re-ranked top K", rerank.get("top_k", "") if rerank.get("available") else "not run"),
+        ("re-ranking score", _rerank_score_text(rerank)),
     ]
     facts += [(f"time: {name}", f"{float(seconds):.1f} s") for name, seconds in (report.get("timings_s") or {}).items()]
     rows = "".join(f'<tr><th class="text">{_e(k)}</th><td class="text">{_e(v)}</td></tr>' for k, v in facts)

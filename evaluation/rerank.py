@@ -5,7 +5,8 @@
 
 Each candidate's score is logit(query, candidate) + logit(candidate, query): the pair
 classifier is not symmetric (A attends to B), so both directions are scored, as Pair-VPR
-does.  Tokens are read from the feature store's memory maps one chunk of queries at a
+does; a classifier with a `global_weight` w > 0 (not in Pair-VPR) adds w x the global
+descriptors' cosine of the pair.  Tokens are read from the feature store's memory maps one chunk of queries at a
 time, so only ~`pairs_per_batch` candidates' tokens are in memory at once.
 """
 
@@ -20,7 +21,8 @@ from models.heads import PairClassifier
 
 def pair_scores(pair: PairClassifier, query_tokens: np.ndarray, db_tokens: np.ndarray, candidates: np.ndarray,
                 grid: tuple[int, int], pairs_per_batch: int = 512, progress: bool = True,
-                query_rows: np.ndarray | None = None, db_grid: tuple[int, int] | None = None) -> np.ndarray:
+                query_rows: np.ndarray | None = None, db_grid: tuple[int, int] | None = None,
+                global_scores: np.ndarray | None = None) -> np.ndarray:
     """Symmetric same-place scores of every (query, candidate) pair.
 
     Args:
@@ -34,6 +36,7 @@ def pair_scores(pair: PairClassifier, query_tokens: np.ndarray, db_tokens: np.nd
         db_grid: (gh', gw') of the database, N' = gh' * gw' (default `grid`); the two differ
             when images keep their aspect ratio ("short_side") and the splits' shapes differ.
         pairs_per_batch: pairs per classifier call.
+        global_scores: [Q, K] global cosine of each pair; required when `pair.global_weight` > 0.
     Returns:
         [Q, K] float32 scores, higher = more likely the same place.
     """
@@ -55,6 +58,10 @@ def pair_scores(pair: PairClassifier, query_tokens: np.ndarray, db_tokens: np.nd
             logits = pair.score(query, db[where], grid, db_grid)  # [q * K]
             scores[rows] = logits.float().cpu().numpy().reshape(chunk.shape)
             bar.update(chunk.size)
+    if pair.global_weight:
+        if global_scores is None:
+            raise ValueError(f"this pair classifier adds {pair.global_weight} x the global cosine: pass global_scores")
+        scores += np.float32(pair.global_weight) * np.asarray(global_scores, dtype=np.float32)
     return scores
 
 

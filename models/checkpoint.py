@@ -6,7 +6,7 @@ A checkpoint is a `torch.save` of plain types and tensors only:
      "encoder_config": {...EncoderConfig fields...},
      "state_dict": {name: tensor, ...},
      "pair_classifier": {"decoder": "dec64d2b", "hidden_dim": 512,      # optional: stage-2
-                         "aligned": false,                              # exports, for re-ranking
+                         "aligned": false, "global_weight": 0.0,        # exports, for re-ranking
                          "state_dict": {name: tensor, ...}}}            # ("aligned" absent: false)
 
 so it always loads with `torch.load(path, weights_only=True)`: a file that needs
@@ -64,6 +64,7 @@ def save_model_checkpoint(model: GlobalDescriptorModel, cfg: EncoderConfig, path
             raise ValueError("save_model_checkpoint: pass the decoder preset name with the pair classifier")
         content["pair_classifier"] = {
             "decoder": decoder, "hidden_dim": pair.mlp[0].out_features, "aligned": pair.aligned,
+            "global_weight": pair.global_weight,
             "state_dict": {name: _float32_copy(t) for name, t in pair.state_dict().items()},
         }
     return atomic_write(path, lambda tmp: torch.save(content, tmp))
@@ -118,7 +119,8 @@ def load_pair_classifier(path: str | os.PathLike, device: str | torch.device = "
     spec = encoder_spec(cfg.name)
     try:
         decoder = SiameseMIMDecoder(decoder_config(str(stored["decoder"])), spec.embed_dim, spec.patch_size)
-        pair = PairClassifier(decoder, int(stored["hidden_dim"]), bool(stored.get("aligned", False)))  # older: no term
+        pair = PairClassifier(decoder, int(stored["hidden_dim"]), bool(stored.get("aligned", False)),  # older: no term
+                              float(stored.get("global_weight", 0.0)))  # older: Pair-VPR's score
         pair.load_state_dict(dict(stored["state_dict"]), strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

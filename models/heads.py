@@ -35,14 +35,23 @@ class PairClassifier(nn.Module):
     (validation AUC 0.50 among the global top 20), while the encoder's own tokens, compared
     position by position, re-rank well (docs/benchmarks.md, issue 10, round 3).
 
+    `global_weight` (not in Pair-VPR, whose re-ranking score is the two logits alone; 0 is
+    that) is how much of the global descriptors' cosine the re-ranking score adds
+    (evaluation.rerank.pair_scores): a recipe's choice, made on its validation split, that the
+    model file carries so evaluation re-ranks as the recipe was validated.  Not learned: the
+    classifier trains on each anchor's hardest pairs, chosen by that very cosine.
+
     Args:
         decoder: a SiameseMIMDecoder, typically holding stage-1 weights.
         hidden_dim: MLP hidden width (512 in Pair-VPR: width -> 512 -> 1).
         aligned: add the aligned token similarity term (scale and offset learned).
+        global_weight: weight of the global cosine in the re-ranking score (0: Pair-VPR's score).
     """
 
-    def __init__(self, decoder: SiameseMIMDecoder, hidden_dim: int = 512, aligned: bool = False) -> None:
+    def __init__(self, decoder: SiameseMIMDecoder, hidden_dim: int = 512, aligned: bool = False,
+                 global_weight: float = 0.0) -> None:
         super().__init__()
+        self.global_weight = float(global_weight)
         self.width = decoder.width
         self.embed = decoder.embed
         self.blocks = decoder.blocks

@@ -37,6 +37,10 @@ def demo(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="rebuild outputs made with another config")
     parser.add_argument("--no-train", action="store_true", help="stop after the shards and labels")
     parser.add_argument("--no-eval", action="store_true", help="stop after training")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="demo",
+                        help=f"demo: the recipe of configs/demo_*.yaml (about 10 minutes on 2 cores); long: the same "
+                             f"with stage 2 trained {RECIPES['long']['epochs']} epochs (about 30 minutes), into "
+                             f"train-long/ and eval-long/, reusing the city, shards, labels and stage 1")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of both training stages (initial weights, data order, masks); a seed other "
                              "than 0 trains into train-seedN/ and evaluates into eval-seedN/, reusing the city, "
@@ -63,9 +67,12 @@ def demo(argv: list[str] | None = None) -> int:
         summary = build(
             sources,
             out / "shards",
-            # A place is a 15 m cell and one of 4 heading sectors (the camera looks one way), so the
-            # images of a place show the same facades; places need 2 images (docs/benchmarks.md).
-            BuildConfig(images_per_shard=400, min_shards=8, heading_sectors=4, min_images_per_place=2),
+            # A place is one view: the images of one of 4 heading sectors within 4 m of a leader
+            # image (the city's camera positions are 7.5 m apart), so MS positives show the same
+            # facades from the same spot; 15 m cells x sectors mixed two views in 53 % of their
+            # images and cut 284 of 800 views at cell edges. Places need 2 images (docs/benchmarks.md).
+            BuildConfig(images_per_shard=400, min_shards=8, heading_sectors=4, min_images_per_place=2,
+                        view_radius_m=4.0),
             overwrite=args.overwrite,
             num_cpus=args.num_cpus,
         )
@@ -93,8 +100,9 @@ def demo(argv: list[str] | None = None) -> int:
         print("placeforge demo: error: images read back differ from the manifest", file=sys.stderr)
         return 1
     suffix = f"-seed{args.seed}" if args.seed else ""
+    recipe_suffix = "" if args.recipe == "demo" else f"-{args.recipe}"
     if not args.no_train:
-        pretrain = out / f"train{suffix}" / "pretrain"
+        pretrain = out / f"train{suffix}" / "pretrain"  # stage 1 is the same for every recipe
         print(f"[5/7] stage 1, Siamese MIM pre-training (configs/demo_pretrain.yaml) -> {pretrain}")
         # The tiny city has ~16 place samples: smaller batches and fewer epochs so every rank has full batches.
         tiny = args.preset == "tiny"
@@ -103,11 +111,12 @@ def demo(argv: list[str] | None = None) -> int:
         # recipe leaves off (configs/demo_finetune.yaml says why), so the test of this job covers them.
         overrides2 = {"places_per_batch": 2, "images_per_place": 2, "num_workers": 1, "epochs": 2,
                       "cosface_weight": 0.02, "recluster_every_epochs": 1, "val_every_epochs": 1} if tiny else {}
+        overrides2 = {**overrides2, **RECIPES[args.recipe]}
         if args.seed:
             overrides1, overrides2 = {**overrides1, "seed": args.seed}, {**overrides2, "seed": args.seed}
         if run_training("demo_pretrain.yaml", ["--shards", str(out / "shards"), "--out", str(pretrain)], overrides1):
             return 1
-        finetune = out / f"train{suffix}" / "finetune"
+        finetune = out / f"train{recipe_suffix}{suffix}" / "finetune"
         init_from = sorted((pretrain / "export").glob("mim_epoch*.pt"))[-1]
         print(f"[6/7] stage 2, global descriptor + pair classifier (configs/demo_finetune.yaml) -> {finetune}")
         stage2 = ["--shards", str(out / "shards"), "--labels", str(out / "labels"), "--init-from", str(init_from),
@@ -122,8 +131,9 @@ def demo(argv: list[str] | None = None) -> int:
             trained = finetune / "export" / f"model_epoch{epochs - 1:04d}.pt"
             if (finetune / "export" / "best_model.pt").is_file():  # the epoch chosen on the validation split
                 trained = finetune / "export" / "best_model.pt"
-            print(f"[7/7] Recall@N on the synthetic test split -> {out / f'eval{suffix}'}")
-            if evaluate_demo(out, trained, args.num_cpus, out / f"eval{suffix}", args.seed):
+            eval_dir = out / f"eval{recipe_suffix}{suffix}"
+            print(f"[7/7] Recall@N on the synthetic test split -> {eval_dir}")
+            if evaluate_demo(out, trained, args.num_cpus, eval_dir, args.seed):
                 return 1
     print(f"demo done in {time.perf_counter() - started:.1f} s; outputs in {out}")
     return 0
@@ -204,6 +214,10 @@ def run_training(config_name: str, args: list[str], overrides: dict[str, float])
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Stage-2 overrides of configs/demo_finetune.yaml per demo recipe (`placeforge demo --recipe`).
+# long: issue 10's longer recipe, the demo's stage 2 trained three times the epochs (about
+# 30 minutes on 2 cores in all), validated every 5 epochs (docs/benchmarks.md, round 4).
+RECIPES: dict[str, dict[str, int]] = {"demo": {}, "long": {"epochs": 45, "val_every_epochs": 5}}
 
 
 COMMANDS = {

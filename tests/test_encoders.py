@@ -234,6 +234,14 @@ def test_pair_classifier_travels_with_the_model_and_scores_identically(tmp_path)
     loaded = load_pair_classifier(save_model_checkpoint(model, cfg, tmp_path / "aligned.pt", pair=aligned.eval(),
                                                         decoder="dec64d2b"))
     assert loaded.aligned and loaded.aligned_scale.item() == 7.0
+    assert load_pair_classifier(path).global_weight == 0.0  # Pair-VPR's score unless a recipe chose otherwise
+    aligned.global_weight = 20.0
+    weighted = save_model_checkpoint(model, cfg, tmp_path / "weighted.pt", pair=aligned.eval(), decoder="dec64d2b")
+    assert load_pair_classifier(weighted).global_weight == 20.0
+    older = torch.load(weighted, weights_only=True)
+    del older["pair_classifier"]["global_weight"]  # a file from before the option
+    torch.save(older, tmp_path / "older.pt")
+    assert load_pair_classifier(tmp_path / "older.pt").global_weight == 0.0
     with torch.no_grad():
         assert torch.equal(aligned.score(patches_a, patches_b, (4, 4)), loaded.score(patches_a, patches_b, (4, 4)))
 

@@ -148,3 +148,23 @@ def test_reranking_moves_the_right_candidate_to_the_top():
         d = torch.from_numpy(db_tokens[[7]]).float()
         expected = pair(q, d, (2, 2)) + pair(d, q, (2, 2))
     assert scores[0, 2] == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_a_global_weight_adds_that_much_of_the_global_cosine_to_the_score():
+    tokens, width = 4, 16
+    pair = trained_pair_classifier(tokens, width)
+    rng = np.random.default_rng(2)
+    db_tokens = rng.normal(size=(6, tokens, width)).astype(np.float16)
+    query_tokens = rng.normal(size=(2, tokens, width)).astype(np.float16)
+    candidates = np.array([[0, 1, 2], [3, 4, 5]])
+    cosine = np.array([[0.9, 0.5, 0.1], [0.2, 0.8, 0.4]], dtype=np.float32)
+    plain = pair_scores(pair, query_tokens, db_tokens, candidates, (2, 2), progress=False)
+    pair.global_weight = 20.0
+    with pytest.raises(ValueError, match="pass global_scores"):
+        pair_scores(pair, query_tokens, db_tokens, candidates, (2, 2), progress=False)
+    fused = pair_scores(pair, query_tokens, db_tokens, candidates, (2, 2), progress=False, global_scores=cosine)
+    np.testing.assert_allclose(fused, plain + 20.0 * cosine, rtol=1e-6, atol=1e-5)
+    # A large enough weight gives back the global order.
+    pair.global_weight = 1e6
+    strong = pair_scores(pair, query_tokens, db_tokens, candidates, (2, 2), progress=False, global_scores=cosine)
+    assert rerank_order(candidates, strong)[1].tolist() == [[0, 1, 2], [4, 5, 3]]

@@ -92,6 +92,11 @@ class TrainConfig:
                                          "the aligned token similarity (mean cosine of the two images' encoder tokens "
                                          "at the same grid position; models.heads.PairClassifier). Not in Pair-VPR; "
                                          "the demo uses it (docs/benchmarks.md, issue 10)"})
+    rerank_global_weight: float = field(
+        default=0.0, metadata={"help": "stage 2: the re-ranking score adds this times the global descriptors' cosine "
+                                       "to the pair classifier's two logits (validation and the exported model "
+                                       "file; evaluation uses it unless told otherwise). Not in Pair-VPR (0); the "
+                                       "demo's value was chosen on its validation split"})
     ms_weight: float = field(default=1.0, metadata={"help": "weight of the Multi-Similarity loss"})
     pair_bce_weight: float = field(default=2.0, metadata={"help": "weight of the pair-classifier BCE (Pair-VPR 2)"})
     pair_trains_encoder: bool = field(

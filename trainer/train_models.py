@@ -60,14 +60,16 @@ class FinetuneModel(nn.Module):
         scale, margin: CosFace s and m.
         pair_trains_encoder: False detaches the patch tokens the pair classifier reads.
         pair_aligned: the pair classifier's aligned token similarity term (models.heads).
+        rerank_global_weight: the global cosine's weight in its re-ranking score (models.heads).
     """
 
     def __init__(self, global_model: GlobalDescriptorModel, decoder: SiameseMIMDecoder, num_classes: int,
-                 scale: float, margin: float, pair_trains_encoder: bool = True, pair_aligned: bool = False) -> None:
+                 scale: float, margin: float, pair_trains_encoder: bool = True, pair_aligned: bool = False,
+                 rerank_global_weight: float = 0.0) -> None:
         super().__init__()
         self.pair_trains_encoder = pair_trains_encoder
         self.global_model = global_model
-        self.pair = PairClassifier(decoder, aligned=pair_aligned)
+        self.pair = PairClassifier(decoder, aligned=pair_aligned, global_weight=rerank_global_weight)
         self.cosface = CosFaceClassifier(global_model.descriptor_dim, num_classes, scale, margin)
 
     def forward(self, images: torch.Tensor, place_ids: torch.Tensor, class_ids: torch.Tensor,
@@ -147,7 +149,7 @@ def build_finetune_model(cfg: TrainConfig, num_classes: int) -> FinetuneModel:
     global_model.encoder = mim.encoder  # keep the stage-1 encoder; the head is new
     freeze_encoder_except_last(global_model.encoder, cfg.trainable_last_blocks)
     return FinetuneModel(global_model, mim.decoder, num_classes, cfg.cosface_scale, cfg.cosface_margin,
-                         cfg.pair_trains_encoder, cfg.pair_aligned_similarity)
+                         cfg.pair_trains_encoder, cfg.pair_aligned_similarity, cfg.rerank_global_weight)
 
 
 def global_model_of(model: nn.Module, cfg: TrainConfig) -> GlobalDescriptorModel:

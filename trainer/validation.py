@@ -92,11 +92,12 @@ def validate(model: GlobalDescriptorModel, pair: PairClassifier | None, split: V
                                     keep)
         q, q_tokens = embed_paths(model, split.queries.paths, q_hw if short_side else image_size, resize, device, keep)
         k = min(max(RECALL_AT[-1], rerank_top_k), len(db))
-        _, candidates = exact_search(db, q, k)
+        similarity, candidates = exact_search(db, q, k)
         result = _recall("val", candidates, split.positives)
         if keep:
             scores = pair_scores(pair, q_tokens, db_tokens, candidates[:, :rerank_top_k], (q_hw[0] // patch, q_hw[1] // patch),
-                                 progress=False, db_grid=(db_hw[0] // patch, db_hw[1] // patch))
+                                 progress=False, db_grid=(db_hw[0] // patch, db_hw[1] // patch),
+                                 global_scores=similarity[:, :rerank_top_k])
             _, reranked = rerank_order(candidates[:, :rerank_top_k], scores)
             result.update(_recall("val_reranked", reranked, split.positives))
     finally:
