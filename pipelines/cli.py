@@ -39,7 +39,7 @@ def demo(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eval", action="store_true", help="stop after training")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="demo",
                         help=f"demo: the recipe of configs/demo_*.yaml (about 10 minutes on 2 cores); long: the same "
-                             f"with stage 2 trained {RECIPES['long']['epochs']} epochs (about 30 minutes), into "
+                             f"with stage 2 trained {RECIPES['long']['epochs']} epochs (about 25 minutes), into "
                              f"train-long/ and eval-long/, reusing the city, shards, labels and stage 1")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of both training stages (initial weights, data order, masks); a seed other "
@@ -104,16 +104,7 @@ def demo(argv: list[str] | None = None) -> int:
     if not args.no_train:
         pretrain = out / f"train{suffix}" / "pretrain"  # stage 1 is the same for every recipe
         print(f"[5/7] stage 1, Siamese MIM pre-training (configs/demo_pretrain.yaml) -> {pretrain}")
-        # The tiny city has ~16 place samples: smaller batches and fewer epochs so every rank has full batches.
-        tiny = args.preset == "tiny"
-        overrides1 = {"pairs_per_batch": 4, "epochs": 2} if tiny else {}
-        # The tiny preset also runs CosFace and one reclustering between epochs, which the full
-        # recipe leaves off (configs/demo_finetune.yaml says why), so the test of this job covers them.
-        overrides2 = {"places_per_batch": 2, "images_per_place": 2, "num_workers": 1, "epochs": 2,
-                      "cosface_weight": 0.02, "recluster_every_epochs": 1, "val_every_epochs": 1} if tiny else {}
-        overrides2 = {**overrides2, **RECIPES[args.recipe]}
-        if args.seed:
-            overrides1, overrides2 = {**overrides1, "seed": args.seed}, {**overrides2, "seed": args.seed}
+        overrides1, overrides2 = training_overrides(args.preset, args.recipe, args.seed)
         if run_training("demo_pretrain.yaml", ["--shards", str(out / "shards"), "--out", str(pretrain)], overrides1):
             return 1
         finetune = out / f"train{recipe_suffix}{suffix}" / "finetune"
@@ -193,6 +184,22 @@ def _config_epochs(config_name: str) -> int:
     return int(load_file(CONFIGS / config_name)["epochs"])
 
 
+def training_overrides(preset: str, recipe: str, seed: int) -> tuple[dict, dict]:
+    """Overrides of configs/demo_pretrain.yaml and configs/demo_finetune.yaml for one demo run."""
+    # The tiny city has ~16 place samples: smaller batches and fewer epochs so every rank has full
+    # batches. It also runs CosFace and one reclustering between epochs, which the full recipe leaves
+    # off (configs/demo_finetune.yaml says why), so the test of this job covers them.
+    tiny = preset == "tiny"
+    stage1 = {"pairs_per_batch": 4, "epochs": 2} if tiny else {}
+    stage2 = {**RECIPES[recipe]}  # the recipe's stage 2; the tiny city's sizes win over it
+    if tiny:
+        stage2.update({"places_per_batch": 2, "images_per_place": 2, "num_workers": 1, "epochs": 2,
+                       "cosface_weight": 0.02, "recluster_every_epochs": 1, "val_every_epochs": 1})
+    if seed:
+        stage1, stage2 = {**stage1, "seed": seed}, {**stage2, "seed": seed}
+    return stage1, stage2
+
+
 def run_training(config_name: str, args: list[str], overrides: dict[str, float]) -> int:
     """Run one trainer stage in its own process (DeepSpeed's process group must not outlive it).
 
@@ -215,9 +222,9 @@ def run_training(config_name: str, args: list[str], overrides: dict[str, float])
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Stage-2 overrides of configs/demo_finetune.yaml per demo recipe (`placeforge demo --recipe`).
-# long: issue 10's longer recipe, the demo's stage 2 trained three times the epochs (about
-# 30 minutes on 2 cores in all), validated every 5 epochs (docs/benchmarks.md, round 4).
-RECIPES: dict[str, dict[str, int]] = {"demo": {}, "long": {"epochs": 45, "val_every_epochs": 5}}
+# long: issue 10's longer recipe, the demo's stage 2 trained four times the epochs (about
+# 25 minutes on 2 cores in all), validated every 4 epochs (docs/benchmarks.md, round 4).
+RECIPES: dict[str, dict[str, int]] = {"demo": {}, "long": {"epochs": 36, "val_every_epochs": 4}}
 
 
 COMMANDS = {

@@ -61,3 +61,19 @@ def test_cli_lists_commands_and_rejects_unknown_ones(capsys):
     assert "build-shards" in capsys.readouterr().out
     assert main(["trian"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_demo_recipes_change_stage_two_only_and_the_tiny_city_keeps_its_sizes():
+    from pipelines.cli import RECIPES, training_overrides
+    from placeforge.config import from_mapping, load_file
+    from trainer.train_config import TrainConfig
+
+    assert training_overrides("default", "demo", 0) == ({}, {})
+    stage1, stage2 = training_overrides("default", "long", 3)
+    assert stage1 == {"seed": 3}  # stage 1 is shared: the long recipe reuses the demo's
+    assert stage2 == {**RECIPES["long"], "seed": 3}
+    recipe = from_mapping(TrainConfig, load_file("configs/demo_finetune.yaml"))
+    assert stage2["epochs"] > recipe.epochs  # longer than the demo's own stage 2
+    assert training_overrides("tiny", "long", 0)[1]["epochs"] == 2  # tests stay quick whatever the recipe
+    with pytest.raises(SystemExit):
+        demo(["--out", "x", "--recipe", "longer"])
