@@ -16,6 +16,26 @@ from placeforge.geo import utm_to_latlon
 REPO = Path(__file__).resolve().parents[1]
 
 
+def fill_like_trained(module, seed: int, is_scale) -> None:
+    """Every parameter of `module` random and far from its init, so a tensor loaded into the wrong
+    place changes the output: scales (`is_scale(name, param)`: LayerNorm weights, layer-scale
+    gammas) near 1, matrices fan-in scaled, tokens, positions and biases large."""
+    import math
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if is_scale(name, param):
+                param.copy_(1.0 + 0.2 * noise)
+            elif param.ndim > 1 and "token" not in name and "pos_embed" not in name:
+                param.copy_(noise / math.sqrt(param[0].numel()))  # fan-in scaled matrices
+            else:
+                param.copy_(noise)  # tokens, positions, biases: large, so a misplaced one shows
+
+
 def jpeg_bytes(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 255, size=(6, 8, 3), dtype=np.uint8)

@@ -23,6 +23,7 @@ from torch import nn
 from models.dinov2 import encode_with_mask_token, fit_position_embedding, to_timm_keys
 from models.encoders import ENCODERS, EncoderConfig, EncoderSpec, build_model, encoder_spec
 from placeforge.config import ConfigError, from_mapping, load_file
+from tests.conftest import fill_like_trained
 from trainer.train_config import TrainConfig
 from trainer.train_models import build_finetune_model, build_pretrain_model, save_mim
 
@@ -150,16 +151,8 @@ def random_reference(preset: str, seed: int = 0) -> OfficialViT:
     """The official architecture at the preset's width, every tensor random (none at its init value)."""
     spec, (registers, swiglu) = ENCODERS[preset], VARIANTS[preset]
     ref = OfficialViT(NATIVE, spec.embed_dim, spec.depth, spec.num_heads, registers, swiglu).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in ref.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith(("gamma", "norm1.weight", "norm2.weight")) or name == "norm.weight":
-                param.copy_(1.0 + 0.2 * noise)
-            elif param.ndim > 1 and "token" not in name and "pos_embed" not in name:
-                param.copy_(noise / math.sqrt(param[0].numel()))  # fan-in scaled matrices
-            else:
-                param.copy_(noise)  # tokens, positions, biases: large, so a misplaced one shows
+    fill_like_trained(ref, seed, lambda name, _: name.endswith(("gamma", "norm1.weight", "norm2.weight"))
+                      or name == "norm.weight")
     return ref
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from models.import_released import (
     read_released_state,
 )
 from pipelines.cli import main as cli_main
+from tests.conftest import fill_like_trained
 from tests.test_dinov2_weights import OfficialViT, official_keys
 
 SIZE = 322  # Pair-VPR's evaluation size: a 23 x 23 patch grid
@@ -138,16 +138,8 @@ def release_keys(depth: int, dec_depth: int, swiglu: bool) -> set[str]:
 def random_pairvpr(seed: int = 0) -> PairVPRNet:
     """The tiny reference with every parameter random (none at its init value), buffers as built."""
     ref = PairVPRNet().eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in ref.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("gamma") or (param.ndim == 1 and "norm" in name and name.endswith("weight")):
-                param.copy_(1.0 + 0.2 * noise)
-            elif param.ndim > 1 and "token" not in name and "pos_embed" not in name:
-                param.copy_(noise / math.sqrt(param[0].numel()))  # fan-in scaled matrices
-            else:
-                param.copy_(noise)  # tokens, positions, biases: large, so a misplaced one shows
+    fill_like_trained(ref, seed, lambda name, p: name.endswith("gamma") or (
+        p.ndim == 1 and "norm" in name and name.endswith("weight")))
     return ref
 
 
