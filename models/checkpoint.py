@@ -50,7 +50,7 @@ def save_model_checkpoint(model: GlobalDescriptorModel, cfg: EncoderConfig, path
     """
     path = Path(path)
     state = {name: _float32_copy(tensor) for name, tensor in model.state_dict().items()}
-    problem = _mismatch(_expected_shapes(cfg), {name: tuple(t.shape) for name, t in state.items()})
+    problem = shape_mismatch(_expected_shapes(cfg), {name: tuple(t.shape) for name, t in state.items()})
     if problem:
         raise CheckpointError(f"{path}: the model does not match its encoder config {cfg}: {problem}")
     content = {
@@ -165,7 +165,7 @@ def _expected_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _mismatch(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> str:
+def shape_mismatch(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> str:
     """'' if `shapes` has exactly the keys and shapes of `expected`, else what differs."""
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -182,7 +182,7 @@ def _mismatch(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int,
 
 
 def _check_fits(path: str | os.PathLike, cfg: EncoderConfig, shapes: dict[str, tuple[int, ...]]) -> None:
-    problem = _mismatch(_expected_shapes(cfg), shapes)
+    problem = shape_mismatch(_expected_shapes(cfg), shapes)
     if problem:
         raise CheckpointError(
             f"{path}: the weights do not match the architecture of its encoder_config "

@@ -50,7 +50,7 @@ from typing import Callable
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from models.checkpoint import CheckpointError, _mismatch, inspect_model_checkpoint, save_model_checkpoint
+from models.checkpoint import CheckpointError, inspect_model_checkpoint, save_model_checkpoint, shape_mismatch
 from models.decoder import SiameseMIMDecoder, decoder_config, sincos_2d_positions
 from models.dinov2 import fit_position_embedding, to_timm_keys
 from models.encoders import EncoderConfig, build_model, encoder_spec
@@ -214,14 +214,14 @@ def map_pairvpr_state(state: dict[str, torch.Tensor], variant: str, where: str =
         raise CheckpointError(f"{where}: {len(unused)} key(s) neither mapped nor dropped (not in Pair-VPR's released "
                               f"{variant} model): {unused[:10]}")
 
-    problem = _mismatch({k: tuple(t.shape) for k, t in expected_model.state_dict().items()},
+    problem = shape_mismatch({k: tuple(t.shape) for k, t in expected_model.state_dict().items()},
                         {k: tuple(t.shape) for k, t in model_state.items()})
     if problem:
         raise CheckpointError(f"{where}: the encoder and global head do not fit Pair-VPR {variant} ({cfg.name}; "
                               f"keys in placeforge's names, encoder.X is the file's encoder.model.X): {problem}")
     with torch.device("meta"):
         expected_pair = _build_pair(variant, pair_state["mlp.0.weight"].shape[0])
-    problem = _mismatch({k: tuple(t.shape) for k, t in expected_pair.state_dict().items()},
+    problem = shape_mismatch({k: tuple(t.shape) for k, t in expected_pair.state_dict().items()},
                         {k: tuple(t.shape) for k, t in pair_state.items()})
     if problem:
         raise CheckpointError(f"{where}: the decoder and pair head do not fit Pair-VPR {variant} "
