@@ -16,18 +16,33 @@ LISTED_BENCHMARKS are named by index files that ship apart from the images (GSV-
 msls_val_*.npy): the images they list, relative to ROOT, and the right answers they give
 (evaluation/ground_truth.py), not positions within a radius.  The files are read from
 `ground_truth_dir`, else from ROOT/<folder>/.
+
+    database, queries = read_benchmark("nordland-vprbench:/data/VPR-Bench/datasets/Nordland")
+
+VPRBENCH_BENCHMARKS are in MubarizZaffar/VPR-Bench's template: ROOT/ref/ and ROOT/query/ of
+<integer>.jpg in numeric order, and its ground-truth file (in ROOT, or `ground_truth_dir`) giving
+each query's right ref images by those numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from evaluation.ground_truth import ListedSide, read_listed_test_set, read_path_list, read_positives
+from evaluation.ground_truth import (
+    ListedSide,
+    numbered_images,
+    read_listed_test_set,
+    read_path_list,
+    read_positives,
+    read_vprbench_positives,
+)
 from evaluation.npy_safe import load_npy
 from evaluation.testset import Split, check_comparable, read_split
+from placeforge.catalog import REJECTS_SCHEMA, concat
 from placeforge.ingest.common import SourceError
 
 DOWNLOADER = "gmberton/VPR-datasets-downloader"
@@ -99,11 +114,29 @@ LISTED_BENCHMARKS: dict[str, ListedBenchmark] = {
 }
 
 
+@dataclass(frozen=True)
+class VprBenchBenchmark:
+    """A test set in VPR-Bench's template: ROOT/ref/ (database) and ROOT/query/ of <integer>.jpg."""
+
+    ground_truth: str  # the [Q, 2] ground-truth file, in ROOT unless ground_truth_dir is given
+    written_by: str
+
+
+VPRBENCH_DATABASE, VPRBENCH_QUERIES = "ref", "query"  # VPR-Bench's evaluate_vpr_techniques.py
+
+VPRBENCH_BENCHMARKS: dict[str, VprBenchBenchmark] = {
+    "nordland-vprbench": VprBenchBenchmark(
+        "ground_truth_new.npy", "MubarizZaffar/VPR-Bench (datasets/Nordland/ground_truth_new.npy; images from "
+                                "its surfdrive download): 27592 ref (summer), 2760 query (winter) images"),
+}
+
+
 def parse_benchmark_spec(spec: str) -> tuple[str, Path]:
     """"NAME:ROOT" -> (name, root), e.g. "svox-night:/data/datasets/svox"; SourceError naming the valid names."""
     name, colon, root = spec.partition(":")
-    if name not in BENCHMARKS and name not in LISTED_BENCHMARKS:
-        raise SourceError(f"unknown benchmark {name!r}; valid: {', '.join([*BENCHMARKS, *LISTED_BENCHMARKS])}")
+    if name not in BENCHMARKS and name not in LISTED_BENCHMARKS and name not in VPRBENCH_BENCHMARKS:
+        valid = [*BENCHMARKS, *LISTED_BENCHMARKS, *VPRBENCH_BENCHMARKS]
+        raise SourceError(f"unknown benchmark {name!r}; valid: {', '.join(valid)}")
     if not colon or not root:
         raise SourceError(f"benchmark {spec!r} has no root; expected NAME:ROOT, e.g. {name}:/data/datasets/{name}")
     return name, Path(root)
@@ -113,8 +146,8 @@ def read_benchmark(spec: str, no_labels: bool = False, ground_truth_dir: Path | 
                    ) -> tuple[Split, Split]:
     """The database and queries of benchmark "NAME:ROOT", checked against its layout.
 
-    For a LISTED_BENCHMARKS name the queries carry the ground truth of its files (none with
-    `no_labels`), read from `ground_truth_dir` or ROOT/<folder>/.
+    For a LISTED_BENCHMARKS or VPRBENCH_BENCHMARKS name the queries carry the ground truth of its
+    files (none with `no_labels`), read from `ground_truth_dir`, else ROOT/<folder>/ or ROOT.
 
     Raises:
         SourceError: an unknown name, a folder of the layout or an index file missing, names whose
@@ -123,8 +156,11 @@ def read_benchmark(spec: str, no_labels: bool = False, ground_truth_dir: Path | 
     name, root = parse_benchmark_spec(spec)
     if name in LISTED_BENCHMARKS:
         return _read_listed(name, root, ground_truth_dir, no_labels)
+    if name in VPRBENCH_BENCHMARKS:
+        return _read_vprbench(name, root, ground_truth_dir, no_labels)
     if ground_truth_dir is not None:
-        raise SourceError(f"{name} has no index files; --ground-truth-dir goes with {', '.join(LISTED_BENCHMARKS)}")
+        raise SourceError(f"{name} has no index files; --ground-truth-dir goes with "
+                          f"{', '.join([*LISTED_BENCHMARKS, *VPRBENCH_BENCHMARKS])}")
     bench = BENCHMARKS[name]
     for folder in (bench.database, bench.queries):
         if not (root / folder).is_dir():
@@ -159,6 +195,32 @@ def _read_listed(name: str, root: Path, ground_truth_dir: Path | None, no_labels
     return read_listed_test_set(ListedSide(root, database, bench.database),
                                 ListedSide(root, [query_images[i] for i in evaluated], bench.evaluated),
                                 positives, str(folder / bench.positives))
+
+
+def _read_vprbench(name: str, root: Path, ground_truth_dir: Path | None, no_labels: bool) -> tuple[Split, Split]:
+    bench = VPRBENCH_BENCHMARKS[name]
+    for folder in (VPRBENCH_DATABASE, VPRBENCH_QUERIES):
+        if not (root / folder).is_dir():
+            raise SourceError(f"{name} expects {root / folder} (database {VPRBENCH_DATABASE}/, queries "
+                              f"{VPRBENCH_QUERIES}/ below the root, VPR-Bench's template); it is not a folder")
+    truth = (ground_truth_dir if ground_truth_dir is not None else root) / bench.ground_truth
+    if not no_labels and not truth.is_file():
+        where = "" if ground_truth_dir is not None else " (ROOT; or give --ground-truth-dir DIR)"
+        raise SourceError(f"{name} reads {bench.ground_truth} from {truth.parent}{where}: the ground truth of "
+                          f"{bench.written_by}")
+    database, db_aside = numbered_images(root.resolve(), VPRBENCH_DATABASE)
+    queries, q_aside = numbered_images(root.resolve(), VPRBENCH_QUERIES)
+    positives = None
+    if not no_labels:
+        positives = read_vprbench_positives(truth)
+        if len(positives) != len(queries):
+            raise SourceError(f"ground truth {truth} has {len(positives)} rows for the {len(queries)} images of "
+                              f"{root / VPRBENCH_QUERIES}; VPR-Bench needs one row per query, in numeric order")
+    db_split, q_split = read_listed_test_set(ListedSide(root, database, f"{VPRBENCH_DATABASE}/*.jpg"),
+                                             ListedSide(root, queries, f"{VPRBENCH_QUERIES}/*.jpg"),
+                                             positives, str(truth))
+    return (dataclasses.replace(db_split, rejects=concat([db_split.rejects, db_aside], REJECTS_SCHEMA)),
+            dataclasses.replace(q_split, rejects=concat([q_split.rejects, q_aside], REJECTS_SCHEMA)))
 
 
 def _row_numbers(path: Path, rows: int, of: str) -> list[int]:

@@ -34,6 +34,12 @@ lines and lines starting with '#' skipped, outer whitespace stripped).  Ground-t
 array, read by evaluation/npy_safe.py without running its pickle), or text with one line per
 query row holding the right database-list rows, separated by spaces or commas, an empty line
 for none (lines starting with '#' skipped).  Rows count from 0 in both, in the lists' order.
+
+VPR-Bench's template (MubarizZaffar/VPR-Bench, evaluate_vpr_techniques.py and
+performance_comparison.py) ships no lists: `ref/` and `query/` hold `<integer>.jpg`, read in
+numeric order, and `ground_truth_new.npy` is a pickled [Q, 2] object array whose row i is
+[i, list of the right rows of ref/] for the i-th query.  `numbered_images` turns a folder into
+the list that order implies, `read_vprbench_positives` the file into one int array per query.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from evaluation.npy_safe import load_index_lists, load_npy
 from evaluation.testset import GroundTruth, Split
 from placeforge.catalog import IMAGE_EXTENSIONS, REJECTS_SCHEMA, concat, rejects_table
 from placeforge.ingest.common import SourceError
-from placeforge.ingest.listing import check_files
+from placeforge.ingest.listing import check_files, list_files
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,71 @@ def read_positives(path: Path, rows: int) -> list[np.ndarray]:
         raise SourceError(f"ground truth {path} has {len(positives)} rows for {rows} listed queries; "
                           "it needs one row per query, in the query list's order")
     return positives
+
+
+def read_vprbench_positives(path: Path) -> list[np.ndarray]:
+    """[Q] int64 arrays from VPR-Bench's ground_truth_new.npy: row i is [i, [right ref rows]].
+
+    Raises:
+        SourceError: not a [Q, 2] array, a row whose first entry is not its own number, or a
+            second entry that is not a list of non-negative row numbers; a pickle that names
+            anything but NumPy's array parts is refused without being run (evaluation/npy_safe.py).
+    """
+    try:
+        table = load_npy(path)
+    except (OSError, ValueError) as err:
+        raise SourceError(f"ground truth {path} cannot be read: {err}") from None
+    if table.ndim != 2 or table.shape[1] != 2:
+        raise SourceError(f"ground truth {path}: expected VPR-Bench's [queries, 2] array (query number, right "
+                          f"ref rows), got shape {table.shape}")
+    positives = []
+    for row, (number, right) in enumerate(table):
+        if isinstance(number, (bool, np.bool_)) or not isinstance(number, (int, np.integer)) or number != row:
+            raise SourceError(f"ground truth {path} row {row}: the query number is {number!r}, not {row}; VPR-Bench "
+                              "reads row i as the i-th query in numeric order")
+        values = np.asarray(right)
+        if values.ndim != 1 or not (values.size == 0 or np.issubdtype(values.dtype, np.integer)) or (
+                values.size and values.min() < 0):
+            raise SourceError(f"ground truth {path} row {row}: {str(right)[:80]} is not a list of ref row numbers "
+                              "(0-based)")
+        positives.append(values.astype(np.int64))
+    return positives
+
+
+def numbered_images(root: Path, folder: str) -> tuple[list[str], pa.Table]:
+    """VPR-Bench's image list of ROOT/folder: `folder/<integer>.jpg` in numeric order, and rejects.
+
+    Only `.jpg` files directly in the folder are its images (its glob); another image file there
+    is a `bad_name` reject, as is a `.jpg` whose name is not a number.  The numbers must be
+    0..n-1, each once: the ground truth indexes images by their place in numeric order, so a
+    missing image would move every later one onto another image's answers.
+
+    Raises:
+        SourceError: the numbers are not 0..n-1, or no image is numbered.
+    """
+    numbered: dict[int, str] = {}
+    set_aside = []
+    for rel in list_files(root, folder).relpaths:
+        name = rel[len(folder) + 1:]
+        stem, dot, extension = name.rpartition(".")
+        if "/" in name or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            continue  # not an input: VPR-Bench reads the folder's own *.jpg only
+        if extension != "jpg" or not dot or not (stem.isascii() and stem.isdigit()):
+            set_aside.append((rel, "bad_name", "VPR-Bench reads <integer>.jpg (evaluate_vpr_techniques.py); "
+                                               "not one of its images"))
+        elif int(stem) in numbered:
+            raise SourceError(f"{root / folder}: {numbered[int(stem)]} and {rel} are both image number {int(stem)}")
+        else:
+            numbered[int(stem)] = rel
+    if not numbered:
+        raise SourceError(f"{root / folder} has no images named <integer>.jpg (VPR-Bench's template)")
+    gaps = sorted(set(range(len(numbered))) - set(numbered))
+    if gaps:
+        raise SourceError(f"{root / folder} holds {len(numbered)} numbered images, but not the numbers "
+                          f"0..{len(numbered) - 1} (first missing: {gaps[0]}); the ground truth indexes images by "
+                          "their place in numeric order, so a gap would move every later image onto another's "
+                          "answers: complete the folder")
+    return [numbered[number] for number in range(len(numbered))], _rejects(root, set_aside)
 
 
 def _text_positives(text: str, path: Path) -> list[np.ndarray]:

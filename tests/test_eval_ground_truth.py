@@ -1,5 +1,5 @@
-"""Ground truth from files: MSLS-val's 740-query subset (GSV-Cities' msls_val_*.npy) and the
-generic --database-list / --queries-list / --ground-truth options.
+"""Ground truth from files: MSLS-val's 740-query subset (GSV-Cities' msls_val_*.npy), Nordland in
+VPR-Bench's template, and the generic --database-list / --queries-list / --ground-truth options.
 
 A tiny MSLS tree (train_val/<city>/{database,query}/images/<key>.jpg) is written with the four
 index files in GSV-Cities' exact form: plain string arrays of paths relative to the root, a
@@ -7,8 +7,13 @@ plain int array qIdx (which qImages are evaluated), and pIdx, a pickled object a
 NumPy with one int array per *qIdx row* (GSV-Cities and Pair-VPR index it with the position in
 the evaluated queries: `gt[q_idx]` over `qImages[qIdx]`).  The lists are deliberately not in path
 order, one listed database image and one listed query are missing on disk, one query's only
-positive is the missing image, and one query of qImages is not in qIdx.  The test that runs the
-evaluation on a real local Ray is marked `ray`.
+positive is the missing image, and one query of qImages is not in qIdx.
+
+A tiny Nordland is written in VPR-Bench's template (MubarizZaffar/VPR-Bench: ref/ and query/ of
+<integer>.jpg, zero-padded to 7 digits as the download and Pair-VPR's Nordland_*Images.npy name
+them, and ground_truth_new.npy: a pickled [Q, 2] object array whose row i is [i, list of right
+ref rows], as datasets/Nordland/ground_truth_new.npy is).  The tests that run the evaluation on a
+real local Ray are marked `ray`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ import pytest
 import torch
 
 from evaluation.benchmarks import read_benchmark
-from evaluation.ground_truth import read_path_list, read_positives, remap_positives, restrict_split
+from evaluation.ground_truth import (
+    numbered_images,
+    read_path_list,
+    read_positives,
+    read_vprbench_positives,
+    remap_positives,
+    restrict_split,
+)
 from evaluation.testset import read_split
 from models.checkpoint import save_model_checkpoint
 from models.encoders import EncoderConfig, build_model
@@ -212,6 +224,116 @@ def test_cli_refuses_list_options_that_do_not_fit(tmp_path, capsys):
         assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+# --- Nordland in VPR-Bench's template ---------------------------------------------------------------
+
+NORDLAND_REFS = 12  # ref/0000000.jpg .. ref/0000011.jpg (summer)
+NORDLAND_GT = [[0, 1], [3, 4, 5], [6, 7, 8], [10, 11]]  # per query/000000i.jpg (winter): right ref rows
+NORDLAND_TWIN = [1, 2, 7, 9]  # each query's bytes: a copy of this ref image (2 and 9 are not right)
+
+
+def frame(number: int) -> str:
+    return f"{number:07d}.jpg"
+
+
+def write_vprbench_nordland(tmp_path: Path) -> Path:
+    """ROOT as VPR-Bench's datasets/Nordland/ with the images downloaded into it."""
+    root = tmp_path / "VPR-Bench" / "datasets" / "Nordland"
+    (root / "ref").mkdir(parents=True)
+    (root / "query").mkdir()
+    for number in range(NORDLAND_REFS):
+        (root / "ref" / frame(number)).write_bytes(jpeg_bytes(200 + number))
+    for number, twin in enumerate(NORDLAND_TWIN):
+        (root / "query" / frame(number)).write_bytes((root / "ref" / frame(twin)).read_bytes())
+    write_vprbench_ground_truth(root / "ground_truth_new.npy", [[i, right] for i, right in enumerate(NORDLAND_GT)])
+    return root
+
+
+def write_vprbench_ground_truth(path: Path, rows: list) -> None:
+    table = np.empty((len(rows), 2), dtype=object)  # [Q, 2]: a Python int and a Python list per row
+    for i, (number, right) in enumerate(rows):
+        table[i, 0], table[i, 1] = number, right
+    np.save(path, table, allow_pickle=True)
+
+
+def test_nordland_vprbench_reads_ref_and_query_in_numeric_order_with_the_files_positives(tmp_path):
+    root = write_vprbench_nordland(tmp_path)
+    (root / "ref" / "notes.jpg").write_bytes(jpeg_bytes(1))  # not a number: set aside, numbers unmoved
+    (root / "ref" / "0000012.png").write_bytes(jpeg_bytes(2))  # VPR-Bench reads *.jpg only
+    (root / "ref" / "ReadMe.txt").write_text("not an image: not an input")
+    (root / "ref" / "sub").mkdir()
+    (root / "ref" / "sub" / frame(12)).write_bytes(jpeg_bytes(3))  # below the folder: not read (its glob)
+    database, queries = read_benchmark(f"nordland-vprbench:{root}")
+    resolved = root.resolve()
+    assert database.paths == [str(resolved / "ref" / frame(i)) for i in range(NORDLAND_REFS)]
+    assert queries.paths == [str(resolved / "query" / frame(i)) for i in range(len(NORDLAND_GT))]
+    assert [p.tolist() for p in queries.ground_truth.positives] == NORDLAND_GT
+    assert queries.ground_truth.database_paths is database.paths and queries.ground_truth.positives_set_aside == 0
+    assert queries.ground_truth.source == str(root / "ground_truth_new.npy")
+    assert {r["input"]: r["reason"] for r in database.rejects.to_pylist()} == {
+        "ref/notes.jpg": "bad_name", "ref/0000012.png": "bad_name"}
+    assert queries.rejected == 0
+
+    # The ground truth where VPR-Bench's checkout keeps it, the images elsewhere.
+    elsewhere = tmp_path / "gt"
+    elsewhere.mkdir()
+    (root / "ground_truth_new.npy").rename(elsewhere / "ground_truth_new.npy")
+    with pytest.raises(SourceError, match=r"nordland-vprbench reads ground_truth_new.npy from .*Nordland \(ROOT; or "
+                                          r"give --ground-truth-dir DIR\)"):
+        read_benchmark(f"nordland-vprbench:{root}")
+    _, queries = read_benchmark(f"nordland-vprbench:{root}", ground_truth_dir=elsewhere)
+    assert [p.tolist() for p in queries.ground_truth.positives] == NORDLAND_GT
+    _, queries = read_benchmark(f"nordland-vprbench:{root}", no_labels=True)  # no file needed
+    assert queries.ground_truth is None and len(queries) == 4
+    with pytest.raises(SourceError, match=r"nordland-vprbench expects .*/datasets/ref \(database ref/, queries "
+                                          r"query/ below the root"):
+        read_benchmark(f"nordland-vprbench:{root.parent}", ground_truth_dir=elsewhere)
+
+
+def test_numeric_order_is_by_number_not_by_text_and_a_gap_is_refused(tmp_path):
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    for number in (10, 2, 0, 1, 9, 3, 4, 5, 6, 7, 8):  # unpadded: "10.jpg" sorts before "2.jpg" as text
+        (folder / f"{number}.jpg").write_bytes(b"jpeg")
+    entries, rejects = numbered_images(tmp_path, "ref")
+    assert entries == [f"ref/{number}.jpg" for number in range(11)] and rejects.num_rows == 0
+    (folder / "5.jpg").unlink()
+    with pytest.raises(SourceError, match=r"holds 10 numbered images, but not the numbers 0..9 \(first missing: 5\)"):
+        numbered_images(tmp_path, "ref")
+    (folder / "05.jpg").write_bytes(b"jpeg")
+    (folder / "005.jpg").write_bytes(b"jpeg")
+    with pytest.raises(SourceError, match=r"ref/005.jpg and ref/05.jpg are both image number 5|"
+                                          r"ref/05.jpg and ref/005.jpg are both image number 5"):
+        numbered_images(tmp_path, "ref")
+
+
+def test_vprbench_ground_truth_that_does_not_fit_is_refused_and_a_pickle_that_runs_code_is_never_run(tmp_path):
+    root = write_vprbench_nordland(tmp_path)
+    gt = root / "ground_truth_new.npy"
+    assert [p.tolist() for p in read_vprbench_positives(gt)] == NORDLAND_GT
+    cases = [
+        ([[0, [0]], [1, [1]], [2, [2]]], "has 3 rows for the 4 images of"),
+        ([[0, [0]], [2, [1]], [1, [2]], [3, [3]]], r"row 1: the query number is 2, not 1"),
+        ([[0, [0]], [1, [1]], [2, [2]], [3, [12]]], "query row 3 names database row 12; the database list has "
+                                                    "rows 0..11"),
+        ([[0, [0]], [1, [-1]], [2, [2]], [3, [3]]], r"row 1: \[-1\] is not a list of ref row numbers"),
+        ([[0, [0]], [1, ["a"]], [2, [2]], [3, [3]]], r"row 1: \['a'\] is not a list of ref row numbers"),
+        ([[0, [0]], [True, [1]], [2, [2]], [3, [3]]], "row 1: the query number is True, not 1"),
+    ]
+    for rows, message in cases:
+        write_vprbench_ground_truth(gt, rows)
+        with pytest.raises(SourceError, match=message):
+            read_benchmark(f"nordland-vprbench:{root}")
+    np.save(gt, np.array([[0, 1]] * 4))  # a plain [4, 2] int array: no lists of right rows
+    with pytest.raises(SourceError, match=r"row 0: 1 is not a list of ref row numbers"):
+        read_benchmark(f"nordland-vprbench:{root}")
+    np.save(gt, np.arange(4))
+    with pytest.raises(SourceError, match=r"expected VPR-Bench's \[queries, 2\] array .*got shape \(4,\)"):
+        read_benchmark(f"nordland-vprbench:{root}")
+    write_vprbench_ground_truth(gt, [[i, datetime.date(2020, 1, 1)] for i in range(4)])
+    with pytest.raises(SourceError, match=r"the pickle names datetime.date, .*refused without running it"):
+        read_benchmark(f"nordland-vprbench:{root}")
+
+
 # --- end to end: pipelines/evaluate.py on a real local Ray ----------------------------------------
 
 @pytest.fixture(scope="module")
@@ -270,3 +392,25 @@ def test_recall_from_the_files_ground_truth_equals_a_hand_count_by_benchmark_and
     assert reports["generic"]["recall"] == reports["benchmark"]["recall"]
     assert reports["benchmark"]["title"] == "global_only.pt on msls-val-740"
     assert reports["generic"]["ground_truth"]["file"] == str(tmp_path / "gt.txt")
+
+
+@pytest.mark.ray
+def test_nordland_vprbench_end_to_end_recall_equals_a_hand_count(local_ray, global_only_checkpoint, tmp_path, capsys):
+    root = write_vprbench_nordland(tmp_path)
+    out = tmp_path / "eval"
+    code = main(["--checkpoint", str(global_only_checkpoint), "--benchmark", f"nordland-vprbench:{root}",
+                 "--out", str(out), "--batch-size", "8", "--recall-at", "1,2,3", "--baseline", "false"])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"] == {**report["counts"], "database": 12, "queries": 4, "queries_with_positive": 4,
+                                "rejected": 0}
+    assert report["ground_truth"] == {**report["ground_truth"], "kind": "file",
+                                      "file": str(root / "ground_truth_new.npy")}
+    assert report["title"] == "global_only.pt on nordland-vprbench"
+    database, queries = read_benchmark(f"nordland-vprbench:{root}")
+    (out / "paths.json").write_text(json.dumps({"database": database.paths, "queries": queries.paths}))
+    right = {frame(q)[:-4]: {frame(r)[:-4] for r in rows} for q, rows in enumerate(NORDLAND_GT)}
+    recall = {int(n): r for n, r in report["recall"]["global"].items()}
+    assert recall == hand_recall(out, right, (1, 2, 3))
+    assert recall[1] == 0.5  # queries 0 and 2 are copies of a right ref image; 1 and 3 of a wrong one
