@@ -138,6 +138,7 @@ def evaluate_demo(out: Path, trained: Path, num_cpus: int | None, eval_dir: Path
     from models.checkpoint import save_model_checkpoint
     from models.encoders import build_model
     from placeforge.config import from_mapping, load_file
+    from placeforge.raysession import ray_session
     from trainer.train_config import TrainConfig
 
     recipe = from_mapping(TrainConfig, load_file(CONFIGS / "demo_finetune.yaml"), where="demo_finetune.yaml")
@@ -154,10 +155,11 @@ def evaluate_demo(out: Path, trained: Path, num_cpus: int | None, eval_dir: Path
         database = read_split(f"atname:{test / 'database'}", "database")
         queries = read_split(f"atname:{test / 'queries'}", "queries")
         results = {}
-        for name, checkpoint in (("untrained", untrained), ("trained", trained)):
-            summary = evaluate(checkpoint, database, queries, eval_dir / name, EvalConfig(), num_cpus=num_cpus,
-                               title=f"demo: {name} ({checkpoint.name}) on the synthetic test split")
-            results[name] = summary
+        with ray_session(None, num_cpus):  # one local Ray for both evaluations
+            for name, checkpoint in (("untrained", untrained), ("trained", trained)):
+                results[name] = evaluate(checkpoint, database, queries, eval_dir / name, EvalConfig(),
+                                         num_cpus=num_cpus,
+                                         title=f"demo: {name} ({checkpoint.name}) on the synthetic test split")
     except (EvaluationError, ValueError, OSError) as err:
         print(f"placeforge demo: error: evaluation failed: {err}", file=sys.stderr)
         return 1
