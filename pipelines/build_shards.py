@@ -15,6 +15,11 @@ the list stands for the folder (placeforge/ingest/filelist.py).  A listed path t
 absolute or has a '..' is rejected as path_outside_root and never opened; a listed file
 that is not there is rejected when its shard task reads it.
 
+--plan-only stops before any image is read: it ingests, assigns places and plans, writes
+catalog.parquet, rejects.parquet, _work/plan.parquet and plan.json (not manifest.json: the
+folder is a plan, not a shard set), prints the counts and starts no Ray.  The same command
+without --plan-only then builds the shards from that plan.
+
 Re-running into the same --out resumes an interrupted build (finished shards are kept),
 does nothing for a complete one, and refuses if the config or the inputs changed
 (unless --overwrite).  With a Ray cluster, --out and the sources must be on storage
@@ -48,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; nothing is written outside it)")
     parser.add_argument("--overwrite", action="store_true", help="replace a shard set built with another config")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="ingest, place and plan, write the catalog, rejects and plan, and stop: no image is "
+                        "opened, no Ray is started")
     add_ray_arguments(parser, "--task-resources",
                       "custom Ray resources each shard task asks for, e.g. placeforge_cpu_node=0.01 "
                       "to keep decoding on CPU nodes (cluster.yaml)")
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         sources = [parse_source_args(words) for words in args.source]
         return build(
             sources, args.out, cfg, overwrite=args.overwrite, ray_address=args.ray_address, num_cpus=args.num_cpus,
-            task_resources=parse_resources(args.task_resources),
+            task_resources=parse_resources(args.task_resources), plan_only=args.plan_only,
         ).report()
 
     return run_guarded("build_shards", run, (ConfigError, SourceError, BuildError, ValueError))

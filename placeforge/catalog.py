@@ -82,6 +82,17 @@ def image_id_for(dataset: str, relpath: str) -> int:
     return stable_id(f"{dataset}/{relpath}")
 
 
+def stable_ids(texts: Iterable[str], prefix: str = "") -> np.ndarray:
+    """[N] int64 `stable_id(prefix + text)` of N texts, e.g. `image_id_for` of a whole column.
+
+    The same hash as `stable_id`, with the per-row Python work cut to the blake2b call (about
+    0.7 us a row, most of a 5 M-row ingest's hashing): digests are joined and read as one array.
+    """
+    head = prefix.encode("utf-8")
+    digests = b"".join([hashlib.blake2b(head + t.encode("utf-8"), digest_size=8).digest() for t in texts])
+    return (np.frombuffer(digests, dtype="<u8") & np.uint64(0x7FFF_FFFF_FFFF_FFFF)).astype(np.int64)
+
+
 def catalog_table(columns: Mapping[str, Iterable | np.ndarray]) -> pa.Table:
     """Build a catalog table from column arrays; absent optional columns become null."""
     n = _column_length(columns)

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from placeforge.catalog import CATALOG_SCHEMA, REJECTS_SCHEMA, stable_id
+from placeforge.catalog import CATALOG_SCHEMA, REJECTS_SCHEMA, stable_ids
 from placeforge.geo import cell_col_row, is_northern_letter, utm_cell_keys
 
 
@@ -77,24 +78,31 @@ def geo_place_keys(
     cell_size_m: float,
     heading_deg: np.ndarray | None = None,
     heading_sectors: int = 0,
-) -> list[str]:
-    """Place keys "utm:<zone><N|S>:<col>:<row>[:h<sector>]" for [N] points.
+) -> pl.Series:
+    """Place keys "utm:<zone><N|S>:<col>:<row>[:h<sector>]" for [N] points, [N] strings.
 
     The zone and hemisphere are part of the key: cell (col, row) in zone 10N and in
     zone 11N are different places even though their metric coordinates coincide.
-    A point whose heading is unknown keeps the unsplit cell key.
+    A point whose heading is unknown keeps the unsplit cell key.  Keys are formatted once
+    per distinct cell (about one per 10 images) and gathered, not formatted per point.
     """
     col, row = cell_col_row(east_m, north_m, cell_size_m)
-    keys = utm_cell_keys(zone_number, northern, col, row).tolist()
+    cells = pl.DataFrame({"zone": np.asarray(zone_number, np.int64), "northern": np.asarray(northern, bool),
+                          "col": col, "row": row})
+    distinct = cells.unique(maintain_order=True).with_row_index("cell")
+    cell = cells.join(distinct, on=["zone", "northern", "col", "row"], how="left", maintain_order="left")["cell"]
+    cell_keys = utm_cell_keys(*(distinct[c].to_numpy() for c in ("zone", "northern", "col", "row")))
+    keys = pl.Series("place_key", cell_keys.tolist(), dtype=pl.String).gather(cell)
     if heading_sectors > 0 and heading_deg is not None:
-        sector = heading_sector(heading_deg, heading_sectors)
-        keys = [k if s < 0 else f"{k}:h{s}" for k, s in zip(keys, sector)]
+        sector = pl.Series(heading_sector(heading_deg, heading_sectors))
+        keys = pl.select(pl.when(sector >= 0).then(pl.concat_str(keys, pl.lit(":h"), sector.cast(pl.String)))
+                         .otherwise(keys).alias("place_key")).to_series()
     return keys
 
 
-def view_place_keys(cell_keys: list[str], zone_number: np.ndarray, northern: np.ndarray, east_m: np.ndarray,
+def view_place_keys(cell_keys: pl.Series, zone_number: np.ndarray, northern: np.ndarray, east_m: np.ndarray,
                     north_m: np.ndarray, heading_deg: np.ndarray, heading_sectors: int, image_id: np.ndarray,
-                    radius_m: float) -> list[str]:
+                    radius_m: float) -> pl.Series:
     """Place keys "<leader's cell key>:v<leader image id>" of views (`view_leaders`), for [N]
     points whose cell keys (with sector) are `cell_keys`.  A point whose heading is unknown is
     clustered with the others of unknown heading."""
@@ -103,8 +111,9 @@ def view_place_keys(cell_keys: list[str], zone_number: np.ndarray, northern: np.
     group = zone * (heading_sectors + 1) + (sector + 1)
     leader = view_leaders(group, np.asarray(east_m, np.float64), np.asarray(north_m, np.float64),
                           np.asarray(image_id), radius_m)
-    ids = np.asarray(image_id)
-    return [f"{cell_keys[j]}:v{ids[j]}" for j in leader]
+    leader_key = pl.Series(cell_keys, dtype=pl.String).gather(leader)
+    leader_id = pl.Series(np.asarray(image_id, dtype=np.int64)[leader]).cast(pl.String)
+    return (leader_key + ":v" + leader_id).alias("place_key")
 
 
 def view_leaders(group: np.ndarray, east_m: np.ndarray, north_m: np.ndarray, order: np.ndarray,
@@ -138,32 +147,26 @@ def view_leaders(group: np.ndarray, east_m: np.ndarray, north_m: np.ndarray, ord
     return leader
 
 
-def source_place_keys(source: list[str], dataset: list[str], source_place_id: list[str]) -> list[str]:
+def source_place_keys(source: pl.Series, dataset: pl.Series, source_place_id: pl.Series) -> pl.Series:
     """Place keys "<source>:<dataset>:<source place id>" (ids are unique only inside a dataset)."""
-    return [f"{s}:{d}:{p}" for s, d, p in zip(source, dataset, source_place_id)]
+    return pl.select(pl.concat_str(pl.lit(source), pl.lit(":"), pl.lit(dataset), pl.lit(":"), pl.lit(source_place_id))
+                     .alias("place_key")).to_series()
 
 
-def assign_places(catalog: pa.Table, cfg: PlaceConfig) -> tuple[pa.Table, pa.Table]:
-    """Fill `place_key` / `place_id`; set aside images of places that are too small.
-
-    Args:
-        catalog: rows of CATALOG_SCHEMA (place columns may be null).
-    Returns:
-        (kept catalog rows with place_key/place_id set, rejects rows with stage "place").
-    """
-    df = pl.from_arrow(catalog)
-    assert isinstance(df, pl.DataFrame)
-    has_source_place = df["source_place_id"].is_not_null().to_numpy()
-    has_utm = (df["utm_zone"].is_not_null() & df["utm_east"].is_not_null()).to_numpy()
-    keys = np.empty(df.height, dtype=object)
+def place_keys(catalog: pa.Table, cfg: PlaceConfig) -> pl.Series:
+    """[N] place key of every catalog row (null where a row has neither a source place id nor UTM)."""
+    has_source_place = pc.is_valid(catalog.column("source_place_id")).to_numpy(zero_copy_only=False)
+    has_utm = pc.and_(pc.is_valid(catalog.column("utm_zone")), pc.is_valid(catalog.column("utm_east")))
+    keys = pl.repeat(None, catalog.num_rows, dtype=pl.String, eager=True).alias("place_key")
     if has_source_place.any():
-        sub = df.filter(pl.Series(has_source_place))
-        keys[has_source_place] = source_place_keys(
-            sub["source"].to_list(), sub["dataset"].to_list(), sub["source_place_id"].to_list()
-        )
-    geo = ~has_source_place & has_utm
+        rows = np.flatnonzero(has_source_place)
+        sub = pl.from_arrow(catalog.select(["source", "dataset", "source_place_id"]).take(rows))
+        keys = keys.scatter(rows, source_place_keys(sub["source"], sub["dataset"], sub["source_place_id"]))
+    geo = ~has_source_place & has_utm.to_numpy(zero_copy_only=False)
     if geo.any():
-        sub = df.filter(pl.Series(geo))
+        rows = np.flatnonzero(geo)
+        sub = pl.from_arrow(catalog.select(["utm_zone", "utm_letter", "utm_east", "utm_north", "heading_deg",
+                                            "image_id"]).take(rows))
         zone = sub["utm_zone"].to_numpy()
         northern = is_northern_letter(sub["utm_letter"].fill_null("").to_numpy().astype("<U1"))
         east, north = sub["utm_east"].to_numpy(), sub["utm_north"].to_numpy()
@@ -172,28 +175,44 @@ def assign_places(catalog: pa.Table, cfg: PlaceConfig) -> tuple[pa.Table, pa.Tab
         if cfg.view_radius_m > 0:
             cell_keys = view_place_keys(cell_keys, zone, northern, east, north, heading, cfg.heading_sectors,
                                         sub["image_id"].to_numpy(), cfg.view_radius_m)
-        keys[geo] = cell_keys
-    unplaceable = ~has_source_place & ~has_utm
-    df = df.with_columns(pl.Series("place_key", keys.tolist(), dtype=pl.String))
-    counts = df.group_by("place_key").len("place_size")
-    df = df.join(counts, on="place_key", how="left", nulls_equal=True)
-    too_small = (df["place_size"] < cfg.min_images_per_place).to_numpy() & ~unplaceable
+        keys = keys.scatter(rows, cell_keys)
+    return keys
 
-    unique_keys = df.filter(~pl.Series(too_small | unplaceable))["place_key"].unique().to_list()
-    ids = pl.DataFrame(
-        {"place_key": unique_keys, "place_id": [stable_id(k) for k in unique_keys]},
-        schema={"place_key": pl.String, "place_id": pl.Int64},
-    )
-    kept = df.filter(~pl.Series(too_small | unplaceable)).drop("place_id", "place_size")
-    kept = kept.join(ids, on="place_key", how="left").select(CATALOG_SCHEMA.names)
 
-    rejected = df.filter(pl.Series(too_small | unplaceable))
-    reasons = np.where(unplaceable, "no_coordinates", "place_too_small")[too_small | unplaceable]
+@dataclass(frozen=True)
+class Placement:
+    """Where each of N catalog rows goes, as compact columns: the wide rows are not copied."""
+
+    kept: np.ndarray  # [N] bool: the row's place is big enough
+    place_key: pl.Series  # [K] of the kept rows, in row order
+    place_id: np.ndarray  # [K] int64, stable_id(place_key)
+    rejects: pa.Table  # [N - K] REJECTS_SCHEMA rows, stage "place", in row order
+
+
+def place_rows(catalog: pa.Table, cfg: PlaceConfig) -> Placement:
+    """The places of [N] catalog rows (CATALOG_SCHEMA; place columns may be null); see `assign_places`."""
+    keys = pl.DataFrame(place_keys(catalog, cfg))
+    keys = keys.with_columns(place_size=pl.len().over("place_key"))  # over null keys too: never read
+    unplaceable = keys["place_key"].is_null()
+    too_small = ~unplaceable & (keys["place_size"] < cfg.min_images_per_place)
+    kept_rows = ~(unplaceable | too_small)
+
+    unique_keys = keys.filter(kept_rows)["place_key"].unique()
+    ids = pl.DataFrame({"place_key": unique_keys, "place_id": stable_ids(unique_keys)},
+                       schema={"place_key": pl.String, "place_id": pl.Int64})
+    kept_keys = keys.filter(kept_rows).join(ids, on="place_key", how="left", maintain_order="left")
+
+    rejected_rows = ~kept_rows
+    rejected = pl.from_arrow(catalog.select(["relpath", "source", "dataset", "image_id"]).filter(
+        pa.array(rejected_rows.to_numpy())))
+    gone = keys.filter(rejected_rows)
+    is_unplaceable = gone["place_key"].is_null().to_numpy()
+    reasons = np.where(is_unplaceable, "no_coordinates", "place_too_small")
     details = [
         "no source place id and no coordinates"
-        if r == "no_coordinates"
+        if unplaced
         else f"place {k} has {n} image(s), minimum is {cfg.min_images_per_place}"
-        for r, k, n in zip(reasons, rejected["place_key"].to_list(), rejected["place_size"].to_list())
+        for unplaced, k, n in zip(is_unplaceable, gone["place_key"].to_list(), gone["place_size"].to_list())
     ]
     rejects = pa.table(
         {
@@ -206,4 +225,27 @@ def assign_places(catalog: pa.Table, cfg: PlaceConfig) -> tuple[pa.Table, pa.Tab
             "image_id": rejected["image_id"].to_arrow(),
         }
     ).cast(REJECTS_SCHEMA)
-    return kept.to_arrow().cast(CATALOG_SCHEMA), rejects
+    return Placement(kept_rows.to_numpy(), kept_keys["place_key"], kept_keys["place_id"].to_numpy(), rejects)
+
+
+def assign_places(catalog: pa.Table, cfg: PlaceConfig) -> tuple[pa.Table, pa.Table]:
+    """Fill `place_key` / `place_id`; set aside images of places that are too small.
+
+    Args:
+        catalog: rows of CATALOG_SCHEMA (place columns may be null).
+    Returns:
+        (kept catalog rows with place_key/place_id set, rejects rows with stage "place").
+    """
+    placement = place_rows(catalog, cfg)
+    return with_places(catalog.filter(pa.array(placement.kept)), placement), placement.rejects
+
+
+def with_places(kept: pa.Table, placement: Placement, order: np.ndarray | None = None) -> pa.Table:
+    """The kept catalog rows (optionally taken in `order`, [K] positions among them) with their places set."""
+    key = placement.place_key.to_arrow().cast(pa.string())
+    place_id = pa.array(placement.place_id, pa.int64())
+    if order is not None:
+        key, place_id = key.take(pa.array(order)), place_id.take(pa.array(order))
+    kept = kept.set_column(kept.schema.get_field_index("place_key"), "place_key", key)
+    kept = kept.set_column(kept.schema.get_field_index("place_id"), "place_id", place_id)
+    return kept.cast(CATALOG_SCHEMA)

@@ -4,19 +4,28 @@
 build runs lives in DIR/_work: the plan, its fingerprint, and one result file set per
 finished shard (index rows, rejects, record; the record is written last and marks the
 shard done).  The final files are assembled from those, manifest.json last.
+
+A plan-only build stops after the plan: it writes _work/plan.parquet and its fingerprint
+(exactly what a build writes before its first shard task), catalog.parquet and
+rejects.parquet as they would be if every image decoded, and plan.json last instead of
+manifest.json.  It opens no image and starts no Ray.  The same command without plan-only
+then builds the shards from that plan, as it resumes an interrupted build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +42,7 @@ from placeforge.fileio import (
     write_parquet_atomic,
     write_text_atomic,
 )
-from placeforge.places import PlaceConfig, assign_places
+from placeforge.places import PlaceConfig, place_rows, with_places
 from placeforge.raysession import quiet_data_context, ray_session
 from shards.index import INDEX_SCHEMA, write_index
 from shards.layout import (
@@ -45,8 +54,19 @@ from shards.layout import (
     WORK_SUBDIR,
     shard_name,
 )
-from shards.manifest import Manifest, ShardRecord, read_manifest, write_manifest
-from shards.plan import plan_shards
+from shards.manifest import (
+    PLAN_RECORD_FILE,
+    Manifest,
+    PlanRecord,
+    ShardRecord,
+    read_manifest,
+    read_plan_record,
+    write_manifest,
+    write_plan_record,
+)
+from shards.plan import plan_rows
+
+log = logging.getLogger(__name__)
 
 
 class BuildError(RuntimeError):
@@ -107,6 +127,39 @@ class BuildSummary:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class PlanSummary:
+    """The result of a plan-only build: what a build of the same arguments would make."""
+
+    out_dir: Path
+    record: PlanRecord
+    phase_seconds: dict[str, float]  # ingest, places, plan, write
+    seconds: float
+
+    def report(self) -> str:
+        c = self.record.counts
+        lines = [
+            f"shard-set plan: {self.out_dir} (plan only: no image opened, no shard written)",
+            f"inputs {c['inputs']} = planned {c['planned']} + rejected {c['rejected']}",
+            f"places {c['places']}, samples {c['samples']}, shards {c['shards']}",
+        ]
+        for reason, n in sorted(c["rejected_by_reason"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"  rejected {reason}: {n}")
+        phases = ", ".join(f"{name} {s:.1f} s" for name, s in self.phase_seconds.items())
+        lines += [f"planned in {self.seconds:.1f} s ({phases})",
+                  "the same command without --plan-only builds these shards from this plan; images that "
+                  "cannot be read or decoded are rejected then"]
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _phase(phase_seconds: dict[str, float], name: str):
+    started = time.perf_counter()
+    yield
+    phase_seconds[name] = time.perf_counter() - started
+    log.info("%s: %.1f s", name, phase_seconds[name])
+
+
 def build(
     sources: list[tuple[str, Path] | tuple[str, Path, Path | None]],
     out_dir: str | os.PathLike,
@@ -115,7 +168,8 @@ def build(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     task_resources: dict[str, float] | None = None,
-) -> BuildSummary:
+    plan_only: bool = False,
+) -> BuildSummary | PlanSummary:
     """Build (or resume, or confirm) the shard set in `out_dir` from `sources`.
 
     A source is (format, root) or (format, root, file_list), e.g. placeforge.ingest.Source;
@@ -124,14 +178,30 @@ def build(
 
     `task_resources`: custom Ray resources every shard task asks for (placeforge.raysession.
     parse_resources), e.g. to keep decode work on CPU nodes; not part of the build's config.
+
+    `plan_only`: stop after ingest, places and plan, write them (see the module docstring) and
+    return a PlanSummary; a complete shard set of the same fingerprint is left as it is.
     """
     started = time.perf_counter()
     out = Path(out_dir).resolve()
-    catalog, rejects, inputs = _ingest(sources)
-    kept, place_rejects = assign_places(catalog, cfg.place_config())
-    rejects = concat([rejects, place_rejects], REJECTS_SCHEMA)
-    plan = plan_shards(kept, cfg.max_images_per_sample, cfg.images_per_shard, cfg.min_shards, cfg.seed)
-    fingerprint = _fingerprint(cfg, sources, plan)
+    phase_seconds: dict[str, float] = {}
+    with _phase(phase_seconds, "ingest"):
+        catalog, rejects, inputs = _ingest(sources)
+    with _phase(phase_seconds, "places"):
+        placement = place_rows(catalog, cfg.place_config())
+        rejects = concat([rejects, placement.rejects], REJECTS_SCHEMA)
+    with _phase(phase_seconds, "plan"):
+        # As plan_shards(assign_places(catalog)), planned on the place ids alone: the wide rows are
+        # copied once, into plan order, column by column as the catalog's columns are dropped.
+        kept_rows = np.flatnonzero(placement.kept)
+        sort, plan_columns = plan_rows(placement.place_id, cfg.max_images_per_sample, cfg.images_per_shard,
+                                       cfg.min_shards, cfg.seed)
+        holder = [catalog]
+        del catalog
+        plan = with_places(_take_releasing(holder, kept_rows[sort]), placement, order=sort)
+        for name, values in plan_columns.items():
+            plan = plan.append_column(name, values)
+        fingerprint = _fingerprint(cfg, sources, plan)
 
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a folder")
@@ -140,10 +210,15 @@ def build(
             if _claim_out_dir(out, fingerprint, overwrite):
                 return BuildSummary(out, read_manifest(out), 0, time.perf_counter() - started, skipped=True)
             work = out / WORK_SUBDIR
-            if not (work / FINGERPRINT_FILE).is_file():
-                # Sorted by shard, so each task's filtered read touches one or two row groups.
-                write_parquet_atomic(plan, work / PLAN_FILE)
-                write_text_atomic(work / FINGERPRINT_FILE, fingerprint + "\n")  # marks _work/ as this build's
+            with _phase(phase_seconds, "write"):
+                if not (work / FINGERPRINT_FILE).is_file():
+                    # Sorted by shard, so each task's filtered read touches one or two row groups.
+                    write_parquet_atomic(plan, work / PLAN_FILE)
+                    write_text_atomic(work / FINGERPRINT_FILE, fingerprint + "\n")  # marks _work/ as this build's
+                if plan_only:
+                    record = _write_plan(out, plan, rejects, inputs, cfg, sources, fingerprint)
+            if plan_only:
+                return PlanSummary(out, record, phase_seconds, time.perf_counter() - started)
             num_shards = int(pc.max(plan.column("shard_index")).as_py()) + 1
             done = {i for i in range(num_shards) if _shard_done(out, i)}
             todo = [i for i in range(num_shards) if i not in done]
@@ -151,11 +226,23 @@ def build(
             if todo:
                 _run_shard_tasks(out, todo, cfg, ray_address, num_cpus, task_resources)
             manifest = _assemble(out, plan, rejects, inputs, num_shards, cfg, sources, fingerprint)
-            _remove_owned([*_work_files(work, range(num_shards)), *_temp_files(work)])
+            # plan.json of a plan-only run is superseded by manifest.json
+            _remove_owned([*_work_files(work, range(num_shards)), *_temp_files(work), out / PLAN_RECORD_FILE])
             _remove_empty_dir(work)
     except OutputLockedError as err:
         raise BuildError(str(err)) from None
     return BuildSummary(out, manifest, len(done), time.perf_counter() - started)
+
+
+def _take_releasing(holder: list[pa.Table], indices: np.ndarray) -> pa.Table:
+    """`table.take(indices)` of the one table in `holder`, which is emptied: the table's columns are
+    dropped as they are taken, so at 5 M rows the wide rows exist about once, not twice."""
+    table = holder.pop()
+    schema, taken, where = table.schema, [], pa.array(indices)
+    for _ in schema.names:
+        taken.append(table.column(0).take(where))
+        table = table.remove_column(0)  # the last reference to that column: its buffers are freed
+    return pa.Table.from_arrays(taken, schema=schema)
 
 
 def _ingest(sources: list[tuple]) -> tuple[pa.Table, pa.Table, int]:
@@ -210,7 +297,7 @@ def _fingerprint(cfg: BuildConfig, sources: list[tuple], plan: pa.Table) -> str:
     return digest.hexdigest()
 
 
-OWN_NAMES = (CATALOG_FILE, REJECTS_FILE, INDEX_FILE, MANIFEST_FILE, SHARD_SUBDIR, WORK_SUBDIR)
+OWN_NAMES = (CATALOG_FILE, REJECTS_FILE, INDEX_FILE, MANIFEST_FILE, PLAN_RECORD_FILE, SHARD_SUBDIR, WORK_SUBDIR)
 FINGERPRINT_FILE = "fingerprint"  # in _work/: the record that an interrupted build there is placeforge's
 PLAN_FILE = "plan.parquet"
 
@@ -228,12 +315,14 @@ def _claim_out_dir(out: Path, fingerprint: str, overwrite: bool) -> bool:
             return True
         raise BuildError(f"{out} holds a shard set built with another config or inputs; use --overwrite to replace it")
     if (work / FINGERPRINT_FILE).is_file() and not overwrite:
+        planned = (out / PLAN_RECORD_FILE).is_file()
         if (work / FINGERPRINT_FILE).read_text().strip() != fingerprint:
+            held = "a plan (--plan-only)" if planned else "an interrupted build"
             raise BuildError(
-                f"{out} holds an interrupted build with another config or inputs; "
+                f"{out} holds {held} with another config or inputs; "
                 "re-run with its arguments to resume, or --overwrite to start again"
             )
-        print(f"resuming the interrupted build in {out}")
+        print(f"continuing the plan in {out}" if planned else f"resuming the interrupted build in {out}")
         # Half-written files of the killed run (the lock says no other build is running); their shards are rebuilt.
         _remove_owned([*_temp_files(out / SHARD_SUBDIR), *_temp_files(work)])
         return False
@@ -265,16 +354,28 @@ def _read_own_manifest(out: Path):
                          "removed: choose another --out") from None
 
 
+def _read_own_plan(out: Path) -> PlanRecord:
+    try:
+        return read_plan_record(out)
+    except (ValueError, KeyError, TypeError) as err:
+        raise BuildError(f"{out / PLAN_RECORD_FILE} is not a placeforge shard-set plan ({err}); nothing was "
+                         "removed: choose another --out") from None
+
+
 def _owned_files(out: Path) -> list[Path] | None:
     """Every file the build recorded in `out` wrote (existing or not), or None when no record is there."""
     work = out / WORK_SUBDIR
     if (out / MANIFEST_FILE).is_file():
         manifest = _read_own_manifest(out)
         shards = [out / SHARD_SUBDIR / Path(record.name).name for record in manifest.shards]
-        files = [out / CATALOG_FILE, out / REJECTS_FILE, out / INDEX_FILE, *shards, out / MANIFEST_FILE]
+        files = [out / CATALOG_FILE, out / REJECTS_FILE, out / INDEX_FILE, *shards, out / MANIFEST_FILE,
+                 out / PLAN_RECORD_FILE]  # plan.json: left by a build killed just after its manifest
     elif (work / FINGERPRINT_FILE).is_file() and (work / PLAN_FILE).is_file():
         indices = pc.unique(pq.read_table(work / PLAN_FILE, columns=["shard_index"]).column("shard_index")).to_pylist()
         files = [*(out / SHARD_SUBDIR / shard_name(i) for i in indices), *_work_files(work, indices)]
+        if (out / PLAN_RECORD_FILE).is_file():
+            _read_own_plan(out)  # a plan.json of ours: then the catalog and rejects beside it are ours too
+            files += [out / CATALOG_FILE, out / REJECTS_FILE, out / PLAN_RECORD_FILE]
     else:
         return None
     return [*files, *_temp_files(out), *_temp_files(out / SHARD_SUBDIR), *_temp_files(work)]
@@ -353,6 +454,46 @@ def _run_shard_tasks(out: Path, todo: list[int], cfg: BuildConfig, ray_address: 
             cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             raise BuildError(f"a shard task failed: {cause}. The shards finished so far are kept; fix the "
                              f"cause and re-run the same command to resume") from error
+
+
+def _write_plan(
+    out: Path,
+    plan: pa.Table,
+    rejects: pa.Table,
+    inputs: int,
+    cfg: BuildConfig,
+    sources: list[tuple],
+    fingerprint: str,
+) -> PlanRecord:
+    """Write the catalog and rejects a build of `plan` would give if every image decoded, then plan.json."""
+    from placeforge.ingest import Source
+
+    if inputs != plan.num_rows + rejects.num_rows:
+        raise BuildError(f"accounting error: {inputs} inputs but {plan.num_rows} planned and "
+                         f"{rejects.num_rows} rejected; please report this")
+    places = pl.from_arrow(plan.select(["place_id"])).n_unique()
+    samples = pl.from_arrow(plan.select(["sample_index"])).n_unique()
+    by_reason = pl.from_arrow(rejects.select(["reason"])).group_by("reason").len()
+    counts = {
+        "inputs": inputs,
+        "planned": plan.num_rows,
+        "rejected": rejects.num_rows,
+        "rejected_by_reason": dict(sorted(by_reason.iter_rows())),
+        "places": places,
+        "samples": samples,
+        "shards": int(pc.max(plan.column("shard_index")).as_py()) + 1,
+    }
+    write_parquet_atomic(plan.select(CATALOG_SCHEMA.names).cast(CATALOG_SCHEMA), out / CATALOG_FILE)
+    write_parquet_atomic(rejects, out / REJECTS_FILE)
+    record = PlanRecord(
+        config=to_dict(cfg),
+        sources=[Source(*s).label() for s in sources],
+        counts=counts,
+        fingerprint=fingerprint,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    write_plan_record(record, out)  # last: marks the plan complete
+    return record
 
 
 def _assemble(

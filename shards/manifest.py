@@ -2,6 +2,10 @@
 
 Its presence marks a complete shard set.  Per shard it records the image and sample
 counts, the byte size and the sha256, so a reader or a copy job can verify shards.
+
+A plan-only build (`build_shards.py --plan-only`) writes a `PlanRecord` (plan.json) instead:
+what the build would make, with no shard written.  A folder with plan.json and no
+manifest.json is a plan, never a shard set; the build that follows it removes plan.json.
 """
 
 from __future__ import annotations
@@ -44,6 +48,36 @@ def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
     return write_json_atomic(Path(out_dir) / MANIFEST_FILE, asdict(manifest), sort_keys=True)
 
 
+PLAN_RECORD_FILE = "plan.json"  # beside manifest.json; see PlanRecord
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """What a plan-only build found and planned; no image was opened and no shard written."""
+
+    config: dict
+    sources: list[str]
+    counts: dict  # inputs, planned, rejected, rejected_by_reason, places, samples, shards
+    fingerprint: str  # the fingerprint the shard set built from this plan will carry
+    plan_only: bool = True
+    format_version: int = FORMAT_VERSION
+    created_at: str = ""
+
+
+def write_plan_record(record: PlanRecord, out_dir: str | os.PathLike) -> Path:
+    return write_json_atomic(Path(out_dir) / PLAN_RECORD_FILE, asdict(record), sort_keys=True)
+
+
+def read_plan_record(out_dir: str | os.PathLike) -> PlanRecord:
+    """Read DIR/plan.json; ValueError (naming the file) for one this code did not write."""
+    path = Path(out_dir) / PLAN_RECORD_FILE
+    data = _read_json_object(path, "a shard-set plan")
+    if data.get("format_version") != FORMAT_VERSION or data.get("plan_only") is not True:
+        raise ValueError(f"{path} is not a plan of shard format version {FORMAT_VERSION}")
+    _check_keys(path, "", data, PlanRecord)
+    return PlanRecord(**data)
+
+
 REBUILD = "rebuild the shard set with pipelines/build_shards.py"
 
 
@@ -60,14 +94,7 @@ def read_manifest(out_dir: str | os.PathLike) -> Manifest:
         raise FileNotFoundError(
             f"{path} not found: {out_dir} is not a complete shard set (run pipelines/build_shards.py)"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text; {REBUILD}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not JSON (line {err.lineno}, column {err.colno}: {err.msg}); {REBUILD}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a shard-set manifest; {REBUILD}")
+    data = _read_json_object(path, "a shard-set manifest")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: shard format version {version}, this code reads {FORMAT_VERSION}")
@@ -78,6 +105,18 @@ def read_manifest(out_dir: str | os.PathLike) -> Manifest:
         _check_keys(path, f"shards[{position}] ", record, ShardRecord)
     data["shards"] = [ShardRecord(**s) for s in data["shards"]]
     return Manifest(**data)
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; {REBUILD}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON (line {err.lineno}, column {err.colno}: {err.msg}); {REBUILD}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not {what}; {REBUILD}")
+    return data
 
 
 def _check_keys(path: Path, where: str, data: dict, cls: type) -> None:

@@ -14,7 +14,6 @@ import math
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from shards.layout import image_member, sample_key
 
@@ -66,50 +65,88 @@ def plan_shards(
         Order within a shard is shuffled too, so a reader streaming one shard sees
         places in random order.
     """
-    if catalog.num_rows == 0:
+    sort, columns = plan_rows(catalog.column("place_id").to_numpy(), max_images_per_sample, images_per_shard,
+                              min_shards, seed)
+    planned = catalog.take(pa.array(sort))
+    for name, values in columns.items():
+        planned = planned.append_column(name, values)
+    return planned
+
+
+def plan_rows(
+    place_id: np.ndarray, max_images_per_sample: int, images_per_shard: int, min_shards: int, seed: int
+) -> tuple[np.ndarray, dict[str, pa.Array]]:
+    """`plan_shards` on the place ids alone, so the driver plans over compact integer columns.
+
+    Args:
+        place_id: [N] int64 place of each catalog row (not null).
+    Returns:
+        (sort [N]: the catalog rows in plan order, {shard_index, sample_index, sample_key, part,
+        parts, member}: [N] arrays in that order).
+    """
+    place = np.asarray(place_id)
+    if len(place) == 0:
         raise ValueError("nothing to shard: the catalog has no images left after rejects")
     rng = np.random.default_rng(seed)
-    place = catalog.column("place_id").to_numpy()
-    image = catalog.column("image_id").to_numpy()
     # Deterministic, seed-shuffled order of images inside each place.
-    jitter = rng.permutation(len(image))
+    jitter = rng.permutation(len(place))
     rows = np.lexsort((jitter, place))
     place_sorted = place[rows]
     starts = np.flatnonzero(np.r_[True, place_sorted[1:] != place_sorted[:-1]])
-    ends = np.r_[starts[1:], len(rows)]
+    place_size = np.diff(np.r_[starts, len(rows)])  # [P] images per place, places in ascending id
+    sample_of, member_of, part_of, parts_of, sample_sizes = split_places(place_size, max_images_per_sample)
+    # rows[i] is the i-th image in place order: scatter the per-position results back to catalog rows
+    for values in (sample_of, member_of, part_of, parts_of):
+        values[rows] = values.copy()
 
-    n = len(rows)
-    sample_of = np.empty(n, dtype=np.int64)
-    member_of = np.empty(n, dtype=np.int64)
-    part_of = np.empty(n, dtype=np.int64)
-    parts_of = np.empty(n, dtype=np.int64)
-    sample_sizes: list[int] = []
-    for start, end in zip(starts, ends):
-        sizes = split_sizes(int(end - start), max_images_per_sample)
-        offset = start
-        for part, size in enumerate(sizes):
-            block = rows[offset : offset + size]
-            sample_of[block] = len(sample_sizes)
-            member_of[block] = np.arange(size)
-            part_of[block] = part
-            parts_of[block] = len(sizes)
-            sample_sizes.append(size)
-            offset += size
-    sizes_arr = np.asarray(sample_sizes)
-    num_shards = choose_num_shards(n, len(sizes_arr), images_per_shard, min_shards)
-    shard_of_sample = balance_samples(sizes_arr, num_shards, seed)
+    num_shards = choose_num_shards(len(rows), len(sample_sizes), images_per_shard, min_shards)
+    shard_of_sample = balance_samples(sample_sizes, num_shards, seed)
     # Samples are numbered in shard order so that sample keys grow through the set.
-    sample_rank = rng.permutation(len(sizes_arr))
+    sample_rank = rng.permutation(len(sample_sizes))
     order = np.lexsort((sample_rank, shard_of_sample))
     new_number = np.empty_like(order)
     new_number[order] = np.arange(len(order))
     sample_index = new_number[sample_of]
 
-    planned = catalog.append_column("shard_index", pa.array(shard_of_sample[sample_of]))
-    planned = planned.append_column("sample_index", pa.array(sample_index))
-    planned = planned.append_column("sample_key", pa.array([sample_key(int(s)) for s in sample_index]))
-    planned = planned.append_column("part", pa.array(part_of))
-    planned = planned.append_column("parts", pa.array(parts_of))
-    planned = planned.append_column("member", pa.array([image_member(int(m)) for m in member_of]))
-    sort = pc.sort_indices(planned, [("sample_index", "ascending"), ("member", "ascending")])
-    return planned.take(sort)
+    # Keys and member names are made once per sample and per position, then gathered.
+    sample_keys = pa.array([sample_key(i) for i in range(len(sample_sizes))], pa.string())
+    members = pa.array([image_member(m) for m in range(int(member_of.max()) + 1)], pa.string())
+    # Rows sorted by (sample_index, member name); names, not positions, as ever ("1000.jpg" < "999.jpg").
+    member_name_rank = np.argsort(np.argsort(np.array(members.to_pylist(), dtype=object)))
+    sort = np.lexsort((member_name_rank[member_of], sample_index))
+    return sort, {
+        "shard_index": pa.array(shard_of_sample[sample_of][sort]),
+        "sample_index": pa.array(sample_index[sort]),
+        "sample_key": sample_keys.take(pa.array(sample_index[sort])),
+        "part": pa.array(part_of[sort]),
+        "parts": pa.array(parts_of[sort]),
+        "member": members.take(pa.array(member_of[sort])),
+    }
+
+
+def split_places(place_size: np.ndarray, max_per_sample: int) -> tuple[np.ndarray, ...]:
+    """Split P places into near-equal samples (`split_sizes` of each), for all places at once.
+
+    Args:
+        place_size: [P] images per place (>= 1), places in order.
+    Returns:
+        (sample, member, part, parts) for each of the N = sum(place_size) image positions in
+        place order (the first place's images, then the second's, ...), each [N] int64, and
+        sample_sizes [S] int64; samples are numbered in place order, parts in order.
+    """
+    place_size = np.asarray(place_size, dtype=np.int64)
+    parts = -(-place_size // max_per_sample)  # ceil
+    base, extra = np.divmod(place_size, parts)  # `extra` parts of base + 1, then parts - extra of base
+    first_sample = np.cumsum(parts) - parts
+    sample_place = np.repeat(np.arange(len(parts)), parts)
+    part_in_place = np.arange(len(sample_place)) - first_sample[sample_place]
+    sample_sizes = base[sample_place] + (part_in_place < extra[sample_place])
+
+    place_of = np.repeat(np.arange(len(place_size)), place_size)  # [N]
+    position = np.arange(len(place_of)) - (np.cumsum(place_size) - place_size)[place_of]
+    b, e = base[place_of], extra[place_of]
+    in_big = position < e * (b + 1)  # within the first `extra` (bigger) parts
+    after_big = position - e * (b + 1)
+    part = np.where(in_big, position // (b + 1), e + after_big // b)
+    member = np.where(in_big, position % (b + 1), after_big % b)
+    return first_sample[place_of] + part, member, part, parts[place_of], sample_sizes

@@ -40,7 +40,7 @@ from placeforge.ingest.common import (
     row_labels,
     whole,
 )
-from placeforge.ingest.filelist import read_file_list
+from placeforge.ingest.filelist import read_file_list_column
 
 SOURCE = "gldv2"
 CSV_NAME = "train_clean.csv"
@@ -99,8 +99,7 @@ def read_gldv2(root: str | Path, file_list: Path | None = None) -> IngestResult:
     reject_rows(rejects, ids.filter(malformed), "bad_row", pl.col("problem"))
     candidates = ids.filter(~malformed).select("input", "relpath", "subset", "source_place_id")
     if file_list is not None:
-        listing = read_file_list(file_list)
-        for entry in listing.skipped:
-            rejects.add(entry.relpath, entry.reason, entry.detail)
-        candidates = reject_unlisted(candidates, listing, rejects, f"file list {file_list.name}")
+        relpaths, skipped = read_file_list_column(file_list)
+        rejects.add_skipped(skipped)
+        candidates = reject_unlisted(candidates, relpaths, rejects, f"file list {file_list.name}")
     return finish(SOURCE, root, candidates, rejects, missing_reason="missing_file", stat_files=file_list is None)

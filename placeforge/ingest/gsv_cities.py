@@ -57,7 +57,7 @@ from placeforge.ingest.common import (
     split_unplaced,
     whole,
 )
-from placeforge.ingest.filelist import read_file_list
+from placeforge.ingest.filelist import read_file_list_column
 from placeforge.ingest.listing import is_text, list_files, printable
 
 SOURCE = "gsv_cities"
@@ -85,37 +85,43 @@ def read_gsv_cities(root: str | Path, file_list: Path | None = None) -> IngestRe
     for name in [n for n in csv_names if not is_text(n)]:
         rejects.add(f"Dataframes/{printable(name)}", "bad_name", "CSV name is not valid UTF-8")
         csv_names.remove(name)
-    cities, claimed = [], set()
+    cities, claimed = [], []
     for csv_name in csv_names:
         rows, names = _read_city(root, csv_name, rejects)
         cities.append(rows)
-        claimed |= names
-    listing = list_files(root, "Images") if file_list is None else read_file_list(file_list)
-    reject_unclaimed(rejects, listing, claimed, "Dataframes/*.csv")
+        claimed.append(names)
+    if file_list is None:
+        walked = list_files(root, "Images")
+        relpaths, skipped = pl.Series(walked.relpaths, dtype=pl.String), walked.skipped
+    else:
+        relpaths, skipped = read_file_list_column(file_list)
+    reject_unclaimed(rejects, relpaths, skipped, pl.concat([pl.Series([], dtype=pl.String), *claimed]),
+                     "Dataframes/*.csv")
     candidates = pl.concat(cities, how="diagonal_relaxed") if cities else pl.DataFrame()
     if file_list is not None and candidates.height:
-        candidates = reject_unlisted(candidates, listing, rejects, f"file list {file_list.name}")
+        candidates = reject_unlisted(candidates, relpaths, rejects, f"file list {file_list.name}")
     return finish(SOURCE, root, candidates, rejects, missing_reason="missing_file", stat_files=file_list is None)
 
 
-def _read_city(root: Path, csv_name: str, rejects: RejectLog) -> tuple[pl.DataFrame, set[str]]:
+def _read_city(root: Path, csv_name: str, rejects: RejectLog) -> tuple[pl.DataFrame, pl.Series]:
     """Candidate rows of one city CSV, and every image name its rows spell."""
     city = csv_name.removesuffix(".csv")
     csv_rel = f"Dataframes/{csv_name}"
     empty = pl.DataFrame(schema={"input": pl.String, "relpath": pl.String})
+    none = pl.Series("relpath", [], dtype=pl.String)
     try:
         table = read_csv_strings(root / csv_rel)
     except (OSError, pl.exceptions.PolarsError) as err:
         rejects.add(csv_rel, "unreadable", f"cannot be read as CSV: {err}")
-        return empty, set()
+        return empty, none
     rows = table.with_columns(row_labels(csv_rel, table.height))
     if not re.fullmatch(_CITY, city):
         reject_rows(rejects, rows, "bad_row", f"city name {city!r} (from the CSV name) is not alphanumeric")
-        return empty, set()
+        return empty, none
     absent = missing_columns(table, COLUMNS)
     if absent:
         reject_rows(rejects, rows, "bad_row", f"{csv_rel} has no column(s) {', '.join(absent)}")
-        return empty, set()
+        return empty, none
 
     text = {c: pl.col(c).fill_null("") for c in COLUMNS}
     ints = {
@@ -156,7 +162,7 @@ def _read_city(root: Path, csv_name: str, rejects: RejectLog) -> tuple[pl.DataFr
         source_place_id=pl.format(f"{city}/{{}}", ints["place_id"]),
         subset=pl.lit(city),
     )
-    claimed = set(rows["relpath"].drop_nulls())
+    claimed = rows["relpath"].drop_nulls()
     malformed = pl.col("problem") != ""
     reject_rows(rejects, rows.filter(malformed), "bad_row", pl.col("problem"))
     rows = split_unplaced(rows.filter(~malformed), rejects)

@@ -46,7 +46,7 @@ from placeforge.ingest.common import (
     split_unplaced,
     whole,
 )
-from placeforge.ingest.filelist import read_file_list
+from placeforge.ingest.filelist import read_file_list_column
 from placeforge.ingest.listing import is_text, list_files, printable
 
 SOURCE = "msls"
@@ -80,14 +80,16 @@ def read_msls(root: str | Path, file_list: Path | None = None) -> IngestResult:
         rows, claimed = _read_side(root, folder, subset, rejects, warnings)
         parts.append(rows)
         if file_list is None:
-            reject_unclaimed(rejects, list_files(root, f"{folder}/images"), claimed, f"{folder}/raw.csv")
+            walked = list_files(root, f"{folder}/images")
+            reject_unclaimed(rejects, pl.Series(walked.relpaths, dtype=pl.String), walked.skipped, claimed,
+                             f"{folder}/raw.csv")
         all_claimed |= claimed
     candidates = pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
     if file_list is not None:
-        listing = read_file_list(file_list)
-        reject_unclaimed(rejects, listing, all_claimed, "any <split>/<city>/<side>/raw.csv")
+        relpaths, skipped = read_file_list_column(file_list)
+        reject_unclaimed(rejects, relpaths, skipped, all_claimed, "any <split>/<city>/<side>/raw.csv")
         if candidates.height:
-            candidates = reject_unlisted(candidates, listing, rejects, f"file list {file_list.name}")
+            candidates = reject_unlisted(candidates, relpaths, rejects, f"file list {file_list.name}")
     return finish(SOURCE, root, candidates, rejects, missing_reason="missing_file", warnings=tuple(warnings),
                   stat_files=file_list is None)
 
