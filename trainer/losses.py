@@ -184,6 +184,26 @@ def hardest_pairs(embeddings: torch.Tensor, labels: torch.Tensor, far: torch.Ten
     return row_idx + first, positive_idx[row_idx], negative_idx[row_idx]
 
 
+def first_per_label(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the first `k` entries of each label, in their original order.
+
+    Args:
+        labels: [A] int labels (e.g. the place ids of the pair classifier's anchors).
+        k: entries kept per label, >= 1.
+    Returns:
+        [A'] int64 positions into `labels`, ascending; A' = sum over labels of min(k, count).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    sorted_labels, order = torch.sort(labels, stable=True)  # equal labels keep their order
+    position = torch.arange(len(labels), device=labels.device)
+    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    group_start = torch.cummax(torch.where(starts, position, torch.zeros_like(position)), dim=0).values
+    rank = position - group_start  # [A] 0 for the first entry of a label, 1 for the second, ...
+    return torch.sort(order[rank < k]).values
+
+
 def pair_bce_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor, mean_over: float | None = None
                   ) -> torch.Tensor:
     """Binary cross-entropy over same-place logits: targets 1 for logits_pos [A], 0 for

@@ -23,7 +23,7 @@ from models.dinov2 import fit_position_embedding
 from models.encoders import GlobalDescriptorModel, build_model, encoder_spec
 from models.heads import CosFaceClassifier, PairClassifier
 from placeforge.fileio import atomic_write
-from trainer.losses import hardest_pairs
+from trainer.losses import first_per_label, hardest_pairs
 from trainer.mining import MiningGroup, fetch_rows, gather_rows
 from trainer.train_config import TrainConfig
 
@@ -61,13 +61,16 @@ class FinetuneModel(nn.Module):
         pair_trains_encoder: False detaches the patch tokens the pair classifier reads.
         pair_aligned: the pair classifier's aligned token similarity term (models.heads).
         rerank_global_weight: the global cosine's weight in its re-ranking score (models.heads).
+        pair_anchors_per_place: the pair classifier trains on the hardest pairs of only the first N
+            anchors of each place in the batch (0: every anchor, as Pair-VPR).
     """
 
     def __init__(self, global_model: GlobalDescriptorModel, decoder: SiameseMIMDecoder, num_classes: int,
                  scale: float, margin: float, pair_trains_encoder: bool = True, pair_aligned: bool = False,
-                 rerank_global_weight: float = 0.0) -> None:
+                 rerank_global_weight: float = 0.0, pair_anchors_per_place: int = 0) -> None:
         super().__init__()
         self.pair_trains_encoder = pair_trains_encoder
+        self.pair_anchors_per_place = pair_anchors_per_place
         self.global_model = global_model
         self.pair = PairClassifier(decoder, aligned=pair_aligned, global_weight=rerank_global_weight)
         self.cosface = CosFaceClassifier(global_model.descriptor_dim, num_classes, scale, margin)
@@ -102,6 +105,9 @@ class FinetuneModel(nn.Module):
             all_descriptors, anchors = gather_rows(descriptors, group), group.rows(len(descriptors))  # [R*B, D]
             first = anchors.start
         anchor, positive, negative = hardest_pairs(all_descriptors, place_ids, far, anchors)  # [A] each
+        if self.pair_anchors_per_place:  # fewer, still hardest, pairs: the classifier's cost falls with A
+            keep = first_per_label(place_ids[anchor], self.pair_anchors_per_place)  # [A']
+            anchor, positive, negative = anchor[keep], positive[keep], negative[keep]
         pairs = torch.stack([anchor, positive, negative], dim=1)  # [A, 3], indices into the global batch
         table = patches  # [B, N, C]; global: [B + received, N, C], this rank's rows first
         if group is None:
@@ -149,7 +155,8 @@ def build_finetune_model(cfg: TrainConfig, num_classes: int) -> FinetuneModel:
     global_model.encoder = mim.encoder  # keep the stage-1 encoder; the head is new
     freeze_encoder_except_last(global_model.encoder, cfg.trainable_last_blocks)
     return FinetuneModel(global_model, mim.decoder, num_classes, cfg.cosface_scale, cfg.cosface_margin,
-                         cfg.pair_trains_encoder, cfg.pair_aligned_similarity, cfg.rerank_global_weight)
+                         cfg.pair_trains_encoder, cfg.pair_aligned_similarity, cfg.rerank_global_weight,
+                         cfg.pair_anchors_per_place)
 
 
 def global_model_of(model: nn.Module, cfg: TrainConfig) -> GlobalDescriptorModel:
