@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -41,6 +42,9 @@ def demo(argv: list[str] | None = None) -> int:
                         help=f"demo: the recipe of configs/demo_*.yaml (about 10 minutes on 2 cores); long: the same "
                              f"with stage 2 trained {RECIPES['long']['epochs']} epochs (about 25 minutes), into "
                              f"train-long/ and eval-long/, reusing the city, shards, labels and stage 1")
+    parser.add_argument("--city-seed", type=int, default=None,
+                        help="render another synthetic city (layout, facades, conditions, test split: the seed of "
+                             "placeforge synth) to try the recipe on a city it was not tuned on; use a new --out")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of both training stages (initial weights, data order, masks); a seed other "
                              "than 0 trains into train-seedN/ and evaluates into eval-seedN/, reusing the city, "
@@ -51,14 +55,13 @@ def demo(argv: list[str] | None = None) -> int:
     from clustering.labels import latest_version
     from placeforge.config import ConfigError
     from placeforge.synth import generate
-    from placeforge.synth.synth_config import preset
     from placeforge.synth.write import OutputDirError
     from shards.build import BuildConfig, BuildError, build
     from shards.reader import ShardSet, place_sample_pipeline, same_place_pairs
 
     out = args.out.resolve()
     try:
-        synth_cfg = preset(args.preset)
+        synth_cfg = city_config(args.preset, args.city_seed)
         started = time.perf_counter()
         print(f"[1/7] synthetic city -> {out / 'city'}")
         generate(out / "city", synth_cfg, overwrite=args.overwrite, progress=True)
@@ -128,6 +131,14 @@ def demo(argv: list[str] | None = None) -> int:
                 return 1
     print(f"demo done in {time.perf_counter() - started:.1f} s; outputs in {out}")
     return 0
+
+
+def city_config(preset_name: str, city_seed: int | None = None):
+    """The synthetic city of a demo run: the preset, rendered from `city_seed` when one is given."""
+    from placeforge.synth.synth_config import preset
+
+    cfg = preset(preset_name)
+    return cfg if city_seed is None else dataclasses.replace(cfg, seed=city_seed)
 
 
 def evaluate_demo(out: Path, trained: Path, num_cpus: int | None, eval_dir: Path, seed: int = 0) -> int:
@@ -224,9 +235,11 @@ def run_training(config_name: str, args: list[str], overrides: dict[str, float])
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Stage-2 overrides of configs/demo_finetune.yaml per demo recipe (`placeforge demo --recipe`).
-# long: issue 10's longer recipe, the demo's stage 2 trained four times the epochs (about
-# 25 minutes on 2 cores in all), validated every 4 epochs (docs/benchmarks.md, round 4).
-RECIPES: dict[str, dict[str, int]] = {"demo": {}, "long": {"epochs": 36, "val_every_epochs": 4}}
+# long: issue 10's longer recipe, the demo's stage 2 trained 36 epochs (about 25 minutes on 2
+# cores in all), validated every 4 epochs, every image an anchor of the pair classifier, as
+# measured in docs/benchmarks.md, round 4.
+RECIPES: dict[str, dict[str, int]] = {
+    "demo": {}, "long": {"epochs": 36, "val_every_epochs": 4, "pair_anchors_per_place": 0}}
 
 
 COMMANDS = {

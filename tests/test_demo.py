@@ -77,3 +77,12 @@ def test_demo_recipes_change_stage_two_only_and_the_tiny_city_keeps_its_sizes():
     assert training_overrides("tiny", "long", 0)[1]["epochs"] == 2  # tests stay quick whatever the recipe
     with pytest.raises(SystemExit):
         demo(["--out", "x", "--recipe", "longer"])
+
+
+def test_city_seed_renders_another_city_of_the_same_sizes():
+    from pipelines.cli import city_config
+
+    default, other = city_config("default"), city_config("default", city_seed=7)
+    assert other.seed == 7 and default.seed != 7
+    assert {**vars(other), "seed": default.seed} == vars(default)  # only the seed differs
+    assert city_config("tiny", 3).queries == city_config("tiny").queries
