@@ -17,6 +17,7 @@ A run that fails for any reason writes no version: label sets are only created b
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import time
@@ -49,6 +50,8 @@ from placeforge.raysession import quiet_data_context, ray_session
 from shards.index import read_index
 from shards.layout import CATALOG_FILE, INDEX_FILE, SHARD_SUBDIR, shard_name
 from shards.reader import ShardSet
+
+log = logging.getLogger(__name__)
 
 
 class ReclusterError(RuntimeError):
@@ -165,7 +168,8 @@ def _recluster_locked(started: float, shard_set: ShardSet, labels_dir: Path, cfg
             )
         clusters = initial_classes(images.image_id, images.cell_id, images.heading_deg, cfg.k, cfg.seed, cfg.n_init)
         distance, projection = None, None
-        print(f"initial split of {len(images.image_id)} images into view classes (k={cfg.k}) -> v{version:04d}")
+        log.info("initial split of %d images into view classes (k=%d) -> v%04d", len(images.image_id), cfg.k,
+                 version)
     else:
         from models.checkpoint import inspect_model_checkpoint
 
@@ -175,8 +179,8 @@ def _recluster_locked(started: float, shard_set: ShardSet, labels_dir: Path, cfg
         params["encoder_config"] = dataclasses.asdict(encoder_cfg)
         keep_dir = descriptor_dir(labels_dir, checkpoint, sha) if keep_descriptors else None
         plot_cells = pick_plot_cells(images.cell_id, cfg.plots_cells, cfg.seed, min_images=cfg.k)
-        print(f"embedding {len(images.image_id)} images with {checkpoint.name} ({encoder_cfg.name}, "
-              f"{encoder_cfg.image_size} px) and clustering them -> v{version:04d}")
+        log.info("embedding %d images with %s (%s, %d px) and clustering them -> v%04d", len(images.image_id),
+                 checkpoint.name, encoder_cfg.name, encoder_cfg.image_size, version)
         with ray_session(ray_address, num_cpus):
             rows = _embed_and_cluster(shard_set, images, checkpoint, sha, encoder_cfg.descriptor_dim, cfg, keep_dir,
                                       plot_cells, actor_resources)
@@ -237,8 +241,8 @@ def _previous_version(labels_dir: Path, cfg: ReclusterConfig) -> tuple[PreviousL
     read_labels(labels_dir, latest, verify=True)
     previous, manifest = previous_labels(labels_dir, latest)
     if manifest.cell_size_m != cfg.cell_size_m:
-        print(f"note: v{latest:04d} used cells of {manifest.cell_size_m} m, this round {cfg.cell_size_m} m: "
-              "images in other cells get new class ids")
+        log.warning("v%04d used cells of %s m, this round %s m: images in other cells get new class ids", latest,
+                    manifest.cell_size_m, cfg.cell_size_m)
     return previous, latest
 
 
@@ -258,7 +262,7 @@ def _embed_and_cluster(shard_set: ShardSet, images: ImageCells, checkpoint: Path
     fingerprint = shard_set.manifest.fingerprint
 
     if keep_dir is not None and reusable(keep_dir, sha, fingerprint):
-        print(f"reusing the descriptors in {keep_dir}")
+        log.info("reusing the descriptors in %s", keep_dir)
         embedded = ray.data.read_parquet(str(keep_dir), file_extensions=["parquet"])
     else:
         if keep_dir is not None and keep_dir.exists():
@@ -301,7 +305,7 @@ def _keep(embedded, keep_dir: Path, checkpoint: Path, sha: str, fingerprint: str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"kept {meta.images} descriptors in {keep_dir}")
+    log.info("kept %d descriptors in %s", meta.images, keep_dir)
     return ray.data.read_parquet(str(keep_dir), file_extensions=["parquet"])
 
 

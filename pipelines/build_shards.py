@@ -34,6 +34,7 @@ from pathlib import Path
 
 from pipelines.shell import add_ray_arguments, run_guarded, script_parser
 from placeforge.config import add_config_arguments, check_output_folder, config_from_args
+from placeforge.logs import setup_logging
 from shards.build import BuildConfig
 
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
 
     def run() -> str:
         cfg = config_from_args(BuildConfig, args)

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from placeforge.logs import setup_logging
+
 
 def demo(argv: list[str] | None = None) -> int:
     """The embedded default, end to end on one CPU with a local Ray."""
@@ -50,6 +52,7 @@ def demo(argv: list[str] | None = None) -> int:
                              "than 0 trains into train-seedN/ and evaluates into eval-seedN/, reusing the city, "
                              "shards and labels, so several seeds give the run-to-run spread")
     args = parser.parse_args(argv)
+    setup_logging()
 
     from clustering.job import ReclusterConfig, ReclusterError, recluster
     from clustering.labels import latest_version
@@ -290,6 +293,7 @@ def import_checkpoint(argv: list[str]) -> int:
                         help="vitb or vitg (default: detected from the tensor shapes; a mismatch is an error)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    setup_logging()
 
     def run() -> str:
         from models.import_released import import_pairvpr

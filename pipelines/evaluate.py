@@ -53,12 +53,16 @@ OUT/recall.png, a page to open in a browser.  Nothing is written outside OUT.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from evaluation.job import EvalConfig
 from pipelines.shell import add_ray_arguments, run_guarded, script_parser
 from placeforge.config import add_config_arguments, check_output_folder, config_from_args
+from placeforge.logs import setup_logging
+
+log = logging.getLogger("pipelines.evaluate")  # not __name__: run as a script, that is "__main__"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
     given = [flag for flag, value in (("--test-set", args.test_set), ("--benchmark", args.benchmark),
                                       ("--database/--queries", args.database or args.queries)) if value]
     if len(given) > 1:
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                                          args.queries_list.name)
         for split in (db_split, q_split):
             if split.rejected:
-                print(f"{split.name}: {split.rejected} file(s) set aside by the reader (listed in rejects.parquet)")
+                log.warning("%s: %d file(s) set aside by the reader (listed in rejects.parquet)", split.name,
+                            split.rejected)
         summary = evaluate(args.checkpoint, db_split, q_split, args.out, cfg, ray_address=args.ray_address,
                            num_cpus=args.num_cpus, title=args.title or _benchmark_title(args),
                            actor_resources=parse_resources(args.actor_resources))

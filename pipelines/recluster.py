@@ -38,6 +38,7 @@ from pathlib import Path
 from clustering.job import ReclusterConfig
 from pipelines.shell import add_ray_arguments, run_guarded, script_parser
 from placeforge.config import add_config_arguments, check_output_folder, config_from_args
+from placeforge.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
 
     def run() -> str:
         cfg = config_from_args(ReclusterConfig, args)

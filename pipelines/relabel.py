@@ -9,9 +9,11 @@ Each poll takes the newest export in --watch: the highest epoch among files name
 model_epochNNNN.pt (the trainer writes them atomically, so its temporary
 .model_epoch0003.pt.tmp-123 files and the stage-1 mim_epochNNNN.pt files are never read).
 If any label version in LABELS_DIR records that file's sha256 (any version, not only the
-latest, so a restarted watcher never labels the same weights twice) it prints
+latest, so a restarted watcher never labels the same weights twice) it logs
 "skip: ..." and does nothing.  Otherwise it runs one K-means round, as
-`recluster.py --checkpoint FILE` does, and prints its report.
+`recluster.py --checkpoint FILE` does, and logs its report.  Every line the watcher writes
+goes to stderr with its time ("2026-11-30 03:30:00 INFO pipelines.relabel: skip: ...";
+placeforge/logs.py, $PLACEFORGE_LOG_LEVEL).
 
 The round's config is the one recorded in the latest label version (so k, seed and the
 cell size do not silently change between rounds), with --config FILE and the flags below
@@ -33,7 +35,7 @@ Exit status: 0 a version was written or there was nothing to do; 1 the round fai
 cron (--once): e.g. `*/15 * * * * cd REPO && .venv/bin/python pipelines/relabel.py ... --once
 >> relabel.log 2>&1`.  A run starts a local Ray (or joins --ray-address / $RAY_ADDRESS)
 only when it has a round to run.  Runs may overlap (a round can outlast the cron period):
-a poll holds LABELS_DIR/.relabel.lock, and a run that finds it held prints "skip: ...".
+a poll holds LABELS_DIR/.relabel.lock, and a run that finds it held logs "skip: ...".
 
 Long-lived (no --once): one Ray session serves the whole watch, started at the first round
 that needs it; under `ray job submit` that is the job's cluster.  Ctrl-C ends the watch,
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import sys
@@ -64,9 +67,11 @@ from placeforge.config import (
     load_file,
 )
 from placeforge.fileio import file_sha256
+from placeforge.logs import setup_logging
 
 CHECKPOINT_NAME = re.compile(r"^model_epoch(\d{4,})\.pt$")  # what trainer/train.py exports
 LOCK_FILE = ".relabel.lock"
+log = logging.getLogger("pipelines.relabel")  # not __name__: run as a script, that is "__main__"
 
 # --- pure core ---------------------------------------------------------------------------
 
@@ -142,11 +147,11 @@ class Watcher:
         except OSError as error:
             return _failed(f"cannot list {self.export_dir}: {error}")
         if name is None:
-            print(f"skip: no model_epochNNNN.pt in {self.export_dir} yet")
+            log.info("skip: no model_epochNNNN.pt in %s yet", self.export_dir)
             return 0
         with _poll_lock(self.labels) as held:
             if not held:
-                print(f"skip: another relabel holds {self.labels / LOCK_FILE} (a round is running)")
+                log.info("skip: another relabel holds %s (a round is running)", self.labels / LOCK_FILE)
                 return 0
             return self._label(self.export_dir / name)
 
@@ -161,7 +166,7 @@ class Watcher:
         made = version_made_from(sha, {v: read_manifest(self.labels, v).encoder_sha256
                                        for v in list_versions(self.labels)})
         if made is not None:
-            print(f"skip: {path.name} (sha256 {sha[:12]}) is already labelled as v{made:04d}")
+            log.info("skip: %s (sha256 %s) is already labelled as v%04d", path.name, sha[:12], made)
             return 0
         latest = latest_version(self.labels)
         kept = f"v{latest:04d} stays the latest version" if latest is not None else "no version written"
@@ -181,10 +186,11 @@ class Watcher:
             if not isinstance(error, RayError):
                 raise
             return _failed(f"round with {path.name} failed in Ray; {kept}: {type(error).__name__}: {error}")
-        print(summary.report())
+        for line in summary.report().splitlines():  # one timestamped line each, as every line of the watch
+            log.info("%s", line)
         if summary.manifest.encoder_sha256 != sha:
-            print(f"note: {path.name} changed during the round; v{summary.manifest.version:04d} records the file "
-                  f"it read (sha256 {summary.manifest.encoder_sha256})")
+            log.warning("%s changed during the round; v%04d records the file it read (sha256 %s)", path.name,
+                        summary.manifest.version, summary.manifest.encoder_sha256)
         return 0
 
     def _sha256(self, path: Path) -> str:
@@ -216,7 +222,7 @@ class Watcher:
 
 
 def _failed(message: str) -> int:
-    print(f"relabel: error: {message}", file=sys.stderr)
+    log.error("%s", message)
     return 1
 
 
@@ -239,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
     max_polls = 1 if args.once else args.max_polls
     if not args.interval_s > 0 or (max_polls is not None and max_polls < 1):
         parser.error("--interval-s must be > 0 and --max-polls >= 1")
+    # A refusal before the first poll is one `relabel: error:` line (docs/errors.md), not a log line.
     try:
         config_from_args(ReclusterConfig, args)  # bad flags or file fail now, not at the first round
     except (ValueError, OSError) as error:  # ConfigError, or a value validate() refuses
@@ -266,10 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                 polls += 1
                 if max_polls is not None and polls >= max_polls:
                     return status
-                sys.stdout.flush()
                 time.sleep(args.interval_s)
     except KeyboardInterrupt:
-        print(f"relabel: interrupted after {polls} poll(s); no partial version is published", file=sys.stderr)
+        log.warning("interrupted after %d poll(s); no partial version is published", polls)
         return 130
 
 

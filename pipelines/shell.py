@@ -40,7 +40,10 @@ def add_ray_arguments(parser: argparse.ArgumentParser, resources_flag: str | Non
 
 def run_guarded(prog: str, body: Callable[[], str | None], errors: tuple[type[BaseException], ...]) -> int:
     """Run `body`; print the text it returns (the command's result) and return 0, or turn one of
-    `errors` into `PROG: error: message` on stderr and return 2."""
+    `errors` into `PROG: error: message` on stderr and return 2.
+
+    Both are printed, not logged: they are what the command answers (docs/errors.md lists the
+    refusal lines as they are); the job's events on the way are log lines (placeforge/logs.py)."""
     try:
         result = body()
     except errors as err:

@@ -157,7 +157,7 @@ def _phase(phase_seconds: dict[str, float], name: str):
     started = time.perf_counter()
     yield
     phase_seconds[name] = time.perf_counter() - started
-    log.info("%s: %.1f s", name, phase_seconds[name])
+    log.info("%s phase done in %.1f s", name, phase_seconds[name])
 
 
 def build(
@@ -222,7 +222,8 @@ def build(
             num_shards = int(pc.max(plan.column("shard_index")).as_py()) + 1
             done = {i for i in range(num_shards) if _shard_done(out, i)}
             todo = [i for i in range(num_shards) if i not in done]
-            print(f"{inputs} inputs, {plan.num_rows} images planned into {num_shards} shards; {len(todo)} to build")
+            log.info("%d inputs, %d images planned into %d shards; %d to build", inputs, plan.num_rows, num_shards,
+                     len(todo))
             if todo:
                 _run_shard_tasks(out, todo, cfg, ray_address, num_cpus, task_resources)
             manifest = _assemble(out, plan, rejects, inputs, num_shards, cfg, sources, fingerprint)
@@ -322,7 +323,7 @@ def _claim_out_dir(out: Path, fingerprint: str, overwrite: bool) -> bool:
                 f"{out} holds {held} with another config or inputs; "
                 "re-run with its arguments to resume, or --overwrite to start again"
             )
-        print(f"continuing the plan in {out}" if planned else f"resuming the interrupted build in {out}")
+        log.info("continuing the plan in %s" if planned else "resuming the interrupted build in %s", out)
         # Half-written files of the killed run (the lock says no other build is running); their shards are rebuilt.
         _remove_owned([*_temp_files(out / SHARD_SUBDIR), *_temp_files(work)])
         return False

@@ -177,7 +177,9 @@ def test_relabel_watch_as_a_submitted_ray_job(cluster, shard_set, tmp_path):
               "--max-polls", "2", "--interval-s", "1"]
     result = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "skip: model_epoch0000.pt" in result.stdout  # the second poll found nothing new
+    # The second poll found nothing new: a log line, which `ray job submit` prints on its stdout (Ray
+    # writes a job's stdout and stderr into one log).
+    assert "INFO pipelines.relabel: skip: model_epoch0000.pt" in result.stdout
     assert latest_version(labels) == 1
     assert read_manifest(labels, 1).encoder_sha256 == file_sha256(checkpoint)
     index_ids = sorted(pq.read_table(shard_set["out"] / "index.parquet").column("image_id").to_pylist())

@@ -5,6 +5,9 @@ on files without Ray, then rounds on a real local Ray and real shards through `m
 from __future__ import annotations
 
 import fcntl
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,8 @@ from models.encoders import EncoderConfig, build_model
 from pipelines import relabel
 from pipelines.relabel import checkpoint_epoch, main, newest_checkpoint, version_made_from
 from placeforge.fileio import file_sha256
+
+REPO = Path(__file__).resolve().parents[1]
 
 # --- pure ----------------------------------------------------------------------------------
 
@@ -78,13 +83,27 @@ def test_no_export_yet_and_a_held_lock_skip(tmp_path, fake_v0, capsys):
     export.mkdir()
     (export / "mim_epoch0001.pt").write_bytes(b"not ours")
     assert once(fake_v0, export) == 0
-    assert capsys.readouterr().out.startswith("skip: no model_epochNNNN.pt")
+    out, err = capsys.readouterr()
+    # The watcher's lines go to stderr with their time (cron appends them to one log for days).
+    assert out == "" and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO pipelines\.relabel: "
+                                      r"skip: no model_epochNNNN\.pt in \S+ yet\n", err), err
     (export / "model_epoch0001.pt").write_bytes(b"garbage: never read while another run holds the lock")
     with open(fake_v0 / relabel.LOCK_FILE, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert once(fake_v0, export) == 0
-    assert "skip: another relabel holds" in capsys.readouterr().out
+    assert "INFO pipelines.relabel: skip: another relabel holds" in capsys.readouterr().err
     assert latest_version(fake_v0) == 0
+
+
+def test_the_script_logs_under_its_module_name_with_timestamps(tmp_path, fake_v0):
+    """`python pipelines/relabel.py` runs the module as "__main__"; its lines must still be written."""
+    (tmp_path / "export").mkdir()
+    result = subprocess.run([sys.executable, "pipelines/relabel.py", "--shards", str(tmp_path), "--labels",
+                             str(fake_v0), "--watch", str(tmp_path / "export"), "--once"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == "", result.stderr[-2000:]
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO pipelines\.relabel: skip: no model_epochNNNN\.pt in ",
+                     result.stderr, re.MULTILINE), result.stderr[-2000:]
 
 
 def test_ctrl_c_ends_the_watch_with_130(tmp_path, fake_v0, monkeypatch, capsys):
@@ -97,7 +116,7 @@ def test_ctrl_c_ends_the_watch_with_130(tmp_path, fake_v0, monkeypatch, capsys):
     monkeypatch.setattr(relabel.time, "sleep", interrupt)
     assert main(["--shards", str(tmp_path), "--labels", str(fake_v0), "--watch", str(export)]) == 130
     captured = capsys.readouterr()
-    assert captured.out.count("skip: no model_epochNNNN.pt") == 1 and "interrupted after 1 poll" in captured.err
+    assert captured.err.count("skip: no model_epochNNNN.pt") == 1 and "interrupted after 1 poll" in captured.err
 
 
 def test_an_export_that_changes_while_hashed_is_skipped(tmp_path, fake_v0, monkeypatch, capsys):
@@ -154,17 +173,17 @@ def test_each_new_export_makes_one_version(shard_dir, tmp_path, capsys):
 
     args = ("--num-cpus", "2", "--batch-size", "32", "--n-init", "2", "--partitions", "1", "--plots-cells", "0")
     assert once(labels, export, *args, shards=shard_dir) == 0
-    assert "label version v0001 (kmeans)" in capsys.readouterr().out
+    assert "INFO pipelines.relabel: label version v0001 (kmeans)" in capsys.readouterr().err
     v1 = read_manifest(labels, 1)
     assert v1.encoder_sha256 == file_sha256(first) and v1.previous_version == 0
     assert v1.k == 2 and v1.params["config"]["n_init"] == 2  # k from v0's config, n_init from the flag
 
     before = sorted(p.name for p in labels.iterdir())
     assert once(labels, export, *args, shards=shard_dir) == 0
-    assert capsys.readouterr().out.startswith("skip: model_epoch0001.pt")
+    assert "skip: model_epoch0001.pt" in capsys.readouterr().err
     assert main([str(a) for a in ("--shards", shard_dir, "--labels", labels, "--watch", export, "--max-polls", "2",
                                   "--interval-s", "0.01", *args)]) == 0
-    assert capsys.readouterr().out.count("skip: model_epoch0001.pt") == 2
+    assert capsys.readouterr().err.count("skip: model_epoch0001.pt") == 2
     assert sorted(p.name for p in labels.iterdir()) == before and latest_version(labels) == 1
 
     second = tiny_export(export / "model_epoch0002.pt", seed=1)
@@ -172,7 +191,7 @@ def test_each_new_export_makes_one_version(shard_dir, tmp_path, capsys):
     assert once(labels, export, *args, shards=shard_dir) == 0
     v2 = read_manifest(labels, 2)
     assert v2.encoder_sha256 == file_sha256(second) and v2.previous_version == 1
-    assert "label version v0002" in capsys.readouterr().out
+    assert "label version v0002" in capsys.readouterr().err
 
     (export / "model_epoch0010.pt").write_bytes(b"\x00garbage, not a torch file" * 10)
     before = sorted(p.name for p in labels.iterdir())

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssh-port", type=int, default=22, help="port the launcher connects to (default: 22)")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="per-host connection timeout")
     args = parser.parse_args(argv)
+    # Printed, not logged: the problems (stderr, exit 2) or the all-clear line (stdout) are this check's answer.
     try:
         text = args.hostfile.read_text()
     except OSError as error:

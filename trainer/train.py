@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ from models.dinov2 import require_weights_file
 from models.encoders import encoder_spec
 from placeforge.config import add_config_arguments, check_output_folder, config_from_args, save_config, to_dict
 from placeforge.fileio import OutputLockedError, output_lock
+from placeforge.logs import setup_logging
 from placeforge.raysession import free_port
 from shards.reader import ShardSet, check_enough_shards
 from trainer.data import BatchGeometry, check_label_set, make_loader
@@ -68,6 +70,8 @@ from trainer.train_state import (
     write_rng_states,
     write_state,
 )
+
+log = logging.getLogger("trainer.train")  # not __name__: `deepspeed trainer/train.py` runs it as "__main__"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +184,7 @@ class Run:
             best = _best_tags(self.out) if self.cfg.val_database else []
             removed = prune_checkpoints(self.checkpoints, self.cfg.keep_checkpoints, keep=best)
         except OSError as error:
-            print(f"warning: deleting old checkpoints in {self.checkpoints} failed: {error}", file=sys.stderr)
+            log.warning("deleting old checkpoints in %s failed: %s", self.checkpoints, error)
             return
         if removed:
             self.log({"event": "checkpoints_pruned", "tags": removed})
@@ -250,8 +254,8 @@ class Run:
                 self.log({"event": "recluster", "epoch": epoch, "label_version": version,
                           "seconds": round(summary.seconds, 2)})
             except Exception as error:  # noqa: BLE001 - any failure keeps training on the old labels
-                print(f"reclustering after epoch {epoch} failed; keeping label version {label_version}: "
-                      f"{type(error).__name__}: {error}", file=sys.stderr)
+                log.error("reclustering after epoch %d failed; keeping label version %d: %s: %s", epoch,
+                          label_version, type(error).__name__, error)
                 self.log({"event": "recluster_failed", "epoch": epoch, "label_version": label_version,
                           "error": f"{type(error).__name__}: {error}"})
         self.barrier()
@@ -272,12 +276,12 @@ class Run:
                 try:  # another process wrote it: checked as the starting version was
                     check_label_set(self.cfg.shards, self.cfg.labels, newest)
                 except (ValueError, OSError) as error:
-                    print(f"label version {newest} refused; staying on {label_version}: {error}", file=sys.stderr)
+                    log.warning("label version %d refused; staying on %d: %s", newest, label_version, error)
                     self.log({"event": "labels_refused", "epoch": epoch, "label_version": newest,
                               "error": str(error)})
                 else:
                     version = newest
-                    print(f"epoch {epoch + 1} uses label version {version} (was {label_version})", file=sys.stderr)
+                    log.info("epoch %d uses label version %d (was %d)", epoch + 1, version, label_version)
                     self.log({"event": "labels_followed", "epoch": epoch, "label_version": version})
         if self.dist.world_size > 1:
             box = [version]
@@ -328,6 +332,7 @@ def run_main(args: argparse.Namespace) -> int:
         os.environ.setdefault(key, default)  # a bare single-process run: a world of one
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist = DistState.from_env(os.environ)
+    setup_logging(rank=dist.rank if dist.world_size > 1 else None)  # ranks other than 0: warnings only
     check_start(cfg, dist)
     with contextlib.ExitStack() as held:
         if dist.is_main:  # one run per OUT, checked before the minute of start-up below
@@ -393,7 +398,7 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
         (run.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
 
     if args.resume and resumed is None and dist.is_main:
-        print(f"--resume: no checkpoint in {run.checkpoints}; starting from scratch", file=sys.stderr)
+        log.warning("--resume: no checkpoint in %s; starting from scratch", run.checkpoints)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_pretrain_model(cfg) if cfg.stage == "pretrain" else build_finetune_model(cfg, state.num_classes)
@@ -402,13 +407,12 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
         run.engine.load_checkpoint(str(run.checkpoints), tag=tag)  # DeepSpeed's own states (docs/cluster.md)
         restore_rng_states(rng)  # ours, from our JSON file
         if rng is None and dist.is_main:
-            print(f"{run.checkpoints / tag} has no RNG state for rank {dist.rank} (an older trainer wrote it): "
-                  "the global RNGs go on from the seed", file=sys.stderr)
-        if dist.is_main:
-            print(f"resumed from {run.checkpoints / tag}: epoch {state.epoch}, step {state.step_in_epoch}, "
-                  f"global step {state.global_step}", file=sys.stderr)
+            log.warning("%s has no RNG state for rank %d (an older trainer wrote it): the global RNGs go on "
+                        "from the seed", run.checkpoints / tag, dist.rank)
+        log.info("resumed from %s: epoch %d, step %d, global step %d", run.checkpoints / tag, state.epoch,
+                 state.step_in_epoch, state.global_step)
     code = train(run, state)
-    if args.weights_digest:
+    if args.weights_digest:  # printed by every rank: the answer --weights-digest asks for, not a log event
         print(f"rank {dist.rank}: final weights sha256 {weights_digest(run.engine.module)}", flush=True)
     return code
 
@@ -469,11 +473,11 @@ def train(run: Run, state: TrainState) -> int:
             here = TrainState(epoch, step_in_epoch, global_step, version, _num_classes(run), to_dict(cfg))
             if not finite:
                 tag = run.save(here, tag=f"diverged-{here.tag}", mark_latest=False)
-                if dist.is_main:
-                    print(f"loss is not finite at global step {global_step} (epoch {epoch}, step {step_in_epoch}): "
-                          f"{values}; the weights before this step are in {run.checkpoints / tag} ('latest' "
-                          f"still points at the last good checkpoint). Lower base_lr or clip_grad, or check the "
-                          f"data.", file=sys.stderr)
+                if dist.is_main:  # every rank stops; one says why
+                    log.error("loss is not finite at global step %d (epoch %d, step %d): %s; the weights before this "
+                              "step are in %s ('latest' still points at the last good checkpoint). Lower base_lr or "
+                              "clip_grad, or check the data.", global_step, epoch, step_in_epoch, values,
+                              run.checkpoints / tag)
                 return 3
             run.engine.backward(terms["loss"])
             run.engine.step()
@@ -513,6 +517,7 @@ def train(run: Run, state: TrainState) -> int:
         if run.args.stop_after_steps is not None and global_step >= run.args.stop_after_steps:
             return 0
     if dist.is_main and totals["steps"]:
+        # The run's closing report on stdout (with the validation curve below), not a log event.
         # Data wait is time the step spent blocked on the loader: the share says whether it keeps up.
         print(f"{cfg.stage}: {totals['steps']} steps, {images_per_step * totals['steps'] / totals['seconds']:.0f} "
               f"images/s, data wait {100 * totals['data_wait_s'] / totals['seconds']:.1f} % of step time, "

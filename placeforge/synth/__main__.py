@@ -14,6 +14,7 @@ from placeforge.config import (
     from_mapping,
     load_file,
 )
+from placeforge.logs import setup_logging
 from placeforge.synth.synth_config import PRESETS, SynthConfig, preset
 
 DESCRIPTION = """\
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
+    # Printed, not logged: the refusal lines docs/errors.md lists and the result table are the command's answer.
     try:
         cfg = resolve_config(args)
         check_output_folder(args.out)
