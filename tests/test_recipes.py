@@ -9,7 +9,6 @@ commit fd764f9, the paths in PAIR_VPR); docs/recipes.md puts them beside the rec
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -69,7 +68,11 @@ STAGE_ONE = dict(image_size=224, decoder="dec768d12b", mask_ratio=0.9, base_lr=3
 STAGE_TWO = dict(image_size=322, decoder="dec768d12b", images_per_place=4, trainable_last_blocks=6,  # _TWO
                  epochs=10, base_lr=8e-5, lr_scaling="none", warmup_epochs=0, weight_decay=0.05,
                  weight_decay_end=0.05, layer_decay=1.0, pair_bce_weight=2.0, mining_scope="global",
-                 descriptor_dim=512, pooling="cls")
+                 descriptor_dim=512, pooling="cls",
+                 # Pair-VPR's losses and schedule (train_stagetwo.py): places as positives, no CosFace, no
+                 # reclustering, no clipping, LinearLR from 1 to 0.2 x the LR.
+                 positives="place", cosface_weight=0.0, recluster_every_epochs=0, clip_grad=0.0,
+                 lr_schedule="linear", min_lr=pytest.approx(0.2 * 8e-5))
 # What the cluster needs (issue 11, item 7), not in Pair-VPR (it trains ViT-g with fp16 autocast
 # under DDP / DataParallel): ZeRO-2 for ViT-g.
 ZERO_STAGE = {"pretrain_vitg": 2, "finetune_vitg": 2}
@@ -82,10 +85,10 @@ def load_recipe(name: str) -> TrainConfig:
 
 @functools.cache
 def built(name: str) -> tuple[TrainConfig, nn.Module]:
-    """The recipe's training model on the meta device.  The DINOv2 file is not read (as the memory
-    model and bench_gpu build): encoder_weights is cleared, which changes no shape."""
+    """The recipe's training model on the meta device, as the memory model and bench_gpu build it:
+    no file is read, so the DINOv2 files the recipes name need not exist here."""
     cfg = load_recipe(name)
-    return cfg, build_on_meta(dataclasses.replace(cfg, encoder_weights=None, encoder_init="random"), num_classes=16)
+    return cfg, build_on_meta(cfg, num_classes=16)
 
 
 def trained_blocks(encoder: nn.Module) -> list[int]:

@@ -69,11 +69,11 @@ class ModelStateBytes:
 
 def build_on_meta(cfg: TrainConfig, num_classes: int = 1) -> nn.Module:
     """The stage's training model (trainer.train_models) on the meta device: shapes only, no
-    memory, no weights read (the encoder starts as it would without `encoder_weights`)."""
+    memory, no weights read (neither `encoder_weights` nor stage 2's `init_from`)."""
     with torch.device("meta"):
         if cfg.stage == "pretrain":
             return build_pretrain_model(cfg, load_encoder_weights=False)
-        return build_finetune_model(cfg, num_classes)
+        return build_finetune_model(cfg, num_classes, load_weights=False)
 
 
 def count_parameters(model: nn.Module) -> ParamCounts:

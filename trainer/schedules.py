@@ -34,6 +34,22 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, base: flo
     return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def linear_with_warmup(step: int, total_steps: int, warmup_steps: int, base: float, final: float) -> float:
+    """Linear warm-up from 0 to `base` over `warmup_steps`, then a straight line from `base` down
+    to `final` at `total_steps` (and `final` after it): Pair-VPR's stage 2 (torch LinearLR from
+    factor 1 to 0.2, pairvpr/training/train_stagetwo.py) with final = 0.2 x base."""
+    if step < warmup_steps:
+        return base * step / warmup_steps
+    if step >= total_steps:
+        return final
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base + (final - base) * progress
+
+
+# lr_schedule name -> f(step, total_steps, warmup_steps, base, final)
+LR_SCHEDULES = {"cosine": cosine_with_warmup, "linear": linear_with_warmup}
+
+
 def weight_decay_schedule(step: int, total_steps: int, start: float = 0.04, end: float = 0.4) -> float:
     """Half a cosine from `start` at step 0 to `end` at `total_steps` (DINO / Pair-VPR: 0.04 -> 0.4)."""
     progress = min(max(step / max(1, total_steps), 0.0), 1.0)

@@ -46,8 +46,8 @@ from shards.reader import ShardSet, check_enough_shards
 from trainer.data import BatchGeometry, check_label_set, make_loader
 from trainer.engine import build_optimizer, finetune_step, grow_cosface, pretrain_step, step_generator
 from trainer.schedules import (
+    LR_SCHEDULES,
     base_lr_for_batch,
-    cosine_with_warmup,
     set_optimizer_values,
     weight_decay_schedule,
 )
@@ -461,7 +461,7 @@ def train(run: Run, state: TrainState) -> int:
             started = time.perf_counter()
             batch = next(batches)
             data_wait = time.perf_counter() - started
-            lr = cosine_with_warmup(global_step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            lr = LR_SCHEDULES[cfg.lr_schedule](global_step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
             weight_decay = weight_decay_schedule(global_step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
             set_optimizer_values(run.engine.optimizer, lr=lr, weight_decay=weight_decay)
             if cfg.stage == "pretrain":

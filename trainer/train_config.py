@@ -69,7 +69,11 @@ class TrainConfig:
     base_lr: float = field(default=3e-4, metadata={"help": "top-layer LR (per 1024 images with lr_scaling=linear)"})
     lr_scaling: Literal["linear", "none"] = field(
         default="linear", metadata={"help": "linear: LR = base_lr x global batch / 1024; none: LR = base_lr"})
-    min_lr: float = field(default=1e-6, metadata={"help": "LR at the end of the cosine"})
+    min_lr: float = field(default=1e-6, metadata={"help": "LR at the end of the schedule"})
+    lr_schedule: Literal["cosine", "linear"] = field(
+        default="cosine", metadata={"help": "after the warm-up, the LR falls from the peak to min_lr along half a "
+                                            "cosine (Pair-VPR stage 1) or a straight line (Pair-VPR stage 2: "
+                                            "LinearLR to 0.2 x the LR)"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear LR warm-up, in epochs"})
     weight_decay: float = field(default=0.04, metadata={"help": "weight decay at the start"})
     weight_decay_end: float = field(default=0.4, metadata={"help": "weight decay at the end (cosine)"})

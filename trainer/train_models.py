@@ -145,11 +145,14 @@ def freeze_encoder_except_last(encoder: nn.Module, trainable_last_blocks: int) -
         param.requires_grad_(in_trained_block or name.startswith(("norm.", "fc_norm.")))
 
 
-def build_finetune_model(cfg: TrainConfig, num_classes: int) -> FinetuneModel:
+def build_finetune_model(cfg: TrainConfig, num_classes: int, load_weights: bool = True) -> FinetuneModel:
     """Stage 2: stage-1 encoder + decoder from `cfg.init_from` (else as stage 1 starts), a new
-    global head, pair class token and MLP, and a CosFace head of `num_classes` rows."""
-    mim = build_pretrain_model(cfg, load_encoder_weights=not cfg.init_from)  # init_from replaces them
-    if cfg.init_from:
+    global head, pair class token and MLP, and a CosFace head of `num_classes` rows.
+
+    `load_weights` False reads no file (neither `init_from` nor `encoder_weights`): shapes only,
+    as trainer.memory_model builds on the meta device."""
+    mim = build_pretrain_model(cfg, load_encoder_weights=load_weights and not cfg.init_from)  # init_from replaces them
+    if cfg.init_from and load_weights:
         load_mim(mim, cfg.init_from)
     global_model = build_model(cfg.encoder_config(), load_encoder_weights=False)
     global_model.encoder = mim.encoder  # keep the stage-1 encoder; the head is new
