@@ -22,9 +22,9 @@ import webdataset as wds
 
 from placeforge.imaging import reencode_jpeg
 from placeforge.ingest import read_source
-from placeforge.synth import generate
-from placeforge.synth.synth_config import SynthConfig
 from shards.build import BuildConfig, build
+from synthcity import generate
+from synthcity.synth_config import SynthConfig
 
 
 def make_dataset(work: Path, width: int, height: int, places: int) -> Path:

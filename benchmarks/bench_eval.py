@@ -62,8 +62,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
     test_set = args.test_set
     if test_set is None:
-        from placeforge.synth import generate
-        from placeforge.synth.synth_config import SynthConfig
+        from synthcity import generate
+        from synthcity.synth_config import SynthConfig
 
         generate(work / "city", SynthConfig(), progress=False)
         test_set = work / "city" / "atname" / "test"

@@ -1,7 +1,7 @@
 """`placeforge` command: one entry point over the stages.
 
     placeforge demo --out runs/demo        synthetic city -> shards -> labels -> stage 1 -> stage 2 -> recall
-    placeforge synth --out DIR             render the synthetic city (python -m placeforge.synth)
+    placeforge synth --out DIR             render the synthetic city (python -m synthcity)
     placeforge build-shards ...            pipelines/build_shards.py
     placeforge evaluate ...                pipelines/evaluate.py
     placeforge import-checkpoint --from pairvpr FILE --out OUT    a released model -> a placeforge model file
@@ -57,10 +57,10 @@ def demo(argv: list[str] | None = None) -> int:
     from clustering.job import ReclusterConfig, ReclusterError, recluster
     from clustering.labels import latest_version
     from placeforge.config import ConfigError
-    from placeforge.synth import generate
-    from placeforge.synth.write import OutputDirError
     from shards.build import BuildConfig, BuildError, build
     from shards.reader import ShardSet, place_sample_pipeline, same_place_pairs
+    from synthcity import generate
+    from synthcity.write import OutputDirError
 
     out = args.out.resolve()
     try:
@@ -138,7 +138,7 @@ def demo(argv: list[str] | None = None) -> int:
 
 def city_config(preset_name: str, city_seed: int | None = None):
     """The synthetic city of a demo run: the preset, rendered from `city_seed` when one is given."""
-    from placeforge.synth.synth_config import preset
+    from synthcity.synth_config import preset
 
     cfg = preset(preset_name)
     return cfg if city_seed is None else dataclasses.replace(cfg, seed=city_seed)
@@ -313,7 +313,7 @@ def _evaluate_main(argv: list[str]) -> int:
 
 
 def _synth_main(argv: list[str]) -> int:
-    from placeforge.synth.__main__ import main
+    from synthcity.__main__ import main
 
     return main(argv)
 

@@ -23,7 +23,7 @@ LEVEL_ENV = "PLACEFORGE_LOG_LEVEL"  # the level of every command when main() doe
 LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
 # The loggers setup_logging sets the level of: this project's top-level packages (tests/test_logs.py
 # checks them against the repository's folders with an __init__.py).
-PACKAGES = ("placeforge", "shards", "models", "clustering", "trainer", "evaluation", "pipelines")
+PACKAGES = ("placeforge", "shards", "models", "clustering", "trainer", "evaluation", "pipelines", "synthcity")
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 

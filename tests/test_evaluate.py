@@ -23,8 +23,8 @@ from models.encoders import EncoderConfig, build_model
 from models.heads import PairClassifier
 from pipelines.evaluate import main
 from placeforge.fileio import LOCK_FILE, output_lock
-from placeforge.synth import generate
-from placeforge.synth.synth_config import SynthConfig
+from synthcity import generate
+from synthcity.synth_config import SynthConfig
 from tests.test_eval_core import plain_recall
 
 pytestmark = [pytest.mark.ray]

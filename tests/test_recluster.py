@@ -98,9 +98,9 @@ def test_matching_a_split_in_a_cell_with_fewer_clusters_than_another():
 
 @pytest.fixture(scope="module")
 def shard_dir(local_ray, tmp_path_factory) -> Path:
-    from placeforge.synth import generate
-    from placeforge.synth.synth_config import SynthConfig
     from shards.build import BuildConfig, build
+    from synthcity import generate
+    from synthcity.synth_config import SynthConfig
 
     root = tmp_path_factory.mktemp("recluster")
     generate(root / "city", SynthConfig.tiny())

@@ -141,9 +141,9 @@ def test_an_export_that_changes_while_hashed_is_skipped(tmp_path, fake_v0, monke
 
 @pytest.fixture(scope="module")
 def shard_dir(local_ray, tmp_path_factory) -> Path:
-    from placeforge.synth import generate
-    from placeforge.synth.synth_config import SynthConfig
     from shards.build import BuildConfig, build
+    from synthcity import generate
+    from synthcity.synth_config import SynthConfig
 
     root = tmp_path_factory.mktemp("relabel")
     generate(root / "city", SynthConfig.tiny())

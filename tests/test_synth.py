@@ -19,11 +19,11 @@ import utm
 from PIL import Image
 
 from placeforge.config import ConfigError
-from placeforge.synth import generate
-from placeforge.synth.__main__ import main
-from placeforge.synth.naming import GSV_CSV_HEADER, at_name, gsv_name, heading_text, short_id
-from placeforge.synth.synth_config import SynthConfig
-from placeforge.synth.write import (
+from synthcity import generate
+from synthcity.__main__ import main
+from synthcity.naming import GSV_CSV_HEADER, at_name, gsv_name, heading_text, short_id
+from synthcity.synth_config import SynthConfig
+from synthcity.write import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     PARTIAL_NAME,

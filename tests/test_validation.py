@@ -13,8 +13,8 @@ import torch
 from models.decoder import SiameseMIMDecoder, decoder_config
 from models.encoders import EncoderConfig, build_model
 from models.heads import PairClassifier
-from placeforge.synth import generate
-from placeforge.synth.synth_config import SynthConfig
+from synthcity import generate
+from synthcity.synth_config import SynthConfig
 from tests.test_train import TINY, steps_of, train, write_shards, write_v0_labels
 from trainer.validation import ValidationSplit, validate
 

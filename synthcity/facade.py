@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from placeforge.synth.city import BRICK, DOORS, GARAGES, SHOPS, SIGN_PALETTE, STONE, FacadeStyles
-from placeforge.synth.noise import bits01, fade, frac, hash01, hash_u32, mix
+from synthcity.city import BRICK, DOORS, GARAGES, SHOPS, SIGN_PALETTE, STONE, FacadeStyles
+from synthcity.noise import bits01, fade, frac, hash01, hash_u32, mix
 
 WARM_LIGHT = np.array([1.0, 0.82, 0.5], dtype=np.float32)
 COOL_LIGHT = np.array([0.75, 0.85, 1.0], dtype=np.float32)

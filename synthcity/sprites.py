@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placeforge.synth.camera import Camera
-from placeforge.synth.city import LAMP, TREE, City, StreetGrid
-from placeforge.synth.ground import ROAD_EW, ROAD_NS, SIDEWALK, street_zone
-from placeforge.synth.noise import bits01, frac, hash01_scalar, mix
+from synthcity.camera import Camera
+from synthcity.city import LAMP, TREE, City, StreetGrid
+from synthcity.ground import ROAD_EW, ROAD_NS, SIDEWALK, street_zone
+from synthcity.noise import bits01, frac, hash01_scalar, mix
 
 CAR, BUS, PERSON = 2, 3, 4
 MAX_SPRITE_DEPTH_M = 90.0

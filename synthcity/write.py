@@ -31,9 +31,9 @@ from PIL import Image
 
 from placeforge.config import from_mapping, to_dict
 from placeforge.fileio import is_temp_name, write_bytes_atomic
-from placeforge.synth.camera import Camera
-from placeforge.synth.conditions import sample_appearance
-from placeforge.synth.naming import (
+from synthcity.camera import Camera
+from synthcity.conditions import sample_appearance
+from synthcity.naming import (
     GSV_CSV_HEADER,
     Origin,
     at_name,
@@ -44,9 +44,9 @@ from placeforge.synth.naming import (
     short_id,
     to_global,
 )
-from placeforge.synth.plan import AT, GSV, VAL, Shot, build_city, city_plans, plan_atname, plan_gsv, plan_val
-from placeforge.synth.render import render_view
-from placeforge.synth.synth_config import VAL_OFFSET_EAST_M, SynthConfig
+from synthcity.plan import AT, GSV, VAL, Shot, build_city, city_plans, plan_atname, plan_gsv, plan_val
+from synthcity.render import render_view
+from synthcity.synth_config import VAL_OFFSET_EAST_M, SynthConfig
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "synth_manifest.json"
@@ -352,7 +352,7 @@ def generate(out_dir: Path, cfg: SynthConfig, *, overwrite: bool = False, progre
 
     manifest = {
         "format_version": FORMAT_VERSION,
-        "generator": "placeforge.synth",
+        "generator": "synthcity",
         "config": manifest_config(cfg),
         "counts": layout.counts,
         "origins": layout.origins,

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placeforge.synth.camera import Camera
-from placeforge.synth.city import EAST, LAMP, NORTH, SOUTH, WEST, City
-from placeforge.synth.conditions import Appearance, finish
-from placeforge.synth.facade import shade_facade
-from placeforge.synth.ground import ground_albedo, sky_colour
-from placeforge.synth.sprites import city_sprites, draw_sprites, traffic_sprites
+from synthcity.camera import Camera
+from synthcity.city import EAST, LAMP, NORTH, SOUTH, WEST, City
+from synthcity.conditions import Appearance, finish
+from synthcity.facade import shade_facade
+from synthcity.ground import ground_albedo, sky_colour
+from synthcity.sprites import city_sprites, draw_sprites, traffic_sprites
 
 MAX_VIEW_M = 400.0
 LAYERS = 3  # wall hits kept per column

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from placeforge.synth.city import SIDEWALK_M, StreetGrid
-from placeforge.synth.conditions import Appearance
-from placeforge.synth.noise import bits01, fade, frac, mix
+from synthcity.city import SIDEWALK_M, StreetGrid
+from synthcity.conditions import Appearance
+from synthcity.noise import bits01, fade, frac, mix
 
 ASPHALT = np.array([0.30, 0.30, 0.32], dtype=np.float32)
 PAVING = np.array([0.62, 0.60, 0.56], dtype=np.float32)

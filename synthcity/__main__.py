@@ -1,4 +1,4 @@
-"""Command line: `python -m placeforge.synth --out DIR [--preset tiny] [--key value ...]`."""
+"""Command line: `python -m synthcity --out DIR [--preset tiny] [--key value ...]`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from placeforge.config import (
     load_file,
 )
 from placeforge.logs import setup_logging
-from placeforge.synth.synth_config import PRESETS, SynthConfig, preset
+from synthcity.synth_config import PRESETS, SynthConfig, preset
 
 DESCRIPTION = """\
 Render a synthetic city from a street-level camera and write it as real VPR datasets.
@@ -56,7 +56,7 @@ def resolve_config(args: argparse.Namespace) -> SynthConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m placeforge.synth", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m synthcity", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
     parser.add_argument("--overwrite", action="store_true", help="replace synthetic data of another config in DIR")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from placeforge.synth.write import AT_DIRS, OutputDirError, generate
+    from synthcity.write import AT_DIRS, OutputDirError, generate
 
     try:
         summary = generate(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)

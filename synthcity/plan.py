@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placeforge.synth.city import City, StreetGrid, make_city
-from placeforge.synth.conditions import pick_condition, pick_month
-from placeforge.synth.synth_config import SynthConfig
+from synthcity.city import City, StreetGrid, make_city
+from synthcity.conditions import pick_condition, pick_month
+from synthcity.synth_config import SynthConfig
 
 AT, GSV, VAL = "atname", "gsv", "atname_val"  # layouts: one city each
 # New splits go at the end: a split's position is its seed code, and the codes of
