@@ -28,12 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation.dense_store import StoreKey, bytes_per_image
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def store_bytes(tokens: int, width: int, descriptor_dim: int = 512) -> int:
-    """Disk per database image: float16 tokens + descriptor + done flag."""
-    return 2 * (tokens * width + descriptor_dim) + 1
+    """Disk per database image, as the feature store lays it out (evaluation.dense_store)."""
+    key = StoreKey(checkpoint_sha256="", images_sha256="", image_size=0, descriptor_dim=descriptor_dim,
+                   tokens_shape=(tokens, width))
+    return bytes_per_image(key)
 
 
 def main(argv: list[str] | None = None) -> int:

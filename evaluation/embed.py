@@ -74,7 +74,8 @@ def embed_split(store: FeatureStore, paths: list[str], checkpoint: str, batch_si
     embedded = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 4 * actors))).map_batches(
         Embedder, fn_constructor_kwargs={"checkpoint": checkpoint, "id_column": "row",
                                               "keep_tokens": store.tokens is not None, "resize": resize,
-                                              "input_hw": tuple(input_hw)},
+                                              "input_hw": tuple(input_hw),
+                                              "descriptor_dtype": str(store.descriptors.dtype)},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=1 if gpus else 0, **({"resources": actor_resources} if actor_resources else {}),
     )

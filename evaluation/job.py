@@ -6,7 +6,7 @@
 Steps, each checked before the next costs minutes:
   1. the checkpoint (and its pair classifier, if any) loads; K fits the database;
   2. database and queries are embedded by a Ray Data actor pool into feature stores under
-     OUT/features/ (descriptors + float16 patch tokens, memory-mapped; a re-run resumes);
+     OUT/features/ (float32 descriptors + float16 patch tokens, memory-mapped; a re-run resumes);
   3. exact faiss search of every query among the database descriptors;
   4. the top K re-ranked by the pair classifier, both directions;
   5. Recall@N with positives within `radius_m` (or, where the queries carry `ground_truth`,

@@ -4,9 +4,9 @@
 
 Ranked by squared L2 distance (`faiss.IndexFlatL2`, all queries in one call) as
 gmberton/VPR-methods-evaluation's main.py ranks, and GSV-Cities' and Pair-VPR's evaluations.
-For exactly unit-length descriptors that is the inner-product order, but descriptors stored in
-float16 are unit-length only to about 1e-4, and ranking by inner product then puts near-equal
-candidates in another order than the reference (tests/test_recall_reference.py measures it).
+For exactly unit-length descriptors that is the inner-product order; descriptors are unit-length
+only to rounding, and ranking by inner product then can put near-equal candidates in another
+order than the reference (tests/test_recall_reference.py compares the two to the last query).
 The score reported is 1 - d^2 / 2, the cosine similarity of unit vectors (higher is better).
 Equal distances are ordered by database index, as faiss's CPU search returns them, so a ranking
 never depends on faiss's thread timing.

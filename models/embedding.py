@@ -2,7 +2,7 @@
 
     {"<id column>": [B], "jpeg": [B] bytes | "path": [B] str}
         --Embedder--> {"<id column>": [B] int64, "ok": [B] bool,
-                       "descriptor": [B, D] float16, "tokens": [B, N, C] float16 (keep_tokens)}
+                       "descriptor": [B, D] descriptor_dtype, "tokens": [B, N, C] float16 (keep_tokens)}
 
 Reclustering feeds encoded images read from the shards ("jpeg"); evaluation feeds file
 paths ("path"), which the actor reads itself (on a cluster the files must be on storage
@@ -26,10 +26,13 @@ class Embedder:
         resize: models.encoders.RESIZES; None = the checkpoint's own (evaluation may override it).
         input_hw: (H, W) every image of a "short_side" batch is resized to (one size per batch);
             the other modes use the checkpoint's square image_size.
+        descriptor_dtype: "float32" for evaluation (ranking must use what the model produced:
+            tests/test_recall_reference.py), "float16" for reclustering (its Parquet keeps float16).
     """
 
     def __init__(self, checkpoint: str, id_column: str = "image_id", keep_tokens: bool = False,
-                 resize: str | None = None, input_hw: tuple[int, int] | None = None) -> None:
+                 resize: str | None = None, input_hw: tuple[int, int] | None = None,
+                 descriptor_dtype: str = "float16") -> None:
         import torch
 
         from models.checkpoint import load_model_checkpoint
@@ -42,6 +45,7 @@ class Embedder:
         self.image_size = tuple(input_hw) if self.resize == "short_side" else cfg.image_size
         self.id_column = id_column
         self.keep_tokens = keep_tokens
+        self.descriptor_dtype = np.dtype(descriptor_dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -53,9 +57,9 @@ class Embedder:
         images = images.to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
             tokens = self.model.forward_features(images)  # [B, P + N, C], P prefix tokens
-            descriptors = self.model.pool(tokens, self.model.token_grid(images))  # [B, D], unit length: float16 is enough
+            descriptors = self.model.pool(tokens, self.model.token_grid(images))  # [B, D], unit length
         out = {self.id_column: np.asarray(batch[self.id_column], dtype=np.int64), "ok": ok,
-               "descriptor": descriptors.float().cpu().numpy().astype(np.float16)}
+               "descriptor": descriptors.float().cpu().numpy().astype(self.descriptor_dtype)}
         if self.keep_tokens:
             patches = tokens[:, self.model.encoder.num_prefix_tokens:]  # [B, N, C]
             out["tokens"] = patches.float().cpu().numpy().astype(np.float16)
