@@ -13,6 +13,11 @@ so it always loads with `torch.load(path, weights_only=True)`: a file that needs
 arbitrary unpickling is refused, never executed.  The config travels with the weights,
 so a loader rebuilds exactly the architecture they belong to, and a file whose weights
 do not fit its config fails with the mismatched keys named.
+
+`encoder_config` holds every EncoderConfig field; a field an older file lacks takes its default,
+the value those files were written with (e.g. `adapter`: "none", no MulConv adapters; with
+"mulconv" the adapters' weights, BatchNorm statistics included, are in `state_dict` as
+`encoder.blocks.i.mlp.adapter.*`).
 """
 
 from __future__ import annotations
@@ -186,5 +191,6 @@ def _check_fits(path: str | os.PathLike, cfg: EncoderConfig, shapes: dict[str, t
     if problem:
         raise CheckpointError(
             f"{path}: the weights do not match the architecture of its encoder_config "
-            f"(name={cfg.name}, descriptor_dim={cfg.descriptor_dim}, pooling={cfg.pooling}): {problem}"
+            f"(name={cfg.name}, descriptor_dim={cfg.descriptor_dim}, pooling={cfg.pooling}, "
+            f"adapter={cfg.adapter}): {problem}"
         )

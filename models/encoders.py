@@ -22,6 +22,11 @@ each cell's vector L2-normalised, then all concatenated and L2-normalised, so th
 two descriptors is the mean of their cells' cosines: the descriptor keeps where in the view
 things are (the 16 x 16-thumbnail baseline's strength), which one GeM over the whole view
 throws away.  Register tokens feed none of them.
+
+`adapter="mulconv"` (MutualVPR, models.adapters): a MulConv adapter beside every block's MLP,
+added after the encoder's weights are loaded; the encoder's own parameters are then frozen, so
+only the adapters, GeM's exponent and the head train.  MutualVPR's model is
+`EncoderConfig("vit_base_patch14_dinov2", 504, 512, "gem", resize="squash", adapter="mulconv")`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from models.adapters import add_mulconv_adapters, set_patch_grid
 from models.dinov2 import add_mask_token, load_weights_into, require_weights_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,6 +60,8 @@ INPUT_NORMS = ("imagenet", "per_image")
 # nearest multiple of the patch as that tool's DINOv2 wrapper does: a 4:3 image at 322 is
 # 322 x 434 (H x W), a non-square patch grid of 23 x 31.
 RESIZES = ("crop", "squash", "short_side")
+# What sits beside each encoder block's MLP: nothing, or MutualVPR's MulConv adapter (models.adapters).
+ADAPTERS = ("none", "mulconv")
 
 
 def normalize_input(images: torch.Tensor, mode: str) -> torch.Tensor:
@@ -122,6 +130,8 @@ ENCODERS: dict[str, EncoderSpec] = {
     # 2 blocks of width 64 in DINOv2's register layout (4 registers, layer scale, mask token):
     # the tests' encoder for every path that must skip class and register tokens.
     "vit_tiny_reg4_dinov2_test": EncoderSpec(14, 64, 2, 2, timm_name="vit_base_patch14_reg4_dinov2"),
+    # The same in the register-free layout (layer scale, mask token, class token only): MutualVPR's.
+    "vit_tiny_dinov2_test": EncoderSpec(14, 64, 2, 2, timm_name="vit_base_patch14_dinov2"),
 }
 
 # DINOv2 (facebookresearch/dinov2, dinov2/hub/backbones.py): size -> (letter of its release
@@ -159,6 +169,9 @@ class EncoderConfig:
         default="imagenet", metadata={"help": "imagenet, or per_image: standardise each image's channels first"})
     resize: str = field(default="crop", metadata={"help": "inference resize: crop (short side, centre), squash, or short_side (aspect kept)"})
     pooling_grid: int = field(default=2, metadata={"help": "gem_grid: cells per side of the grid (2: 2 x 2 cells)"})
+    adapter: str = field(default="none", metadata={
+        "help": "none, or mulconv (MutualVPR: a MulConv adapter beside every block's MLP; the encoder is frozen "
+                "and only the adapters, pooling and head train)"})
 
     def validate(self) -> None:
         spec = encoder_spec(self.name)
@@ -175,6 +188,11 @@ class EncoderConfig:
             raise ValueError(f"resize must be one of {list(RESIZES)}, got {self.resize!r}")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {list(INPUT_NORMS)}, got {self.input_norm!r}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
+        if self.adapter == "mulconv" and spec.embed_dim % 32:
+            raise ValueError(f"adapter mulconv needs an encoder width divisible by 32; "
+                             f"{self.name} has {spec.embed_dim}")
 
 
 def check_grid_fits(cells_per_side: int, descriptor_dim: int) -> None:
@@ -247,6 +265,7 @@ class GlobalDescriptorModel(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder tokens after the final norm.  [B, 3, H, W] -> [B, P + N, C]: class token, registers, patches."""
+        set_patch_grid(self.encoder, self.token_grid(images))  # MulConv adapters, if any, convolve over it
         return self.encoder.forward_features(normalize_input(images, self.input_norm))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -295,6 +314,8 @@ def build_model(cfg: EncoderConfig, load_encoder_weights: bool = True) -> Global
     encoder = spec.build(cfg.image_size)
     if weights is not None:
         load_weights_into(encoder, weights, dinov2=spec.dinov2)
+    if cfg.adapter == "mulconv":
+        add_mulconv_adapters(encoder)  # after the weights: the file has none for them; freezes the rest
     return GlobalDescriptorModel(encoder, cfg.descriptor_dim, cfg.pooling, cfg.input_norm, cfg.pooling_grid)
 
 

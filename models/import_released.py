@@ -4,6 +4,8 @@
     print(summary.text())            # variant, presets, keys mapped and dropped
     # python -m pipelines.evaluate --checkpoint models/pairvpr_vitb.pt ...   (global + re-ranking)
 
+MutualVPR's release: models.import_mutualvpr, which reads files with this module's reader.
+
 Pair-VPR (csiro-robotics/Pair-VPR) releases its stage-2 models as `torch.save` of
 `PairVPRNet.state_dict()` (pairvpr/training/train_stagetwo.py), loaded by its evaluation with
 `torch.load` + `load_state_dict(strict=False)`.  The keys, by module of pairvpr/models/pairvpr.py:
@@ -122,6 +124,16 @@ def read_released_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         FileNotFoundError: no such file.
         CheckpointError: the loader refused the file, or it holds no mapping of names to tensors.
     """
+    return read_released_checkpoint(path)[0]
+
+
+def read_released_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """`read_released_state`, and the names of the wrapper's other entries that it leaves behind
+    (a training checkpoint's optimizer state, epoch, ...; () for a bare state dict).
+
+    Raises:
+        as `read_released_state`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: released checkpoint not found")
@@ -134,15 +146,29 @@ def read_released_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True), which never runs a file's "
                               f"code ({reason}); a released state dict of tensors always loads this way") from error
+    left: tuple[str, ...] = ()
     for key in _WRAPPER_KEYS:
         if isinstance(content, dict) and isinstance(content.get(key), dict):
+            left = tuple(sorted(str(k) for k in content if k != key))
             content = content[key]
             break
     if not isinstance(content, dict) or not content or not all(isinstance(t, torch.Tensor) for t in content.values()):
         raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
     if all(k.startswith("module.") for k in content):
         content = {k[len("module."):]: t for k, t in content.items()}
-    return dict(content)
+    return dict(content), left
+
+
+def check_import_paths(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing `out` unless `overwrite`, and never the source itself.
+
+    Raises:
+        FileExistsError: with what to do instead.
+    """
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another output or pass overwrite (--overwrite) to replace it")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise FileExistsError(f"{out} is the source file itself; write the placeforge model to another file")
 
 
 def detect_pairvpr_variant(state: dict[str, torch.Tensor], where: str = "checkpoint") -> str:
@@ -324,10 +350,7 @@ def import_pairvpr(src_path: str | os.PathLike, out_path: str | os.PathLike, var
     src, out = Path(src_path), Path(out_path)
     if variant is not None and variant not in PAIRVPR_VARIANTS:
         raise ValueError(f"unknown Pair-VPR variant {variant!r}; valid: {', '.join(PAIRVPR_VARIANTS)}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another output or pass overwrite (--overwrite) to replace it")
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise FileExistsError(f"{out} is the source file itself; write the placeforge model to another file")
+    check_import_paths(src, out, overwrite)
     state = read_released_state(src)
     detected = detect_pairvpr_variant(state, str(src))
     if variant is not None and variant != detected:

@@ -4,7 +4,7 @@
     placeforge synth --out DIR             render the synthetic city (python -m synthcity)
     placeforge build-shards ...            pipelines/build_shards.py
     placeforge evaluate ...                pipelines/evaluate.py
-    placeforge import-checkpoint --from pairvpr FILE --out OUT    a released model -> a placeforge model file
+    placeforge import-checkpoint --from pairvpr|mutualvpr FILE --out OUT    a released model -> a placeforge model file
 """
 
 from __future__ import annotations
@@ -250,22 +250,13 @@ COMMANDS = {
     "synth": ("render the synthetic city", lambda argv: _synth_main(argv)),
     "build-shards": ("build place-aware WebDataset shards (Ray Data)", lambda argv: _build_shards_main(argv)),
     "evaluate": ("Recall@N before and after re-ranking, with a report", lambda argv: _evaluate_main(argv)),
-    "import-checkpoint": ("convert a released checkpoint (Pair-VPR) into a placeforge model file",
+    "import-checkpoint": ("convert a released checkpoint (Pair-VPR, MutualVPR) into a placeforge model file",
                           lambda argv: import_checkpoint(argv)),
 }
 
-# Released checkpoints that cannot be imported yet, and why (printed as the error).
-IMPORT_NOT_SUPPORTED = {
-    "mutualvpr": "MutualVPR's encoder adds a MulConv adapter to every DINOv2 block's MLP path (Linear 768 -> 384, "
-                 "1x1 / 3x3 / 5x5 convolutions over the patch grid, Linear 384 -> 768, added with scale 0.2; "
-                 "Gucci233/MutualVPR backbone/dinov2/block.py); placeforge's encoders are plain timm ViTs with no "
-                 "such layer, so those weights have nowhere to go",
-}
-
-
 IMPORT_HELP = """Convert a released checkpoint into a placeforge model file, so that
 `python -m pipelines.evaluate --checkpoint OUT ...` evaluates the published model as it is
-(global descriptor, then pair-classifier re-ranking).
+(global descriptor, then pair-classifier re-ranking where the model has one).
 
 --from pairvpr: a stage-2 model of csiro-robotics/Pair-VPR: pairvpr-vitB.pth ("speed") or
 pairvpr-vitG.pth ("performance"); its trained_models/models_readme.md links the download.
@@ -275,33 +266,52 @@ The file is read with torch.load(weights_only=True). Every key is mapped or drop
 Any other key fails the import, naming it.
 The model file evaluates at 322 px, squashed, as Pair-VPR does.
 Re-rank as published with --rerank-top-k 100 (ViT-B) or 500 (ViT-G); see docs/evaluation.md.
+
+--from mutualvpr: the model of Gucci233/MutualVPR (its README links the download): the state
+dict train.py saves (best_model.pth; `module.` prefix or not), or a last_checkpoint.pth, whose
+training state is dropped by name:
+{mutualvpr_dropped}.
+Every tensor is mapped: the DINOv2 ViT-B/14 backbone, the MulConv adapter of every block,
+GeM and the Linear to 512; any other key fails the import, naming it.
+The model file evaluates squashed to 504 x 504 (--image-size 476 for MutualVPR's Pittsburgh and
+Tokyo 24/7 loaders' size), with the global descriptor only, as MutualVPR's test.py does; it has
+no pair classifier.
 """
 
 
 def import_checkpoint(argv: list[str]) -> int:
     """Convert a released checkpoint of a published method into a placeforge model file."""
+    from models.import_mutualvpr import MUTUALVPR_DROPPED, MUTUALVPR_VARIANTS
     from models.import_released import PAIRVPR_DROPPED, PAIRVPR_VARIANTS
     from pipelines.shell import run_guarded, script_parser
 
-    parser = script_parser("placeforge import-checkpoint", IMPORT_HELP.format(dropped=", ".join(PAIRVPR_DROPPED)),
+    parser = script_parser("placeforge import-checkpoint",
+                           IMPORT_HELP.format(dropped=", ".join(PAIRVPR_DROPPED),
+                                              mutualvpr_dropped=", ".join(MUTUALVPR_DROPPED)),
                            split_epilog=True)
-    parser.add_argument("--from", dest="source_format", required=True, choices=["pairvpr", *IMPORT_NOT_SUPPORTED],
-                        help="whose release FILE is: pairvpr (mutualvpr is not supported yet)")
+    parser.add_argument("--from", dest="source_format", required=True, choices=["pairvpr", "mutualvpr"],
+                        help="whose release FILE is: pairvpr (Pair-VPR stage 2) or mutualvpr (MutualVPR)")
     parser.add_argument("file", type=Path, metavar="FILE", help="the released checkpoint file")
     parser.add_argument("--out", required=True, type=Path, help="the placeforge model file to write")
-    parser.add_argument("--variant", choices=list(PAIRVPR_VARIANTS),
-                        help="vitb or vitg (default: detected from the tensor shapes; a mismatch is an error)")
+    parser.add_argument("--variant", choices=sorted({*PAIRVPR_VARIANTS, *MUTUALVPR_VARIANTS}),
+                        help="pairvpr: vitb or vitg; mutualvpr: vitb (default: detected from the tensor shapes; "
+                             "a mismatch is an error)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="mutualvpr only: the side images are squashed to, a multiple of 14 (default 504)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     setup_logging()
 
     def run() -> str:
+        from models.import_mutualvpr import import_mutualvpr
         from models.import_released import import_pairvpr
 
-        if args.source_format in IMPORT_NOT_SUPPORTED:
-            raise ValueError(f"--from {args.source_format} is not supported yet: "
-                             f"{IMPORT_NOT_SUPPORTED[args.source_format]}")
-        return import_pairvpr(args.file, args.out, args.variant, overwrite=args.overwrite).text()
+        if args.source_format == "pairvpr":
+            if args.image_size is not None:
+                raise ValueError("--image-size is for --from mutualvpr; Pair-VPR models evaluate at 322 px")
+            return import_pairvpr(args.file, args.out, args.variant, overwrite=args.overwrite).text()
+        size = {} if args.image_size is None else {"image_size": args.image_size}
+        return import_mutualvpr(args.file, args.out, args.variant, overwrite=args.overwrite, **size).text()
 
     return run_guarded("placeforge import-checkpoint", run, (ValueError, FileNotFoundError, FileExistsError))
 
