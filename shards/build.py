@@ -240,9 +240,15 @@ def _take_releasing(holder: list[pa.Table], indices: np.ndarray) -> pa.Table:
     dropped as they are taken, so at 5 M rows the wide rows exist about once, not twice."""
     table = holder.pop()
     schema, taken, where = table.schema, [], pa.array(indices)
+    pool = pa.default_memory_pool()
     for _ in schema.names:
-        taken.append(table.column(0).take(where))
-        table = table.remove_column(0)  # the last reference to that column: its buffers are freed
+        column = table.column(0)
+        table = table.remove_column(0)
+        if column.num_chunks > 1:  # (one per source) take() would join them itself, beside its result
+            column = column.combine_chunks()
+        taken.append(column.take(where))
+        del column  # the last reference to that column: its buffers are freed
+        pool.release_unused()  # and handed back now, so that the next column's copy can use them
     return pa.Table.from_arrays(taken, schema=schema)
 
 
