@@ -1,10 +1,11 @@
 """Test sets in the layouts their tools write, placed as the reference evaluator places them.
 
-Every benchmark of evaluation/benchmarks.py gets a tiny copy written here in its exact layout:
-the folders and "@" names gmberton/VPR-datasets-downloader writes (numbers formatted as its
+Every benchmark of evaluation/benchmarks.py gets a tiny copy in its exact layout, written by
+tests/benchmark_layouts.py (which names the script and lines each copy follows): the folders
+and "@" names gmberton/VPR-datasets-downloader writes (numbers formatted as its
 util.format_coord does; Nordland, AmsterTime and SPED with its mock coordinates), SF-XL's
-processed/test folders.  Each is read with `read_benchmark`, and its positives are compared
-with answers known by construction and with an independent re-implementation of
+processed/test folders.  Each is read with `read_benchmark`: its counts and positives are
+compared with answers known by construction and with an independent re-implementation of
 VPR-methods-evaluation's ground truth (fields 1 and 2 of the name, sklearn radius neighbours).
 The last tests run pipelines/evaluate.py end to end on two of them (marked ray).
 """
@@ -27,135 +28,24 @@ from evaluation.testset import check_comparable, read_split
 from models.checkpoint import save_model_checkpoint
 from models.encoders import EncoderConfig, build_model
 from pipelines.evaluate import main
-from placeforge.geo import latlon_to_utm, utm_to_latlon
+from placeforge.geo import latlon_to_utm
 from placeforge.ingest import SourceError, parse_at_names, read_source
-from tests.conftest import jpeg_bytes
+from tests.benchmark_layouts import (
+    SF_XL_NIGHT_LATLON_OFFSET_M,
+    coord,
+    dst_name,
+    latlon_at,
+    nordland_name,
+    pair_name,
+    pitts_name,
+    sf_xl_name,
+    tokyo_query_name,
+    write_benchmark,
+    write_images,
+)
 from tests.test_eval_core import plain_recall
 
 RADIUS_M = 25.0
-
-
-# --- names as the downloader writes them ---------------------------------------------------
-
-def coord(value: float, left: int, right: int) -> str:
-    """The downloader's number format: `left` integer digits (sign included), zero-padded."""
-    return f"{float(value):0={left + right + 1}.{right}f}"
-
-
-def downloader_name(lat: float, lon: float, pano_id: str = "", tile_num: int | None = None,
-                    heading: float | None = None, pitch: float | None = None, timestamp: str = "",
-                    note: str = "") -> str:
-    """The 14-field name the downloader writes for a real position: UTM from full-precision
-    lat/lon with 2 decimals, lat/lon with 5."""
-    utm = latlon_to_utm(np.array([lat]), np.array([lon]))
-    east, north, zone, letter = utm.east_m[0], utm.north_m[0], int(utm.zone_number[0]), str(utm.zone_letter[0])
-    tile = "" if tile_num is None else f"{tile_num:02d}"
-    head = "" if heading is None else f"{int(heading):03d}"
-    tilt = "" if pitch is None else f"{int(pitch):03d}"
-    return (f"@{coord(east, 7, 2)}@{coord(north, 7, 2)}@{zone:02d}@{letter}@{coord(lat, 3, 5)}@{coord(lon, 4, 5)}"
-            f"@{pano_id}@{tile}@{head}@{tilt}@@@{timestamp}@{note}@.jpg")
-
-
-def nordland_name(frame: int) -> str:
-    """download_nordland.py: frames on a line, 25 / 10.5 m apart (10 frames within 25 m)."""
-    return f"@0@{coord(frame * 25 / 10.5, 5, 1)}@@@@@{frame}@@@@@@@@.jpg"
-
-
-def pair_name(pair: str) -> str:
-    """download_amstertime.py and download_sped.py: a pair shares a name; pairs 1 km apart."""
-    return f"@0@{int(pair) * 1000}@@@@@{pair}@@@@@@@@.jpg"
-
-
-def latlon_at(east: float, north: float, zone: int, northern: bool) -> tuple[float, float]:
-    lat, lon, ok = utm_to_latlon(np.array([east]), np.array([north]), np.array([zone]), np.array([northern]))
-    assert ok[0]
-    return float(lat[0]), float(lon[0])
-
-
-def write_images(folder: Path, names: list[str], first_seed: int) -> list[bytes]:
-    folder.mkdir(parents=True, exist_ok=True)
-    images = [jpeg_bytes(first_seed + i, (64, 48)) for i in range(len(names))]
-    for name, data in zip(names, images):
-        (folder / name).write_bytes(data)
-    return images
-
-
-# --- one tiny copy per benchmark ---------------------------------------------------------------
-# A street: database images along the easting, queries beside them.  With these offsets the
-# query at 5 m has database images 0 and 1 (5 and 15 m away; 35 m is out), the one at 50 m
-# images 2 and 3, and the one at 130 m none; no distance is near 25 m.
-DB_OFFSETS_M = (0.0, 20.0, 40.0, 60.0, 200.0)
-Q_OFFSETS_M = (5.0, 50.0, 130.0)
-STREET_POSITIVES = [[0, 1], [2, 3], []]
-
-# benchmark: (UTM zone, northern, origin east, north; fields the downloader's script fills)
-UTM_SETS = {
-    "pitts30k": (17, True, (584_100.0, 4_477_200.0), {"pano_id": "000123", "tile_num": 13, "note": "pitch1_yaw2"}),
-    "pitts250k": (17, True, (585_300.0, 4_476_400.0), {"pano_id": "004567", "tile_num": 2, "note": "pitch1_yaw3"}),
-    "tokyo247": (54, True, (386_500.0, 3_950_100.0), {"pano_id": "00123456"}),
-    "san-francisco": (10, True, (551_000.0, 4_180_000.0), {"pano_id": "pci8y", "tile_num": 3, "heading": 270,
-                                                          "pitch": 4}),
-    "st-lucia": (56, False, (502_000.0, 6_960_000.0), {"pano_id": "100909_0845_00012"}),
-    "eynsham": (30, True, (607_000.0, 5_740_000.0), {"pano_id": "0042", "tile_num": 4,
-                                                    "timestamp": "20080416_121314"}),
-}
-SVOX_QUERIES = ("queries", "queries_night", "queries_overcast", "queries_rain", "queries_snow", "queries_sun")
-SF_XL_QUERIES = ("queries_v1", "queries_v2", "queries_night", "queries_occlusion")
-
-
-def street(folder: Path, zone: int, northern: bool, origin: tuple[float, float], offsets: tuple[float, ...],
-           first_seed: int, **fields) -> list[bytes]:
-    names = [downloader_name(*latlon_at(origin[0] + d, origin[1], zone, northern), **fields) for d in offsets]
-    return write_images(folder, names, first_seed)
-
-
-def write_benchmark(name: str, tmp_path: Path) -> tuple[Path, list[list[int]]]:
-    """Write benchmark `name` below tmp_path in its layout; (root, positives known by construction)."""
-    if name in UTM_SETS:
-        zone, northern, origin, fields = UTM_SETS[name]
-        root = tmp_path / "datasets" / name.replace("-", "_")
-        street(root / "images/test/database", zone, northern, origin, DB_OFFSETS_M, 0, **fields)
-        street(root / "images/test/queries", zone, northern, origin, Q_OFFSETS_M, 100, **fields)
-        return root, STREET_POSITIVES
-    if name == "msls-val":  # two cities in two zones: Copenhagen (33U) and San Francisco (10S)
-        root = tmp_path / "msls"
-        cities = (("cph", 33, (347_000.0, 6_172_000.0), 0), ("sf", 10, (551_000.0, 4_180_000.0), 50))
-        for city, zone, origin, seed in cities:
-            for side, offsets in (("database", DB_OFFSETS_M), ("queries", Q_OFFSETS_M[:2])):
-                street(root / "val" / side, zone, True, origin, offsets, seed + (20 if side == "queries" else 0),
-                       pano_id=f"{city}key{side[0]}", timestamp="20160915", note=f"day_backward_{city}")
-        # sorted names: cph's eastings (0347...) come before sf's (0551...)
-        return root, [[0, 1], [2, 3], [5, 6], [7, 8]]
-    if name == "nordland":
-        root = tmp_path / "datasets" / "nordland"
-        frames = range(14)
-        write_images(root / "images/test/database", [nordland_name(f) for f in frames], 0)
-        write_images(root / "images/test/queries", [nordland_name(f) for f in frames], 100)
-        return root, [[d for d in frames if abs(d - q) <= 10] for q in frames]
-    if name in ("amstertime", "sped"):
-        root = tmp_path / "datasets" / name
-        pairs = [f"{i:04d}" for i in range(13)] if name == "amstertime" else [f"{i:07d}" for i in (1, 2, 3, 11, 12)]
-        names = sorted(pair_name(p) for p in pairs)  # 0, 1000, 10000, 11000, ...: not numeric order
-        write_images(root / "images/test/database", names, 0)
-        write_images(root / "images/test/queries", names, 100)
-        return root, [[i] for i in range(len(names))]  # each query's twin, and nothing else
-    if name.startswith("svox"):  # Oxford (30U); every query folder beside one gallery
-        root = tmp_path / "datasets" / "svox"
-        origin = (620_000.0, 5_735_000.0)
-        street(root / "images/test/gallery", 30, True, origin, DB_OFFSETS_M, 0)
-        for i, folder in enumerate(SVOX_QUERIES):
-            street(root / "images/test" / folder, 30, True, origin, Q_OFFSETS_M[: 1 + i % 3], 100 + 10 * i)
-        count = 1 + SVOX_QUERIES.index(BENCHMARKS[name].queries.rsplit("/", 1)[-1]) % 3
-        return root, STREET_POSITIVES[:count]
-    if name.startswith("sf-xl"):  # processed/test: one database, four query sets
-        root = tmp_path / "sf_xl" / "processed"
-        origin = (549_000.0, 4_181_000.0)
-        street(root / "test/database", 10, True, origin, DB_OFFSETS_M, 0, pano_id="pano", tile_num=1, heading=90)
-        for i, folder in enumerate(SF_XL_QUERIES):
-            street(root / "test" / folder, 10, True, origin, Q_OFFSETS_M[: 1 + i % 3], 100 + 10 * i)
-        count = 1 + SF_XL_QUERIES.index(BENCHMARKS[name].queries.rsplit("/", 1)[-1]) % 3
-        return root, STREET_POSITIVES[:count]
-    raise AssertionError(f"no fixture for benchmark {name}")
 
 
 def reference_positives(db_paths: list[str], q_paths: list[str]) -> list[list[int]]:
@@ -170,10 +60,12 @@ def reference_positives(db_paths: list[str], q_paths: list[str]) -> list[list[in
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
-def test_each_benchmark_layout_is_read_with_the_positives_it_was_built_with(name, tmp_path):
-    root, expected = write_benchmark(name, tmp_path)
+def test_each_benchmark_layout_is_read_with_the_counts_and_positives_it_was_built_with(name, tmp_path):
+    written = write_benchmark(name, tmp_path)
+    root, expected = written.root, written.positives
     database, queries = read_benchmark(f"{name}:{root}")
     bench = BENCHMARKS[name]
+    assert (len(database), len(queries)) == (written.database_count, len(expected))
     assert database.paths[0].startswith(str((root / bench.database).resolve()) + "/")
     assert queries.paths[0].startswith(str((root / bench.queries).resolve()) + "/")
     assert database.frame == queries.frame == bench.frame and database.rejected == queries.rejected == 0
@@ -184,13 +76,44 @@ def test_each_benchmark_layout_is_read_with_the_positives_it_was_built_with(name
     assert ours == reference_positives(database.paths, queries.paths)
 
 
+def test_fixture_names_have_the_fields_the_tools_write():
+    # Real names, compared from field 3 (zone) on; fields 1 and 2 are recomputed from the printed
+    # lat/lon here, so they may differ by the metre its 5 decimals drop.  Pitts30k, Tokyo 24/7 and
+    # the SF-XL night name as code that reads the formatted sets quotes them; SF-XL v1 and its
+    # database from OliverGrainge/TeTRA-VPR's dataloaders/val/image_paths/sf_xl_small_*.npy.
+    real = {
+        pitts_name(40.43857, -80.00562, "queries_real/004/004561_pitch1_yaw1.jpg"):
+            "@0584334.39@4476910.88@17@T@040.43857@-080.00562@004561@00@@@@@@pitch1_yaw1@.jpg",
+        tokyo_query_name(35.65375, 139.69540, "00399.jpg"):
+            "@0381904.46@3946329.36@54@S@035.65375@0139.69540@00399.jpg@@@@@@@@.jpg",
+        sf_xl_name(37.76031, -122.50882, "51321055860", None, "20210718"):
+            "@0543263.69@4179336.01@10@S@037.76031@-122.50882@51321055860@@@@@@20210718@@.jpg",
+        sf_xl_name(37.77087, -122.51113, "91v00dfETJ4DjDI7udN8xg", 150, "201904"):
+            "@0543054.81@4180505.57@10@S@037.77087@-122.51113@91v00dfETJ4DjDI7udN8xg@@150@@@@201904@@.jpg",
+    }
+    for ours, theirs in real.items():
+        assert ours.split("@")[3:] == theirs.split("@")[3:], ours
+        east_north = [[float(f) for f in name.split("@")[1:3]] for name in (ours, theirs)]
+        assert np.allclose(*east_north, atol=1.5), ours
+    night = "@0543030.55@4180984.98@10@S@37.775128@-122.51158@31760538811@@@@@@20161226@@.jpg"
+    assert sf_xl_name(37.775128, -122.51158, "31760538811", None, "20161226", plain_latlon=True,
+                      east_north=(543030.55, 4180984.98)) == night
+    utm = latlon_to_utm(np.array([37.775128]), np.array([-122.51158]))  # its lat/lon: 19 m from its UTM fields
+    offset = (utm.east_m[0] - 543030.55, utm.north_m[0] - 4180984.98)
+    assert np.allclose(offset, SF_XL_NIGHT_LATLON_OFFSET_M, atol=0.01)
+    # The mock names, from the scripts' own formulas (benchmark_layouts cites the lines).
+    assert [nordland_name(f) for f in (0, 10, 11)] == ["@0@00000.0@@@@@0@@@@@@@@.jpg", "@0@00023.8@@@@@10@@@@@@@@.jpg",
+                                                       "@0@00026.2@@@@@11@@@@@@@@.jpg"]
+    assert pair_name("0000606") == "@0@606000@@@@@0000606@@@@@@@@.jpg" and pair_name("0012").startswith("@0@12000@")
+
+
 def test_positions_are_the_name_utm_fields_not_its_lat_lon(tmp_path):
     # lat/lon put the database image 40 m east of where its UTM fields put it: the fields win.
     east, north = 551_000.0, 4_180_000.0
     lat, lon = latlon_at(east + 40.0, north, 10, True)
     moved = f"@{coord(east, 7, 2)}@{coord(north, 7, 2)}@10@S@{coord(lat, 3, 5)}@{coord(lon, 4, 5)}@p@@@@@@@@.jpg"
     write_images(tmp_path / "database", [moved], 0)
-    query = downloader_name(*latlon_at(east + 3.0, north, 10, True))
+    query = dst_name(*latlon_at(east + 3.0, north, 10, True), "p")
     write_images(tmp_path / "queries", [query], 1)
     database, queries = read_split(str(tmp_path / "database")), read_split(str(tmp_path / "queries"), "queries")
     assert database.east_north.tolist() == [[east, north]] and database.zone.tolist() == [10]
@@ -245,12 +168,12 @@ def test_mock_coordinates_mixed_with_utm_zones_are_refused(tmp_path):
     assert coordinate_frame(np.array([0, 0])) == "planar" and coordinate_frame(np.array([10, -56])) == "utm"
 
     mixed = tmp_path / "mixed"
-    write_images(mixed, [nordland_name(1), downloader_name(37.7751, -122.5113)], 0)
+    write_images(mixed, [nordland_name(1), dst_name(37.7751, -122.5113, "p")], 0)
     with pytest.raises(SourceError, match=r"mock coordinates .* cannot be compared with real positions"):
         read_split(str(mixed))
 
     write_images(tmp_path / "planar", [nordland_name(1)], 0)
-    write_images(tmp_path / "utm", [downloader_name(37.7751, -122.5113)], 1)
+    write_images(tmp_path / "utm", [dst_name(37.7751, -122.5113, "p")], 1)
     database, queries = read_split(str(tmp_path / "planar")), read_split(str(tmp_path / "utm"), "queries")
     with pytest.raises(SourceError, match=r"the database have mock coordinates \(e\.g\. @0@00002\.4@"):
         check_comparable(database, queries)
@@ -258,13 +181,13 @@ def test_mock_coordinates_mixed_with_utm_zones_are_refused(tmp_path):
 
 def test_evaluate_refuses_a_mix_and_a_wrong_layout_with_one_error_line(tmp_path, capsys):
     write_images(tmp_path / "planar", [nordland_name(1)], 0)
-    write_images(tmp_path / "utm", [downloader_name(37.7751, -122.5113)], 1)
+    write_images(tmp_path / "utm", [dst_name(37.7751, -122.5113, "p")], 1)
     code = main(["--checkpoint", str(tmp_path / "m.pt"), "--database", f"atname:{tmp_path / 'planar'}",
                  "--queries", f"atname:{tmp_path / 'utm'}", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("evaluate: error: the database have mock coordinates")
 
-    root, _ = write_benchmark("tokyo247", tmp_path)  # UTM names where nordland has mock coordinates
+    root = write_benchmark("tokyo247", tmp_path).root  # UTM names where nordland has mock coordinates
     for spec, message in ((f"nordland:{root}", ("nordland: the database names carry UTM positions, but nordland's "
                                                  "carry mock coordinates")),
                           (f"svox:{root}", f"svox expects {root}/images/test/gallery"),
@@ -282,13 +205,14 @@ def test_evaluate_refuses_a_mix_and_a_wrong_layout_with_one_error_line(tmp_path,
 
 def test_shard_building_still_rejects_mock_coordinates(tmp_path):
     # The catalog needs real lat/lon; only evaluation reads mock coordinates.
-    root, _ = write_benchmark("nordland", tmp_path)
+    root = write_benchmark("nordland", tmp_path).root
     result = read_source("atname", root / "images/test/database")
     assert result.catalog.num_rows == 0 and set(result.rejects.column("reason").to_pylist()) == {"bad_coordinates"}
 
 
 def test_bad_names_in_a_benchmark_are_set_aside_with_a_reason(tmp_path):
-    root, expected = write_benchmark("nordland", tmp_path)
+    written = write_benchmark("nordland", tmp_path)
+    root, expected = written.root, written.positives
     database = root / "images/test/database"
     write_images(database, ["@0@5@10@@@@@@@@@@@@.jpg", "frame_0001.jpg"], 500)
     (database / "notes.txt").write_text("not an image: not an input")
@@ -313,7 +237,8 @@ def global_only_checkpoint(tmp_path_factory):
 @pytest.mark.ray
 @pytest.mark.parametrize("name", ["amstertime", "svox-overcast"])
 def test_evaluate_runs_a_benchmark_end_to_end(local_ray, global_only_checkpoint, name, tmp_path, capsys):
-    root, expected = write_benchmark(name, tmp_path)
+    written = write_benchmark(name, tmp_path)
+    root, expected = written.root, written.positives
     bench = BENCHMARKS[name]
     if name == "svox-overcast":  # each query is its nearest gallery image (0 and 2); the last has no positive
         gallery = sorted((root / bench.database).iterdir())
