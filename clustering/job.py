@@ -60,7 +60,8 @@ class ReclusterError(RuntimeError):
 
 @dataclass(frozen=True)
 class ReclusterConfig:
-    k: int = field(default=3, metadata={"help": "view classes per cell (MutualVPR: 3)"})
+    k: int = field(default=3, metadata={
+        "help": "view classes per cell (MutualVPR's official default: 6, --C in myparser.py)"})
     seed: int = field(default=0, metadata={"help": "seed of the initial split, K-means and the plotted cells"})
     cell_size_m: float = field(default=10.0, metadata={"help": "side of a UTM cell in metres (MutualVPR: 10)"})
     cells_apart: int = field(default=DEFAULT_CELLS_APART, metadata={"help": "CosPlace groups: cells N apart share one"})

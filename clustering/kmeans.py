@@ -194,7 +194,7 @@ def cluster_cells(
     Args:
         cell_ids: [N] int64 cell of each image.
         descriptors: [N, D] float32 or float16 (converted per cell), finite.
-        k: classes per cell (MutualVPR: 3).
+        k: classes per cell (MutualVPR's official code: 6).
         seed: base seed; each cell uses mix64(seed, cell_id).
         n_init: K-means restarts per cell, best objective kept (faiss nredo; sklearn n_init).
         niter: Lloyd iterations per restart.

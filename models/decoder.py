@@ -1,18 +1,27 @@
 """Stage 1 of Pair-VPR: Siamese masked image modelling (MIM) with a cross-attending decoder.
 
     decoder = SiameseMIMDecoder(decoder_config("dec768d12b"), encoder_dim=768, patch_size=14)
-    mim = SiameseMIM(encoder, decoder)
+    mim = SiameseMIM(encoder, decoder, masking="mask_token")       # or "drop"
     mask, keep_idx = random_patch_mask(B, N, mask_ratio=0.9, generator=g)
     pred = mim(images_1, images_2, keep_idx)                        # [B, N, 14 * 14 * 3]
     loss = masked_patch_mse(pred, patchify(images_1, 14), mask)     # trainer.losses
 
-MAE-style: the encoder sees only the visible patches of image 1 (10 % of them at mask
-ratio 0.9, so its cost falls about tenfold) and all patches of image 2.  The decoder
-projects both to its own width, puts a learned mask token at every masked position of
-image 1, adds fixed 2D sine-cosine positions (they exist for any grid, so the same
-decoder runs at 224 px in stage 1 and 322 px in stage 2), then runs blocks of
-self-attention over image 1, cross-attention to image 2 and an MLP (pre-norm, as CroCo,
-on which Pair-VPR builds).  A linear head predicts each patch's pixels.  The encoder's
+Image 1's masked patches are hidden from the encoder in one of two ways (MASKINGS); image 2
+is always encoded whole.
+  * drop (MAE-style): the encoder sees only the visible patches of image 1 (10 % of them at
+    mask ratio 0.9, so its cost falls about tenfold).  The decoder puts its own learned mask
+    token at every masked position.
+  * mask_token (Pair-VPR, pairvpr/models/pairvpr.py and dinov2.py): the masked patches'
+    embeddings are replaced by the encoder's mask token before positions are added (DINOv2's
+    `prepare_tokens_with_masks`), the encoder runs over the full grid, and the decoder reads
+    all of image 1's tokens; its own mask token is not used (Pair-VPR defines one and never
+    reads it).  The token is DINOv2's (models.dinov2); an encoder without one gets a
+    learnable token here, zeros as DINOv2 initialises its own.
+The decoder projects both images' tokens to its own width, adds fixed 2D sine-cosine
+positions (they exist for any grid, so the same decoder runs at 224 px in stage 1 and 322 px
+in stage 2), then runs blocks of self-attention over image 1, cross-attention to image 2
+and an MLP (pre-norm, as CroCo, on which Pair-VPR builds).  A linear head predicts each
+patch's pixels.  The encoder's
 class token is dropped before the decoder: the decoder works on patch tokens only, and
 stage 2's pair classifier (models.heads) prepends its own class token.  Register tokens
 (DINOv2 _reg4 presets) are dropped with the class token: every prefix token is skipped.
@@ -28,7 +37,11 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from models.dinov2 import encode_with_mask_token
 from models.encoders import normalize_input
+
+# How stage 1 hides image 1's masked patches from the encoder (module docstring).
+MASKINGS = ("drop", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -245,27 +258,33 @@ class SiameseMIMDecoder(nn.Module):
             x = block(x, y)
         return self.norm(x)
 
-    def forward(self, visible_tokens: torch.Tensor, keep_idx: torch.Tensor, tokens_2: torch.Tensor,
+    def forward(self, visible_tokens: torch.Tensor, keep_idx: torch.Tensor | None, tokens_2: torch.Tensor,
                 grid: tuple[int, int]) -> torch.Tensor:
         """Predict the pixels of every patch of image 1.
 
         Args:
             visible_tokens: [B, N_keep, C] encoder patch tokens of image 1's visible patches
-                (prefix tokens removed), in the order of keep_idx.
-            keep_idx: [B, N_keep] their patch indices.
+                (prefix tokens removed), in the order of keep_idx; with keep_idx None, [B, N, C]
+                tokens of every patch (mask_token masking: the encoder already hid the masked ones).
+            keep_idx: [B, N_keep] their patch indices, or None.
             tokens_2: [B, M, C] encoder patch tokens of image 2, all of them (prefix tokens removed).
             grid: (gh, gw) of both images' patch grids; N = M = gh * gw.
         Returns:
             [B, N, p * p * 3] predicted pixels (the loss reads only the masked ones).
         """
-        b, n_keep, _ = visible_tokens.shape
+        b, n_in, _ = visible_tokens.shape
         n = grid[0] * grid[1]
         if tokens_2.shape[1] != n:
             raise ValueError(f"image 2 has {tokens_2.shape[1]} tokens, the grid {grid} has {n}")
         pos = self.positions(grid, visible_tokens.device)  # [1, N, D]
-        x = self.mask_token.expand(b, n, -1).clone()  # [B, N, D] mask token everywhere ...
-        index = keep_idx.unsqueeze(-1).expand(-1, -1, self.width)  # [B, N_keep, D]
-        x = x.scatter(1, index, self.embed(visible_tokens))  # ... except at the visible patches
+        if keep_idx is None:
+            if n_in != n:
+                raise ValueError(f"image 1 has {n_in} tokens, the grid {grid} has {n} (keep_idx None: every patch)")
+            x = self.embed(visible_tokens)  # [B, N, D]
+        else:
+            x = self.mask_token.expand(b, n, -1).clone()  # [B, N, D] mask token everywhere ...
+            index = keep_idx.unsqueeze(-1).expand(-1, -1, self.width)  # [B, N_keep, D]
+            x = x.scatter(1, index, self.embed(visible_tokens))  # ... except at the visible patches
         y = self.embed(tokens_2) + pos  # [B, N, D]
         x = self.run_blocks(x + pos, y)  # [B, N, D]
         return self.pixel_head(x)  # [B, N, p * p * 3]
@@ -277,24 +296,46 @@ class SiameseMIM(nn.Module):
     Args:
         encoder: timm VisionTransformer with a class token and any registers (models.encoders presets).
         decoder: a SiameseMIMDecoder built for this encoder's width and patch size.
+        input_norm: as the global model's (models.encoders.INPUT_NORMS).
+        masking: how image 1's masked patches are hidden from the encoder (MASKINGS, module docstring).
     """
 
-    def __init__(self, encoder: VisionTransformer, decoder: SiameseMIMDecoder, input_norm: str = "imagenet") -> None:
+    def __init__(self, encoder: VisionTransformer, decoder: SiameseMIMDecoder, input_norm: str = "imagenet",
+                 masking: str = "drop") -> None:
         super().__init__()
+        if masking not in MASKINGS:
+            raise ValueError(f"unknown masking {masking!r}; valid: {', '.join(MASKINGS)}")
         self.encoder = encoder
         self.decoder = decoder
-        self.input_norm = input_norm  # as the global model's (models.encoders.INPUT_NORMS)
+        self.input_norm = input_norm
+        self.masking = masking
+        if masking == "mask_token":
+            decoder.mask_token.requires_grad_(False)  # never read in this mode: no gradient to wait for
+            if not hasattr(encoder, "mask_token"):  # not a DINOv2 preset: a learnable token, DINOv2's zero init
+                self.mask_token = nn.Parameter(torch.zeros(1, encoder.embed_dim))
+
+    def patch_mask_token(self) -> nn.Parameter | None:
+        """[1, C] token that replaces image 1's masked patches (the encoder's DINOv2 token, else
+        this model's own); None under drop masking."""
+        if self.masking != "mask_token":
+            return None
+        return self.encoder.mask_token if hasattr(self.encoder, "mask_token") else self.mask_token
 
     def forward(self, images_1: torch.Tensor, images_2: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """images_1, images_2 [B, 3, H, W] of one place each; keep_idx [B, N_keep] visible
-        patches of image 1.  -> predicted pixels [B, N, p * p * 3]."""
+        patches of image 1 (every other patch is masked).  -> predicted pixels [B, N, p * p * 3]."""
         grid = patch_grid(self.encoder, images_1)
         images_1 = normalize_input(images_1, self.input_norm)
         images_2 = normalize_input(images_2, self.input_norm)
         prefix = self.encoder.num_prefix_tokens
-        visible = encode_visible(self.encoder, images_1, keep_idx)[:, prefix:]  # [B, N_keep, C]
         tokens_2 = self.encoder.forward_features(images_2)[:, prefix:]  # [B, N, C]
-        return self.decoder(visible, keep_idx, tokens_2, grid)
+        if self.masking == "drop":
+            visible = encode_visible(self.encoder, images_1, keep_idx)[:, prefix:]  # [B, N_keep, C]
+            return self.decoder(visible, keep_idx, tokens_2, grid)
+        masked = torch.ones(keep_idx.shape[0], grid[0] * grid[1], dtype=torch.bool, device=keep_idx.device)
+        masked.scatter_(1, keep_idx, False)  # [B, N], as random_patch_mask's mask
+        tokens_1 = encode_with_mask_token(self.encoder, images_1, masked, self.patch_mask_token())[:, prefix:]
+        return self.decoder(tokens_1, None, tokens_2, grid)  # [B, N, C] in: every patch of image 1
 
 
 def _init_weights(module: nn.Module) -> None:

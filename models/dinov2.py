@@ -99,28 +99,31 @@ def add_mask_token(encoder: VisionTransformer) -> None:
     """Give a timm ViT DINOv2's mask token, [1, C] zeros (the official init) until weights are loaded.
 
     Frozen: Pair-VPR stage 1 replaces masked patches with it under frozen early blocks, so it
-    never receives a gradient there either.
+    never receives a gradient there either; a stage 1 that trains the embeddings trains it too
+    (trainer.train_models.freeze_mim_encoder_except_last).
     """
     encoder.mask_token = nn.Parameter(torch.zeros(1, encoder.embed_dim), requires_grad=False)
 
 
-def encode_with_mask_token(encoder: VisionTransformer, images: torch.Tensor,
-                           patch_mask: torch.Tensor | None) -> torch.Tensor:
+def encode_with_mask_token(encoder: VisionTransformer, images: torch.Tensor, patch_mask: torch.Tensor | None,
+                           mask_token: torch.Tensor | None = None) -> torch.Tensor:
     """The encoder's tokens with masked patches replaced by its mask token, over the full grid
     (DINOv2's `prepare_tokens_with_masks`: the token replaces the patch embedding, positions
     are added after).
 
     Args:
-        encoder: a timm ViT with `mask_token` (`add_mask_token`).
+        encoder: a timm ViT with `mask_token` (`add_mask_token`), or any timm ViT with `mask_token` given.
         images: [B, 3, H, W].
         patch_mask: [B, N] bool, True where a patch is masked; None: no mask.
+        mask_token: [1, C] to use instead of `encoder.mask_token` (an encoder that has none).
     Returns:
         [B, P + N, C] after the final norm; P prefix tokens (class, then registers) first.
     """
     x = encoder.patch_embed(images)  # [B, gh, gw, C] with dynamic_img_size, else [B, N, C]
     if patch_mask is not None:
+        token = encoder.mask_token if mask_token is None else mask_token  # [1, C]
         mask = patch_mask.reshape(*x.shape[:-1], 1)
-        x = torch.where(mask, encoder.mask_token.to(x.dtype).reshape(1, -1), x)
+        x = torch.where(mask, token.to(x.dtype).reshape(1, -1), x)
     x = encoder.norm_pre(encoder.patch_drop(encoder._pos_embed(x)))
     return encoder.norm(encoder.blocks(x))
 

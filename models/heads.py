@@ -174,3 +174,80 @@ class CosFaceClassifier(nn.Module):
         new_rows = torch.empty(num_classes - old.shape[0], self.in_features, dtype=old.dtype, device=old.device)
         nn.init.xavier_uniform_(new_rows)
         self.weight = nn.Parameter(torch.cat([old.detach(), new_rows], dim=0), requires_grad=old.requires_grad)
+
+
+class CosFaceGroups(nn.Module):
+    """One CosFace classifier per CosPlace group (CosPlace, MutualVPR); only the active group's
+    classifier scores a batch, so the others get no gradient.
+
+    Row r of group g's classifier is view class `class_ids[g][r]`.  Class ids are global and stable
+    (clustering.matching) and every class belongs to one cell, so to one group; the rows of a group
+    are its class ids in ascending order, and `regroup` carries rows over by class id when the
+    label version changes.
+
+    Args:
+        in_features: descriptor dimension D.
+        class_ids: per group, its class ids [R_g] (sorted, unique); a group without classes gets one
+            row that is never a target.
+        scale, margin: CosFace s and m of every classifier.
+    """
+
+    def __init__(self, in_features: int, class_ids: list, scale: float = 30.0, margin: float = 0.4) -> None:
+        super().__init__()
+        self.in_features, self.scale, self.margin = in_features, scale, margin
+        self.classifiers = nn.ModuleList()
+        for group, ids in enumerate(class_ids):
+            ids = torch.as_tensor(ids, dtype=torch.int64)
+            self.classifiers.append(CosFaceClassifier(in_features, max(1, len(ids)), scale, margin))
+            self.register_buffer(f"class_ids_{group}", ids, persistent=False)  # derived from the labels, not saved
+        self.active = 0  # the group whose classifier scores batches (trainer.engine.activate_cosface_group)
+
+    def class_ids_of(self, group: int) -> torch.Tensor:
+        """[R_g] the class id of each row of group `group`'s classifier."""
+        return getattr(self, f"class_ids_{group}")
+
+    def rows(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """[B] global class ids -> [B] rows of the active group's classifier, -1 for a class of another
+        group (or -1, no class)."""
+        table = self.class_ids_of(self.active)
+        if table.numel() == 0:
+            return torch.full_like(class_ids, -1)
+        at = torch.searchsorted(table, class_ids).clamp(max=len(table) - 1)
+        return torch.where(table[at] == class_ids, at, torch.full_like(at, -1))
+
+    def forward(self, descriptors: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """descriptors [B, D], class ids [B] -> (margin logits [B', R] of the B' images of the active
+        group, their rows [B'] as targets)."""
+        rows = self.rows(class_ids)
+        mine = rows >= 0
+        targets = rows[mine]
+        return self.classifiers[self.active](descriptors[mine], targets), targets
+
+    @torch.no_grad()
+    def regroup(self, class_ids: list) -> list[torch.Tensor]:
+        """New class ids per group (a new label version): rows of class ids kept carry their weights,
+        new ones start as CosFaceClassifier's, ids gone lose their rows.  Replaces every weight
+        Parameter: rebuild the optimizer afterwards.
+
+        Returns:
+            per group, [R'_g] the old row of each new row, -1 for a new class.
+        """
+        if len(class_ids) != len(self.classifiers):
+            raise ValueError(f"{len(class_ids)} groups of class ids for {len(self.classifiers)} classifiers")
+        sources = []
+        for group, ids in enumerate(class_ids):
+            old_ids, head = self.class_ids_of(group), self.classifiers[group]
+            ids = torch.as_tensor(ids, dtype=torch.int64, device=old_ids.device)
+            if old_ids.numel():
+                at = torch.searchsorted(old_ids, ids).clamp(max=len(old_ids) - 1)
+                source = torch.where(old_ids[at] == ids, at, torch.full_like(at, -1))
+            else:
+                source = torch.full_like(ids, -1)
+            fresh = CosFaceClassifier(self.in_features, max(1, len(ids)), self.scale, self.margin)
+            weight = fresh.weight.to(head.weight.device, head.weight.dtype)
+            kept = source >= 0
+            weight[: len(ids)][kept] = head.weight[source[kept]]
+            head.weight = nn.Parameter(weight, requires_grad=head.weight.requires_grad)
+            setattr(self, f"class_ids_{group}", ids)
+            sources.append(source if len(ids) else torch.full((1,), -1, dtype=torch.int64))
+        return sources

@@ -19,7 +19,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -162,21 +162,28 @@ def same_place_pairs(src: Iterable[PlaceSample], rng: random.Random) -> Iterator
 
 
 def place_groups(
-    src: Iterable[PlaceSample], places_per_group: int, images_per_place: int, rng: random.Random
+    src: Iterable[PlaceSample],
+    places_per_group: int,
+    images_per_place: int,
+    rng: random.Random,
+    subset_of: Callable[[PlaceSample], Hashable] | None = None,
 ) -> Iterator[PlaceGroup]:
     """Groups of P distinct places x K distinct images each.
 
     Samples with fewer than K images are skipped.  A sample whose place is already in
     the group being filled (two parts of a big place) waits for the next group, so
-    a group never holds the same place twice.
+    a group never holds the same place twice.  With `subset_of` (sample -> its subset),
+    a group takes all its places from one subset: every subset fills a pending group of
+    its own, in stream order, and a group is yielded as soon as one is full; the stream
+    then forms each subset's groups exactly as it would the subset's samples alone.
     """
-    group: list[PlaceSample] = []
-    waiting: list[PlaceSample] = []
+    pending: dict[Hashable, tuple[list[PlaceSample], list[PlaceSample]]] = {}  # subset -> (group, waiting)
     for sample in src:
         if len(sample.jpegs) < images_per_place:
             continue
+        group, waiting = pending.setdefault(subset_of(sample) if subset_of else None, ([], []))
         candidates = waiting + [sample]
-        waiting = []
+        waiting.clear()
         for candidate in candidates:
             if any(g.place_id == candidate.place_id for g in group):
                 waiting.append(candidate)
@@ -184,7 +191,7 @@ def place_groups(
             group.append(candidate)
             if len(group) == places_per_group:
                 yield _make_group(group, images_per_place, rng)
-                group = []
+                group.clear()
 
 
 def _make_group(samples: list[PlaceSample], k: int, rng: random.Random) -> PlaceGroup:

@@ -67,8 +67,9 @@ def test_flop_counter_equals_the_analytic_vit_forward(encoder):
 
 
 def test_stage_flops_count_the_backward_too():
-    """A stage-1 step of the tiny preset costs 3 x its forward (everything trains), less the
-    patch embedding's input gradient, which nothing needs (the images are not trained)."""
+    """A stage-1 step of the tiny preset costs 3 x its forward (the recipe trains the last 6
+    blocks: all 4 of the preset's), less the patch embedding's backward: the recipe freezes it
+    (no weight gradient) and nothing needs its input gradient (the images are not trained)."""
     cfg = bench_config("pretrain", "vit_tiny_test", micro_batch=2)
     model = build_pretrain_model(cfg, load_encoder_weights=False)
     batch = random_batch(cfg, 16, torch.device("cpu"))
@@ -81,9 +82,10 @@ def test_stage_flops_count_the_backward_too():
     def forward_backward() -> None:
         pretrain_step(model, batch, cfg, torch.Generator().manual_seed(0), device)["loss"].backward()
 
-    patches = 2 * 2 * (112 // 14) ** 2  # 2 pairs x 2 images, every patch embedded (then image 1's are dropped)
+    patches = 2 * 2 * (112 // 14) ** 2  # 2 pairs x 2 images, every patch embedded
     patch_embedding = 2 * patches * model.encoder.patch_embed.proj.weight.numel()
-    assert counted_flops(forward_backward, device) == 3 * counted_flops(forward, device) - patch_embedding
+    assert not model.encoder.patch_embed.proj.weight.requires_grad
+    assert counted_flops(forward_backward, device) == 3 * counted_flops(forward, device) - 2 * patch_embedding
 
 
 def test_peak_table_matches_device_names():
@@ -109,7 +111,10 @@ def test_memory_model_counts_vit_b_as_a_meta_build():
     with torch.device("meta"):
         mim = build_pretrain_model(bench_config("pretrain", VIT_B), load_encoder_weights=False)
     assert row["params"] == sum(p.numel() for p in mim.parameters())
-    assert row["trainable_params"] == row["params"] - 768  # stage 1 trains all but DINOv2's mask token
+    # Stage 1 trains the last 6 blocks and the final norm (Pair-VPR's num_trainable_blocks), and the
+    # decoder but its mask token (the encoder's hides the patches).
+    frozen = vit_b_encoder_params(patches=16 * 16) - 6 * (12 * 768 * 768 + 15 * 768) - 2 * 768 + 768
+    assert row["trainable_params"] == row["params"] - frozen
     assert sum(p.numel() for p in mim.encoder.parameters()) == vit_b_encoder_params(patches=16 * 16)
 
     row = memory_row("finetune", VIT_B, gpus=8, num_classes=16)

@@ -181,9 +181,10 @@ def test_pair_batches_have_the_right_shapes_and_one_place_per_pair(four_shards):
                                 geometry=BatchGeometry(pairs_per_batch=3), image_size=24, epoch=0, seed=1)
     batches = list(loader)
     assert len(batches) == steps == len(loader) > 0
-    for img_a, img_b, place_ids in batches:
+    for img_a, img_b, place_ids, pair_kinds in batches:
         assert img_a.shape == img_b.shape == (3, 3, 24, 24) and img_a.dtype == torch.uint8
         assert place_ids.shape == (3,) and place_ids.dtype == torch.int64
+        assert pair_kinds.tolist() == [0, 0, 0]  # trainer.pairs.PairKind.RANDOM: no pair rule asked for
         expected = [p % 3 for p in place_ids.tolist()]
         assert dominant_colour(img_a) == dominant_colour(img_b) == expected
 

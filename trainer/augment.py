@@ -1,7 +1,12 @@
-"""Training-time decode and augmentation: random resized crop, colour jitter, ImageNet normalisation.
+"""Training-time decode and augmentation, one of `AUGMENTS`, then ImageNet normalisation on the device.
 
-PIL + numpy with an explicit `numpy.random.Generator`, not torchvision's global RNG, so a
-loader worker seeded by (seed, epoch, rank, worker) gives the same crops on every run.
+    crop_jitter          random resized crop + colour jitter (Pair-VPR stage 1; placeforge's stage-2 default)
+    squash_randaugment   the whole view squashed to S x S + RandAugment with 3 ops (Pair-VPR stage 2)
+
+Every random draw comes from an explicit `numpy.random.Generator`, so a loader worker seeded
+by (seed, epoch, rank, worker) gives the same images on every run: crop_jitter draws from it
+directly; torchvision's RandAugment draws from torch's global RNG, so it runs under
+`torch.random.fork_rng` with a seed taken from the generator.
 No horizontal flip: a mirrored street is a different place (left and right swap).
 """
 
@@ -14,17 +19,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from models.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    pipeline: str = "crop_jitter"  # a name in AUGMENTS
+    # crop_jitter
     scale: tuple[float, float] = (0.7, 1.0)  # crop area as a fraction of the image
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height
     brightness: float = 0.4  # factor drawn from [1 - b, 1 + b]
     contrast: float = 0.4
     saturation: float = 0.4
+    hue: float = 0.0  # hue shift drawn from [-h, h] of a full turn, after the other three (0: none; MutualVPR 0.5)
+    # squash_randaugment: T.RandAugment(num_ops=3, interpolation=BILINEAR), magnitude left at torchvision's
+    # 9 (of 31 bins) (csiro-robotics/Pair-VPR, pairvpr/datasets/gsvcities_dataset.py, load_train_dataset)
+    randaugment_ops: int = 3
+    randaugment_magnitude: int = 9
 
 
 def random_resized_crop_box(
@@ -89,7 +102,7 @@ def color_jitter(images: torch.Tensor, rng: np.random.Generator, cfg: AugmentCon
 
 
 def decode_augment(jpegs: list[bytes], image_size: int, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
-    """Decode, random-resized-crop to S x S, colour-jitter; back to uint8.
+    """Decode and augment a batch with `cfg.pipeline` (AUGMENTS); uint8.
 
     Normalisation is left to the training step (`model_input`), on the device: a uint8 batch
     is a quarter of the bytes a float32 one moves from the loader workers (and over PCIe).
@@ -97,9 +110,17 @@ def decode_augment(jpegs: list[bytes], image_size: int, rng: np.random.Generator
     Args:
         jpegs: B encoded images.
         image_size: S, pixels.
+        rng: the worker's generator; every random draw of the batch comes from it.
     Returns:
         [B, 3, S, S] uint8.
     """
+    if cfg.pipeline not in AUGMENTS:
+        raise ValueError(f"unknown augment pipeline {cfg.pipeline!r}; valid: {', '.join(AUGMENTS)}")
+    return AUGMENTS[cfg.pipeline](jpegs, image_size, rng, cfg)
+
+
+def crop_jitter(jpegs: list[bytes], image_size: int, rng: np.random.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Decode, random-resized-crop to S x S, colour-jitter. -> [B, 3, S, S] uint8."""
     pixels = np.empty((len(jpegs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
     for i, data in enumerate(jpegs):
         with Image.open(io.BytesIO(data)) as image:
@@ -110,7 +131,53 @@ def decode_augment(jpegs: list[bytes], image_size: int, rng: np.random.Generator
             box = random_resized_crop_box(image.width, image.height, rng, cfg.scale, cfg.ratio)
             pixels[i] = np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()  # [B, 3, S, S] in pixel units
-    return color_jitter(images, rng, cfg, max_value=255.0).round_().to(torch.uint8)
+    images = color_jitter(images, rng, cfg, max_value=255.0)
+    if cfg.hue > 0:
+        images = hue_jitter(images.div_(255.0), rng, cfg.hue).mul_(255.0)
+    return images.round_().to(torch.uint8)
+
+
+def hue_jitter(images: torch.Tensor, rng: np.random.Generator, hue: float) -> torch.Tensor:
+    """Per-image hue shift by a factor drawn from [-hue, hue] (torchvision's `adjust_hue`: a
+    turn of the HSV hue circle, so 0.5 reaches the opposite hue).  [B, 3, S, S] float in [0, 1] -> same."""
+    if not 0 <= hue <= 0.5:
+        raise ValueError(f"hue must be in [0, 0.5], got {hue}")
+    shifts = rng.uniform(-hue, hue, images.shape[0])
+    return torch.stack([transforms.functional.adjust_hue(image, float(shift)) for image, shift in zip(images, shifts)])
+
+
+def randaugment(cfg: AugmentConfig) -> transforms.RandAugment:
+    """torchvision's RandAugment as Pair-VPR stage 2 builds it (bilinear for its geometric ops)."""
+    return transforms.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude,
+                                  interpolation=transforms.InterpolationMode.BILINEAR)
+
+
+def squash_randaugment(jpegs: list[bytes], image_size: int, rng: np.random.Generator,
+                       cfg: AugmentConfig) -> torch.Tensor:
+    """Decode, squash the whole view to S x S (bilinear, no crop), then RandAugment. -> [B, 3, S, S] uint8.
+
+    Pair-VPR stage 2, in its order: T.Resize((S, S), BILINEAR), T.RandAugment(num_ops=3,
+    interpolation=BILINEAR), then ToTensor + Normalize, no colour jitter
+    (pairvpr/datasets/gsvcities_dataset.py).  One difference: a JPEG at least 2 S on both sides is
+    decoded at a reduced DCT scale (`draft`) before the resize, as crop_jitter does.  RandAugment
+    picks its ops and signs with torch's global RNG; here that runs in a forked RNG seeded from
+    `rng`, so the worker's generator alone decides the batch and the caller's torch RNG is untouched.
+    """
+    augment = randaugment(cfg)
+    seed = int(rng.integers(2**63))
+    pixels = np.empty((len(jpegs), image_size, image_size, 3), dtype=np.uint8)  # [B, S, S, 3]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, data in enumerate(jpegs):
+            with Image.open(io.BytesIO(data)) as image:
+                image.draft("RGB", (image_size, image_size))
+                squashed = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+            pixels[i] = np.asarray(augment(squashed))
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+
+
+# Pipelines by name (AugmentConfig.pipeline; trainer.train_config's finetune_augment picks one for stage 2).
+AUGMENTS = {"crop_jitter": crop_jitter, "squash_randaugment": squash_randaugment}
 
 
 def model_input(images: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

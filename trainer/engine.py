@@ -36,8 +36,9 @@ def step_generator(seed: int, rank: int, global_step: int) -> torch.Generator:
 
 def pretrain_step(model: nn.Module, batch: PairBatch, cfg: TrainConfig, generator: torch.Generator,
                   device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Stage 1: mask image 1, encode its visible patches, decode with all of image 2's tokens;
-    MSE on per-patch-normalised pixels of the masked patches.
+    """Stage 1: mask image 1, encode it (its visible patches, or the full grid with masked
+    patches hidden by the mask token: the model's `masking`), decode with all of image 2's
+    tokens; MSE on per-patch-normalised pixels of the masked patches.
 
     Args:
         batch: PairBatch, img_a / img_b [B, 3, S, S] of the same place row for row.
@@ -98,7 +99,9 @@ def finetune_step(model: nn.Module, batch: GroupBatch, cfg: TrainConfig, device:
             ms_far = far_apart(positions, cfg.ms_negative_min_distance_m)  # [B, B] (global: [R*B, R*B])
     out = model(images, keys, class_ids, far, group)
     ms = multi_similarity_loss(out["all_descriptors"].float(), keys, far=ms_far, anchors=anchors)
-    if out["has_pairs"]:
+    if "pair_pos" not in out:  # no pair classifier (MutualVPR): no pair term at all
+        bce = torch.zeros((), device=device)
+    elif out["has_pairs"]:
         # Global: sum over this rank's pairs / mean pair count per rank, so the ranks' mean is the global mean.
         per_rank = None if group is None else out["pair_logits_total"] / group.world_size
         bce = pair_bce_loss(out["pair_pos"].float(), out["pair_neg"].float(), per_rank)
@@ -124,12 +127,75 @@ def _patch_size(model: nn.Module) -> int:
     return module.encoder.patch_embed.patch_size[0]
 
 
+# AdamW betas when `adam_betas` is not set: MAE's in stage 1 (placeforge's until the option existed),
+# Pair-VPR's in stage 2 (pairvpr/training/train_stagetwo.py uses torch's defaults).
+DEFAULT_ADAM_BETAS = {"pretrain": (0.9, 0.95), "finetune": (0.9, 0.999)}
+
+
+def adam_betas(cfg: TrainConfig) -> tuple[float, float]:
+    """(beta1, beta2) of the stage's AdamW: `cfg.adam_betas`, else DEFAULT_ADAM_BETAS."""
+    return tuple(cfg.adam_betas) if cfg.adam_betas is not None else DEFAULT_ADAM_BETAS[cfg.stage]
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over layer-decay groups; the LR / weight decay in them are overwritten every step."""
+    """AdamW over layer-decay groups; the LR / weight decay in them are overwritten every step.
+
+    Stage 1 with `layer_decay_over: encoder_decoder` counts the decoder's blocks in the depth
+    (trainer.schedules.encoder_decoder_layer_id, Pair-VPR's rule)."""
     prefix = "global_model.encoder." if hasattr(model, "global_model") else "encoder."  # FinetuneModel / SiameseMIM
+    decoder_prefix = "decoder." if cfg.layer_decay_over == "encoder_decoder" else None
     groups = layer_decay_groups(model, base_lr=cfg.base_lr, layer_decay=cfg.layer_decay,
-                                weight_decay=cfg.weight_decay, encoder_prefix=prefix)
-    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, 0.95 if cfg.stage == "pretrain" else 0.999))
+                                weight_decay=cfg.weight_decay, encoder_prefix=prefix, decoder_prefix=decoder_prefix,
+                                patch_embed_lr_scale=cfg.patch_embed_lr_scale)
+    if cfg.classifier_lr is not None or cfg.cosface_groups:
+        groups = classifier_groups(model, groups, cfg)
+    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=adam_betas(cfg))
+
+
+def cosface_parameters(model: nn.Module) -> list[tuple[int | None, nn.Parameter]]:
+    """(CosPlace group or None, weight) of each CosFace classifier of a FinetuneModel."""
+    if getattr(model, "cosface_groups", None) is not None:
+        return [(g, head.weight) for g, head in enumerate(model.cosface_groups.classifiers)]
+    head = getattr(model, "cosface", None)
+    return [] if head is None else [(None, head.weight)]
+
+
+def classifier_groups(model: nn.Module, groups: list[dict], cfg: TrainConfig) -> list[dict]:
+    """`groups` with each CosFace classifier's weight moved into a parameter group of its own, at
+    lr_scale classifier_lr / base_lr, so its LR follows the run's schedule at its own peak
+    (MutualVPR: Adam at 1e-2 for the classifiers, 1e-5 for the model).  A CosPlace group's
+    classifier is tagged with its group: `activate_cosface_group` zeroes the LR of the others."""
+    heads = cosface_parameters(model)
+    moved = {id(param) for _, param in heads}
+    kept = [{**g, "params": [p for p in g["params"] if id(p) not in moved]} for g in groups]
+    kept = [g for g in kept if g["params"]]
+    scale = (cfg.classifier_lr if cfg.classifier_lr is not None else cfg.base_lr) / cfg.base_lr
+    for cosface_group, param in heads:
+        if not param.requires_grad:
+            continue
+        kept.append({"params": [param], "lr": cfg.base_lr * scale, "lr_scale": scale, "classifier_lr_scale": scale,
+                     "weight_decay": cfg.weight_decay, "wd_scale": 1.0, "layer_id": -1,
+                     "cosface_group": -1 if cosface_group is None else cosface_group})
+    return kept
+
+
+def activate_cosface_group(model: nn.Module, optimizer: torch.optim.Optimizer, group: int) -> None:
+    """Train CosPlace group `group`'s classifier only: the others get requires_grad off (no
+    gradient, so torch's AdamW leaves them and their moments as they are) and LR 0 in `optimizer`
+    (DeepSpeed's bf16 wrapper gives a parameter without a gradient a zero one; at LR 0 its step
+    moves nothing).  Call before an epoch's first step; `set_optimizer_values` keeps the LR 0."""
+    heads = model.cosface_groups
+    if not 0 <= group < len(heads.classifiers):
+        raise ValueError(f"group {group} has no classifier (0 .. {len(heads.classifiers) - 1})")
+    heads.active = group
+    for g, head in enumerate(heads.classifiers):
+        head.weight.requires_grad_(g == group)
+        if g != group:
+            head.weight.grad = None
+    for param_group in optimizer.param_groups:
+        if param_group.get("cosface_group", -1) >= 0:
+            on = param_group["cosface_group"] == group
+            param_group["lr_scale"] = param_group["classifier_lr_scale"] if on else 0.0
 
 
 def grow_cosface(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -158,4 +224,37 @@ def grow_cosface(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainC
                 for key in ("exp_avg", "exp_avg_sq"):
                     state[key] = torch.cat([state[key], state[key].new_zeros(rows, *state[key].shape[1:])])
             new_optimizer.state[param] = state
+    return new_optimizer
+
+
+def regroup_cosface(model: nn.Module, optimizer: torch.optim.Optimizer | None, cfg: TrainConfig,
+                    group_class_ids: list) -> torch.optim.AdamW:
+    """Give each CosPlace group's classifier the rows of a new label version's classes
+    (models.heads.CosFaceGroups.regroup) and return a new AdamW over the model, the active group
+    kept.  Adam moments and step counts carry over for every parameter and every kept row (new
+    rows start with zero moments) when `optimizer` holds the real parameters (ZeRO 0, fp32), as
+    `grow_cosface`; None: fresh moments."""
+    heads = model.cosface_groups
+    old_weights = [head.weight for head in heads.classifiers]
+    old_state = {} if optimizer is None else {id(p): s for p, s in optimizer.state.items()}
+    sources = heads.regroup(group_class_ids)
+    for head in heads.classifiers:  # the optimizer is built over requires_grad parameters: all of them first
+        head.weight.requires_grad_(True)
+    new_optimizer = build_optimizer(model, cfg)
+    replaced = {id(head.weight): (old, source) for head, old, source in zip(heads.classifiers, old_weights, sources)}
+    for group in new_optimizer.param_groups:
+        for param in group["params"]:
+            old, source = replaced.get(id(param), (param, None))
+            state = old_state.get(id(old))
+            if not state:
+                continue
+            state = dict(state)
+            if source is not None:
+                kept = source >= 0
+                for key in ("exp_avg", "exp_avg_sq"):
+                    moments = state[key].new_zeros(param.shape)
+                    moments[kept] = state[key][source[kept]]
+                    state[key] = moments
+            new_optimizer.state[param] = state
+    activate_cosface_group(model, new_optimizer, heads.active)
     return new_optimizer

@@ -133,8 +133,8 @@ def encoder_pass_elements(encoder: nn.Module, tokens: int) -> int:
 def activation_bytes_per_item(model: nn.Module, cfg: TrainConfig, bytes_per_element: int = ACTIVATION_BYTES) -> int:
     """Activation bytes one training item keeps for the backward pass (module docstring).
 
-    Stage 1 (SiameseMIM): one place pair, i.e. image 1's visible tokens and image 2's full
-    grid through the encoder, and the decoder over image 1's grid cross-attending image 2's.
+    Stage 1 (SiameseMIM): one place pair, i.e. image 1's visible tokens (its full grid with
+    mim_masking mask_token) and image 2's full grid through the encoder, and the decoder over image 1's grid cross-attending image 2's.
     Stage 2 (FinetuneModel): one image, i.e. its encoder pass and, as an anchor, two pair-
     classifier passes (hardest positive and hardest negative) over 1 + N tokens attending N.
     """
@@ -142,7 +142,9 @@ def activation_bytes_per_item(model: nn.Module, cfg: TrainConfig, bytes_per_elem
     patches = (cfg.image_size // encoder.patch_embed.patch_size[0]) ** 2  # N, square images
     prefix = encoder.num_prefix_tokens
     if isinstance(model, SiameseMIM):
-        visible = max(1, patches - round(patches * cfg.mask_ratio))  # as models.decoder.random_patch_mask
+        # mask_token: the encoder runs over the full grid; drop: over the visible patches only
+        dropped = round(patches * cfg.mask_ratio)  # as models.decoder.random_patch_mask
+        visible = patches if model.masking == "mask_token" else max(1, patches - dropped)
         elements = (encoder_pass_elements(encoder, prefix + visible) + encoder_pass_elements(encoder, prefix + patches)
                     + decoder_pass_elements(model.decoder.blocks, patches, patches))
     elif isinstance(model, FinetuneModel):

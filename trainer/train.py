@@ -43,11 +43,19 @@ from placeforge.fileio import OutputLockedError, output_lock
 from placeforge.logs import setup_logging
 from placeforge.raysession import free_port
 from shards.reader import ShardSet, check_enough_shards
+from trainer.cosface_groups import cosface_group_of_epoch, labels_group_class_ids
 from trainer.data import BatchGeometry, check_label_set, make_loader
-from trainer.engine import build_optimizer, finetune_step, grow_cosface, pretrain_step, step_generator
+from trainer.engine import (
+    activate_cosface_group,
+    build_optimizer,
+    finetune_step,
+    grow_cosface,
+    pretrain_step,
+    regroup_cosface,
+    step_generator,
+)
 from trainer.schedules import (
     LR_SCHEDULES,
-    base_lr_for_batch,
     set_optimizer_values,
     weight_decay_schedule,
 )
@@ -114,7 +122,10 @@ def epoch_loader(cfg: TrainConfig, dist: DistState, epoch: int, label_version: i
                        world_size=dist.world_size, num_workers=cfg.num_workers, geometry=geometry,
                        image_size=cfg.image_size, epoch=epoch, seed=cfg.seed,
                        labels_dir=cfg.labels if cfg.stage == "finetune" else None, label_version=label_version,
-                       pin_memory=torch.cuda.is_available())
+                       pin_memory=torch.cuda.is_available(), augment=cfg.augment_config(),
+                       pairing=cfg.pair_rule(), one_pair_per_place=cfg.pair_one_per_place,
+                       batch_places_from=cfg.batch_places_from,
+                       cosface_group=cosface_group_of_epoch(epoch, cfg.cosface_groups) if cfg.cosface_groups else None)
 
 
 def reduce_terms(terms: dict[str, torch.Tensor], dist: DistState,
@@ -289,18 +300,24 @@ class Run:
             version = box[0]
         return version
 
-    def grow_classes(self, num_classes: int) -> None:
-        """Grow CosFace and rebuild the engine around the same module with a new AdamW.
+    def grow_classes(self, num_classes: int, label_version: int) -> None:
+        """Grow CosFace (with cosface_groups: give each group's classifier `label_version`'s
+        classes) and rebuild the engine around the same module with a new AdamW.
 
         Adam moments carry over when DeepSpeed hands us the torch AdamW itself (ZeRO 0, fp32);
         otherwise the new optimizer starts with fresh moments (documented limitation).
         """
         module = self.engine.module
-        if num_classes <= module.cosface.num_classes:
-            return
         old = self.engine.optimizer if isinstance(self.engine.optimizer, torch.optim.AdamW) else None
-        optimizer = grow_cosface(module, old, self.cfg, num_classes)
-        module.cosface.to(self.device, self.dtype)
+        if module.cosface_groups is not None:
+            rows = labels_group_class_ids(str(self.cfg.labels), label_version, self.cfg.cosface_groups)
+            optimizer = regroup_cosface(module, old, self.cfg, list(rows))
+            module.cosface_groups.to(self.device, self.dtype)
+        elif num_classes <= module.cosface.num_classes:
+            return
+        else:
+            optimizer = grow_cosface(module, old, self.cfg, num_classes)
+            module.cosface.to(self.device, self.dtype)
         self.engine = None
         self.initialize(module, optimizer)
 
@@ -401,7 +418,12 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
         log.warning("--resume: no checkpoint in %s; starting from scratch", run.checkpoints)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_pretrain_model(cfg) if cfg.stage == "pretrain" else build_finetune_model(cfg, state.num_classes)
+    if cfg.stage == "pretrain":
+        model = build_pretrain_model(cfg)
+    else:  # cosface_groups: each group's classifier holds the label version's classes of its group
+        rows = labels_group_class_ids(str(cfg.labels), state.label_version, cfg.cosface_groups) \
+            if cfg.cosface_groups else None
+        model = build_finetune_model(cfg, state.num_classes, group_class_ids=None if rows is None else list(rows))
     run.initialize(model, build_optimizer(model, cfg))
     if tag is not None:
         run.engine.load_checkpoint(str(run.checkpoints), tag=tag)  # DeepSpeed's own states (docs/cluster.md)
@@ -435,7 +457,7 @@ def train(run: Run, state: TrainState) -> int:
     total_steps = sum(steps_by_epoch)
     warmup_steps = round(cfg.warmup_epochs * total_steps / cfg.epochs)
     images_per_step = cfg.images_per_rank_step() * dist.world_size
-    peak_lr = base_lr_for_batch(cfg.base_lr, images_per_step) if cfg.lr_scaling == "linear" else cfg.base_lr
+    peak_lr = cfg.peak_lr(dist.world_size)  # by lr_scaling: linear over images, sqrt over places, or none
     global_step, version = state.global_step, state.label_version
     totals = {"steps": 0, "seconds": 0.0, "data_wait_s": 0.0}  # for the closing summary
     ahead = None  # (epoch, label version, loader, iterator): the next epoch's loader, started early
@@ -449,6 +471,9 @@ def train(run: Run, state: TrainState) -> int:
             loader, _ = epoch_loader(cfg, dist, epoch, version)
             batches = iter(loader)
         ahead = None
+        if cfg.cosface_groups:  # this epoch's CosPlace group: only its classifier trains
+            activate_cosface_group(run.engine.module, run.engine.optimizer,
+                                   cosface_group_of_epoch(epoch, cfg.cosface_groups))
         for _ in range(first):  # mid-epoch resume: the loader is deterministic, skip what was consumed
             next(batches)
         progress = tqdm(range(first, steps), desc=f"epoch {epoch}", disable=not dist.is_main, leave=False)
@@ -512,7 +537,7 @@ def train(run: Run, state: TrainState) -> int:
             from clustering.labels import read_manifest
 
             version = new_version
-            run.grow_classes(read_manifest(cfg.labels, version).next_class_id)
+            run.grow_classes(read_manifest(cfg.labels, version).next_class_id, version)
         run.save(TrainState(epoch + 1, 0, global_step, version, _num_classes(run), to_dict(cfg)))
         if run.args.stop_after_steps is not None and global_step >= run.args.stop_after_steps:
             return 0

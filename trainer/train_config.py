@@ -4,7 +4,10 @@
     ds = deepspeed_config(cfg, world_size=8, device_type="cuda")              # never hand-kept
 
 One frozen dataclass; its defaults are Pair-VPR stage 1 (ViT-B numbers, but the tiny
-test encoder so a bare run works on a laptop).  Stage 2 and the real presets are small
+test encoder so a bare run works on a laptop) as placeforge first trained it: options added
+later (masking, trained blocks, LR scaling, layer decay and betas of Pair-VPR's stage 1)
+default to the behaviour before them, so an older run resumes as it was trained, and the
+recipes under configs/ set the published values.  Stage 2 and the real presets are small
 override files under configs/.  `deepspeed_config` is the only source of DeepSpeed
 settings: batch size, clipping, ZeRO stage and precision all come from `TrainConfig`,
 the optimizer is ours (a torch AdamW over layer-decay groups) and so is the LR schedule
@@ -18,6 +21,9 @@ from typing import Literal
 
 from models.decoder import DECODERS
 from models.encoders import ENCODERS, EncoderConfig, encoder_spec
+from trainer.augment import AugmentConfig
+from trainer.pairs import PairRule
+from trainer.schedules import LR_SCALINGS
 
 
 @dataclass(frozen=True)
@@ -53,22 +59,73 @@ class TrainConfig:
                                                 "random weights only when asked for (random)"})
     decoder: str = field(default="dec64d2b", metadata={"help": f"decoder preset: {', '.join(DECODERS)}"})
     mask_ratio: float = field(default=0.9, metadata={"help": "share of image 1's patches masked in stage 1"})
+    mim_masking: Literal["drop", "mask_token"] = field(
+        default="drop", metadata={"help": "stage 1: image 1's masked patches are dropped before the encoder (MAE; "
+                                          "about 10 x cheaper at mask ratio 0.9), or mask_token: replaced by the "
+                                          "encoder's mask token over the full grid (Pair-VPR; models.decoder)"})
+    mim_trainable_last_blocks: int = field(
+        default=-1, metadata={"help": "stage 1: encoder blocks trained, counted from the top, with the final norm; "
+                                      "the embeddings and earlier blocks get no gradient (Pair-VPR: half the "
+                                      "depth). -1: every block and the embeddings"})
     init_from: str | None = field(
         default=None, metadata={"help": "stage 2: a stage-1 export (out/export/mim_epochNNNN.pt) to start from"})
     trainable_last_blocks: int = field(
-        default=6, metadata={"help": "stage 2: encoder blocks trained, counted from the top (-1: all)"})
+        default=6, metadata={"help": "stage 2: encoder blocks trained, counted from the top (-1: all; 0 with "
+                                     "adapter mulconv, whose encoder trains only its adapters)"})
+    adapter: Literal["none", "mulconv"] = field(
+        default="none", metadata={"help": "stage 2: none, or mulconv: a MulConv adapter beside every encoder block's "
+                                          "MLP, and of the encoder only the adapters train (MutualVPR; "
+                                          "models.adapters)"})
     # ---- batches ----
     pairs_per_batch: int = field(default=32, metadata={"help": "stage 1: place pairs per rank per step"})
     places_per_batch: int = field(default=16, metadata={"help": "stage 2: places P per rank per step"})
     images_per_place: int = field(default=4, metadata={"help": "stage 2: images K per place"})
+    batch_places_from: Literal["any", "one_subset"] = field(
+        default="any", metadata={"help": "stage 2: a rank's P places of a step come from the whole shard set (any) or "
+                                         "all from one catalog subset, e.g. one GSV-Cities city (one_subset: hard "
+                                         "negatives, as Pair-VPR; places of a subset that fill no full group on a "
+                                         "loader worker wait for a later epoch, counted in the loader's log line)"})
+    finetune_augment: Literal["crop_jitter", "squash_randaugment"] = field(
+        default="crop_jitter", metadata={"help": "stage 2 training images: crop_jitter: random resized crop (scale "
+                                                 "0.7-1) + colour jitter, as stage 1; squash_randaugment: the whole "
+                                                 "view squashed to image_size + RandAugment with 3 ops (Pair-VPR "
+                                                 "stage 2; trainer.augment)"})
+    finetune_crop_scale_min: float = field(
+        default=0.7, metadata={"help": "stage 2, crop_jitter: the random resized crop covers this share of the image "
+                                       "area or more, up to all of it (MutualVPR 0.5)"})
+    finetune_color_jitter: float = field(
+        default=0.4, metadata={"help": "stage 2, crop_jitter: brightness, contrast and saturation factors drawn from "
+                                       "[1 - j, 1 + j] (MutualVPR 0.7)"})
+    finetune_hue: float = field(
+        default=0.0, metadata={"help": "stage 2, crop_jitter: hue shift drawn from [-h, h] of a turn, 0-0.5 "
+                                       "(MutualVPR 0.5; 0: none)"})
+    pair_max_heading_diff_deg: float = field(
+        default=0.0, metadata={"help": "stage 1: the two images of a pair face within this many degrees of each "
+                                       "other (images with a heading; a place with no such pair gives its "
+                                       "closest-heading pair, counted in the loader's log line); 0: any two images "
+                                       "of the place (trainer.pairs)"})
+    pair_panorama_views: bool = field(
+        default=False, metadata={"help": "stage 1: pair two panoramas (width >= 4 x height) of a place by cropping "
+                                         "both toward a focal point 10-20 m from their centroid, views 3-50 degrees "
+                                         "apart (Pair-VPR's SF-XL pairs); false: a panorama is one whole image"})
+    pair_one_per_place: bool = field(
+        default=False, metadata={"help": "stage 1: a place split over several shard samples (more images than the "
+                                         "build's max_images_per_sample) gives one pair an epoch, as every other "
+                                         "place (Pair-VPR); false: one pair per sample"})
     num_workers: int = field(default=2, metadata={"help": "data-loader processes per rank"})
     # ---- schedule ----
     epochs: int = field(default=10, metadata={"help": "epochs (each a full pass over the rank's shards)"})
     max_steps_per_epoch: int | None = field(
         default=None, metadata={"help": "cap on steps per epoch (tests, demos); None: the loader's steps"})
-    base_lr: float = field(default=3e-4, metadata={"help": "top-layer LR (per 1024 images with lr_scaling=linear)"})
-    lr_scaling: Literal["linear", "none"] = field(
-        default="linear", metadata={"help": "linear: LR = base_lr x global batch / 1024; none: LR = base_lr"})
+    base_lr: float = field(default=3e-4, metadata={"help": "top-layer LR (per 1024 images or places: lr_scaling)"})
+    classifier_lr: float | None = field(
+        default=None, metadata={"help": "stage 2: the CosFace classifiers' base LR, scaled and scheduled as base_lr "
+                                        "is (their LR is classifier_lr / base_lr times the model's at every step; "
+                                        "MutualVPR 1e-2 against 1e-5); None: base_lr"})
+    lr_scaling: Literal["linear", "sqrt_places", "none"] = field(
+        default="linear", metadata={"help": "peak LR: linear: base_lr x images per step / 1024; sqrt_places: base_lr x "
+                                            "sqrt(places per step / 1024) (Pair-VPR); none: base_lr. Per step: all "
+                                            "ranks together (TrainConfig.peak_lr)"})
     min_lr: float = field(default=1e-6, metadata={"help": "LR at the end of the schedule"})
     lr_schedule: Literal["cosine", "linear"] = field(
         default="cosine", metadata={"help": "after the warm-up, the LR falls from the peak to min_lr along half a "
@@ -78,6 +135,15 @@ class TrainConfig:
     weight_decay: float = field(default=0.04, metadata={"help": "weight decay at the start"})
     weight_decay_end: float = field(default=0.4, metadata={"help": "weight decay at the end (cosine)"})
     layer_decay: float = field(default=0.9, metadata={"help": "layer-wise LR decay (0.9 ViT-B, 0.95 L/G; 1: none)"})
+    layer_decay_over: Literal["encoder", "encoder_decoder"] = field(
+        default="encoder", metadata={"help": "stage 1: layer decay counts the encoder's blocks (the decoder gets the "
+                                             "peak LR), or encoder_decoder: encoder + decoder blocks, as Pair-VPR "
+                                             "(trainer.schedules.encoder_decoder_layer_id)"})
+    patch_embed_lr_scale: float = field(
+        default=1.0, metadata={"help": "extra factor on the patch embedding's LR (Pair-VPR stage 1: 0.2)"})
+    adam_betas: tuple[float, ...] | None = field(
+        default=None, metadata={"help": "AdamW (beta1, beta2), e.g. 0.9,0.999; None: (0.9, 0.95) in stage 1 (MAE's), "
+                                        "(0.9, 0.999) in stage 2"})
     clip_grad: float = field(default=3.0, metadata={"help": "global gradient-norm clip (0: none)"})
     # ---- stage-2 losses ----
     positives: Literal["view_class", "place"] = field(
@@ -103,6 +169,10 @@ class TrainConfig:
                                        "demo's value was chosen on its validation split"})
     ms_weight: float = field(default=1.0, metadata={"help": "weight of the Multi-Similarity loss"})
     pair_bce_weight: float = field(default=2.0, metadata={"help": "weight of the pair-classifier BCE (Pair-VPR 2)"})
+    pair_classifier: bool = field(
+        default=True, metadata={"help": "stage 2: build Pair-VPR's pair classifier (the stage-1 decoder re-used) and "
+                                        "re-rank with it; false: no decoder is built, trained or exported "
+                                        "(MutualVPR; needs pair_bce_weight 0)"})
     pair_trains_encoder: bool = field(
         default=True, metadata={"help": "the pair BCE's gradient reaches the encoder (Pair-VPR); false: the pair "
                                         "classifier learns on detached tokens and only MS / CosFace shape the encoder"})
@@ -120,6 +190,11 @@ class TrainConfig:
     cosface_weight: float = field(default=1.0, metadata={"help": "weight of CosFace over view classes (0: off)"})
     cosface_scale: float = field(default=30.0, metadata={"help": "CosFace s (CosPlace 30, MutualVPR 60)"})
     cosface_margin: float = field(default=0.4, metadata={"help": "CosFace m (CosPlace 0.4, MutualVPR 0.5)"})
+    cosface_groups: int = field(
+        default=0, metadata={"help": "stage 2: G > 0 gives each of the CosPlace groups 0 .. G-1 of the label set "
+                                     "(clustering.cells) its own CosFace classifier; epoch e trains group e mod G "
+                                     "only, on that group's images only (CosPlace, MutualVPR: 8). 0: one "
+                                     "classifier over every view class, every image"})
     recluster_every_epochs: int = field(
         default=0, metadata={"help": "stage 2: new view classes every N epochs from the current model (0: never)"})
     follow_latest_labels: bool = field(
@@ -159,17 +234,32 @@ class TrainConfig:
             raise ValueError(f"unknown decoder {self.decoder!r}; valid: {', '.join(DECODERS)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.mim_trainable_last_blocks < -1:
+            raise ValueError(f"mim_trainable_last_blocks must be >= -1, got {self.mim_trainable_last_blocks}")
+        if self.layer_decay_over == "encoder_decoder" and self.stage != "pretrain":
+            raise ValueError("layer_decay_over encoder_decoder needs stage pretrain (stage 2's decoder is the pair "
+                             "classifier's; Pair-VPR's stage 2 has no layer decay)")
+        if not self.patch_embed_lr_scale >= 0:
+            raise ValueError(f"patch_embed_lr_scale must be >= 0, got {self.patch_embed_lr_scale}")
+        if self.adam_betas is not None and (len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas)):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1) (beta1, beta2), got {self.adam_betas}")
         for name in ("pairs_per_batch", "places_per_batch", "images_per_place", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.images_per_place < 2:
-            raise ValueError("images_per_place must be >= 2 (positives are needed)")
+        if self.images_per_place < 2 and not self.cosface_only():
+            raise ValueError("images_per_place must be >= 2 (positives are needed), or 1 with CosFace alone "
+                             "(stage finetune, ms_weight 0, pair_bce_weight 0)")
+        self._check_mutualvpr_options()
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.recluster_every_epochs and self.stage != "finetune":
             raise ValueError("recluster_every_epochs needs stage finetune")
+        if self.finetune_augment != "crop_jitter" and self.stage != "finetune":
+            raise ValueError(f"finetune_augment {self.finetune_augment} needs stage finetune (stage 1 crops, jitters)")
+        if self.batch_places_from != "any" and self.stage != "finetune":
+            raise ValueError(f"batch_places_from {self.batch_places_from} needs stage finetune (stage 1 batches pairs)")
         if self.follow_latest_labels and (self.stage != "finetune" or self.recluster_every_epochs):
             raise ValueError("follow_latest_labels needs stage finetune and recluster_every_epochs 0 "
                              "(labels come either from this run or from an external relabel.py, not both)")
@@ -177,6 +267,8 @@ class TrainConfig:
             raise ValueError("growing the CosFace head for a new label version is not supported with ZeRO-3; use 0-2")
         if bool(self.val_database) != bool(self.val_queries):
             raise ValueError("give both val_database and val_queries, or neither")
+        if not 0.0 <= self.pair_max_heading_diff_deg <= 180.0:
+            raise ValueError(f"pair_max_heading_diff_deg must be in [0, 180], got {self.pair_max_heading_diff_deg}")
         for name in ("pair_negative_min_distance_m", "ms_negative_min_distance_m"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -186,6 +278,37 @@ class TrainConfig:
                      "warmup_epochs", "val_rerank_top_k", "pair_anchors_per_place"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def cosface_only(self) -> bool:
+        """Stage 2 trains with CosFace alone (MutualVPR's loss): no term needs two images of a place."""
+        return (self.stage == "finetune" and self.ms_weight == 0 and self.pair_bce_weight == 0
+                and self.cosface_weight > 0)
+
+    def _check_mutualvpr_options(self) -> None:
+        """Adapters, no pair classifier, a classifier LR, CosPlace groups and stage 2's crop and jitter."""
+        if self.adapter != "none" and (self.stage != "finetune" or self.trainable_last_blocks != 0):
+            raise ValueError(f"adapter {self.adapter} needs stage finetune and trainable_last_blocks 0 (of the "
+                             "encoder only the adapters train)")
+        if not self.pair_classifier and (self.stage != "finetune" or self.pair_bce_weight or self.rerank_global_weight
+                                         or self.pair_aligned_similarity):
+            raise ValueError("pair_classifier false needs stage finetune, pair_bce_weight 0, rerank_global_weight 0 "
+                             "and pair_aligned_similarity false (they need the pair classifier)")
+        if self.classifier_lr is not None and not self.classifier_lr > 0:
+            raise ValueError(f"classifier_lr must be > 0 or None, got {self.classifier_lr}")
+        if self.cosface_groups < 0:
+            raise ValueError(f"cosface_groups must be >= 0, got {self.cosface_groups}")
+        if self.cosface_groups and (self.stage != "finetune" or not self.cosface_weight or self.zero_stage):
+            raise ValueError("cosface_groups needs stage finetune, cosface_weight > 0 and zero_stage 0 (the "
+                             "classifiers of the other groups are switched off between epochs)")
+        if not 0 < self.finetune_crop_scale_min <= 1 or self.finetune_color_jitter < 0:
+            raise ValueError("finetune_crop_scale_min must be in (0, 1] and finetune_color_jitter >= 0, got "
+                             f"{self.finetune_crop_scale_min}, {self.finetune_color_jitter}")
+        if not 0 <= self.finetune_hue <= 0.5:
+            raise ValueError(f"finetune_hue must be in [0, 0.5], got {self.finetune_hue}")
+        crop_jitter = (self.finetune_crop_scale_min, self.finetune_color_jitter, self.finetune_hue)
+        if crop_jitter != (0.7, 0.4, 0.0) and (self.stage != "finetune" or self.finetune_augment != "crop_jitter"):
+            raise ValueError("finetune_crop_scale_min, finetune_color_jitter and finetune_hue need stage finetune and "
+                             "finetune_augment crop_jitter")
 
     def check_inputs(self) -> None:
         """The folders a run needs (checked at launch, not per override file, so a preset
@@ -198,7 +321,30 @@ class TrainConfig:
     def encoder_config(self) -> EncoderConfig:
         """The global-descriptor architecture (what models.checkpoint exports record)."""
         return EncoderConfig(self.encoder, self.image_size, self.descriptor_dim, self.pooling, self.encoder_weights,
-                             self.input_norm, self.resize, self.pooling_grid)
+                             self.input_norm, self.resize, self.pooling_grid, self.adapter)
+
+    def pair_rule(self) -> PairRule:
+        """Stage 1: which two images of a place make a pair (trainer.data.make_loader's `pairing`)."""
+        return PairRule(self.pair_max_heading_diff_deg, self.pair_panorama_views)
+
+    def places_per_rank_step(self) -> int:
+        """Places one rank's micro-batch holds (stage 1: one per pair)."""
+        return self.pairs_per_batch if self.stage == "pretrain" else self.places_per_batch
+
+    def peak_lr(self, world_size: int) -> float:
+        """The schedule's peak LR on `world_size` ranks, by `lr_scaling` (trainer.schedules.LR_SCALINGS).
+        One step is one micro-batch per rank: `deepspeed_config` accumulates no gradients."""
+        return LR_SCALINGS[self.lr_scaling](self.base_lr, self.images_per_rank_step() * world_size,
+                                            self.places_per_rank_step() * world_size)
+
+    def augment_config(self) -> AugmentConfig:
+        """The loader's image augmentation (trainer.data.make_loader's `augment`): stage 2's is
+        `finetune_augment` with its crop and jitter (`finetune_crop_scale_min`, ...), stage 1 crops and jitters."""
+        if self.stage != "finetune":
+            return AugmentConfig()
+        jitter = self.finetune_color_jitter
+        return AugmentConfig(pipeline=self.finetune_augment, scale=(self.finetune_crop_scale_min, 1.0),
+                             brightness=jitter, contrast=jitter, saturation=jitter, hue=self.finetune_hue)
 
     def images_per_rank_step(self) -> int:
         """Images one rank's micro-batch holds (stage 1 counts both images of a pair)."""

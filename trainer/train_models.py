@@ -1,8 +1,9 @@
 """The models each training stage optimises, and the files they hand to the next stage.
 
-    mim = build_pretrain_model(cfg)                        # stage 1: SiameseMIM (encoder + decoder)
+    mim = build_pretrain_model(cfg)                        # stage 1: SiameseMIM (encoder + decoder), last blocks trained
     save_mim(mim, cfg, "out/export/mim_epoch0009.pt")      # what stage 2's init_from reads
     model = build_finetune_model(cfg, num_classes)         # stage 2: FinetuneModel, stage-1 weights loaded
+    model = build_finetune_model(cfg, 1, group_class_ids)  # cosface_groups: one CosFace per CosPlace group
 
 Stage-1 exports are plain tensors (`torch.load(weights_only=True)`), like models.checkpoint.
 """
@@ -18,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.adapters import is_adapter_parameter
 from models.decoder import SiameseMIM, SiameseMIMDecoder, decoder_config, patch_grid
 from models.dinov2 import fit_position_embedding
 from models.encoders import GlobalDescriptorModel, build_model, encoder_spec
-from models.heads import CosFaceClassifier, PairClassifier
+from models.heads import CosFaceClassifier, CosFaceGroups, PairClassifier
 from placeforge.fileio import atomic_write
 from trainer.losses import first_per_label, hardest_pairs
 from trainer.mining import MiningGroup, fetch_rows, gather_rows
@@ -35,8 +37,9 @@ def build_decoder(cfg: TrainConfig, encoder: nn.Module) -> SiameseMIMDecoder:
     return SiameseMIMDecoder(decoder_config(cfg.decoder), encoder.embed_dim, encoder.patch_embed.patch_size[0])
 
 
-def build_pretrain_model(cfg: TrainConfig, load_encoder_weights: bool = True) -> SiameseMIM:
-    """Stage 1: the encoder (DINOv2 weights when `encoder_weights` is set) and a new decoder.
+def build_mim(cfg: TrainConfig, load_encoder_weights: bool = True, masking: str = "drop") -> SiameseMIM:
+    """The encoder (DINOv2 weights when `encoder_weights` is set) and a new decoder, every
+    parameter trainable but DINOv2's mask token (models.dinov2.add_mask_token).
 
     Raises:
         ConfigError: `encoder_weights` names a file that is not there (nothing is trained from
@@ -47,7 +50,15 @@ def build_pretrain_model(cfg: TrainConfig, load_encoder_weights: bool = True) ->
         log.warning("encoder %s starts from RANDOM weights (encoder_init: random; the published recipes "
                     "start from %s)", cfg.encoder, release)
     encoder = build_model(cfg.encoder_config(), load_encoder_weights).encoder
-    return SiameseMIM(encoder, build_decoder(cfg, encoder), cfg.input_norm)
+    return SiameseMIM(encoder, build_decoder(cfg, encoder), cfg.input_norm, masking)
+
+
+def build_pretrain_model(cfg: TrainConfig, load_encoder_weights: bool = True) -> SiameseMIM:
+    """Stage 1: `build_mim` with the stage's masking (`mim_masking`) and trained encoder
+    blocks (`mim_trainable_last_blocks`)."""
+    mim = build_mim(cfg, load_encoder_weights, cfg.mim_masking)
+    freeze_mim_encoder_except_last(mim, cfg.mim_trainable_last_blocks)
+    return mim
 
 
 class FinetuneModel(nn.Module):
@@ -56,7 +67,10 @@ class FinetuneModel(nn.Module):
     Args:
         global_model: encoder + global head (the part exported for retrieval / reclustering).
         decoder: the stage-1 decoder; only its embed / blocks / norm are kept (inside `pair`).
+            None: no pair classifier (`pair` is None; MutualVPR trains CosFace alone).
         num_classes: CosFace rows (`next_class_id` of the label version; 1 when CosFace is off).
+        group_class_ids: one CosFace classifier per CosPlace group instead (`cosface_groups`, a
+            models.heads.CosFaceGroups, and `cosface` is None): per group, its class ids [R_g].
         scale, margin: CosFace s and m.
         pair_trains_encoder: False detaches the patch tokens the pair classifier reads.
         pair_aligned: the pair classifier's aligned token similarity term (models.heads).
@@ -65,15 +79,22 @@ class FinetuneModel(nn.Module):
             anchors of each place in the batch (0: every anchor, as Pair-VPR).
     """
 
-    def __init__(self, global_model: GlobalDescriptorModel, decoder: SiameseMIMDecoder, num_classes: int,
+    def __init__(self, global_model: GlobalDescriptorModel, decoder: SiameseMIMDecoder | None, num_classes: int,
                  scale: float, margin: float, pair_trains_encoder: bool = True, pair_aligned: bool = False,
-                 rerank_global_weight: float = 0.0, pair_anchors_per_place: int = 0) -> None:
+                 rerank_global_weight: float = 0.0, pair_anchors_per_place: int = 0,
+                 group_class_ids: list | None = None) -> None:
         super().__init__()
         self.pair_trains_encoder = pair_trains_encoder
         self.pair_anchors_per_place = pair_anchors_per_place
         self.global_model = global_model
-        self.pair = PairClassifier(decoder, aligned=pair_aligned, global_weight=rerank_global_weight)
-        self.cosface = CosFaceClassifier(global_model.descriptor_dim, num_classes, scale, margin)
+        self.pair = None
+        if decoder is not None:
+            self.pair = PairClassifier(decoder, aligned=pair_aligned, global_weight=rerank_global_weight)
+        self.cosface, self.cosface_groups = None, None
+        if group_class_ids is None:
+            self.cosface = CosFaceClassifier(global_model.descriptor_dim, num_classes, scale, margin)
+        else:
+            self.cosface_groups = CosFaceGroups(global_model.descriptor_dim, group_class_ids, scale, margin)
 
     def forward(self, images: torch.Tensor, place_ids: torch.Tensor, class_ids: torch.Tensor,
                 far: torch.Tensor | None = None, group: MiningGroup | None = None) -> dict:
@@ -90,11 +111,18 @@ class FinetuneModel(nn.Module):
             hardest positive, hardest negative) indices into the global batch; pair_pos / pair_neg [A]
             logits of those pairs (has_pairs False: one stand-in pair, not a training signal) and
             pair_logits_total, their count over all ranks (2 A without a group); cosface [B', C]
-            margin logits of the B' labelled images and their class ids `cosface_targets` [B'].
+            margin logits of the B' labelled images and their class ids `cosface_targets` [B']
+            (cosface_groups: of the B' images of the active group, targets its rows). Without a
+            pair classifier nothing is mined: pairs [0, 3], has_pairs False, no pair logits.
         """
         encoder = self.global_model.encoder
         tokens = self.global_model.forward_features(images)  # [B, 1 + N, C]
         descriptors = self.global_model.pool(tokens, self.global_model.token_grid(images))  # [B, D], unit length
+        if self.pair is None:
+            all_descriptors = descriptors if group is None else gather_rows(descriptors, group)  # [R*B, D]
+            return {"descriptors": descriptors, "all_descriptors": all_descriptors,
+                    "pairs": torch.zeros(0, 3, dtype=torch.long, device=images.device), "has_pairs": False,
+                    "pair_logits_total": 0, **self._cosface(descriptors, class_ids)}
         patches = tokens[:, encoder.num_prefix_tokens:]  # [B, N, C]
         if not self.pair_trains_encoder:  # a small encoder serves the global descriptor better alone
             patches = patches.detach()
@@ -123,12 +151,19 @@ class FinetuneModel(nn.Module):
             anchor = positive = negative = torch.zeros(1, dtype=torch.long, device=images.device)
         pair_pos = self.pair(table[anchor], table[positive], grid)  # [A]
         pair_neg = self.pair(table[anchor], table[negative], grid)  # [A]
-        labelled = class_ids >= 0
-        targets = class_ids[labelled]  # [B']
-        cosface = self.cosface(descriptors[labelled], targets)  # [B', C]
         return {"descriptors": descriptors, "all_descriptors": all_descriptors, "pairs": pairs,
                 "pair_pos": pair_pos, "pair_neg": pair_neg, "has_pairs": has_pairs,
-                "pair_logits_total": pair_logits_total, "cosface": cosface, "cosface_targets": targets}
+                "pair_logits_total": pair_logits_total, **self._cosface(descriptors, class_ids)}
+
+    def _cosface(self, descriptors: torch.Tensor, class_ids: torch.Tensor) -> dict:
+        """{"cosface": [B', C] margin logits, "cosface_targets": [B']} of the images the classifier
+        scores: every labelled image, or (cosface_groups) those of the active group."""
+        if self.cosface_groups is not None:
+            cosface, targets = self.cosface_groups(descriptors, class_ids)
+            return {"cosface": cosface, "cosface_targets": targets}
+        labelled = class_ids >= 0
+        targets = class_ids[labelled]  # [B']
+        return {"cosface": self.cosface(descriptors[labelled], targets), "cosface_targets": targets}
 
 
 def freeze_encoder_except_last(encoder: nn.Module, trainable_last_blocks: int) -> None:
@@ -145,21 +180,60 @@ def freeze_encoder_except_last(encoder: nn.Module, trainable_last_blocks: int) -
         param.requires_grad_(in_trained_block or name.startswith(("norm.", "fc_norm.")))
 
 
-def build_finetune_model(cfg: TrainConfig, num_classes: int, load_weights: bool = True) -> FinetuneModel:
-    """Stage 2: stage-1 encoder + decoder from `cfg.init_from` (else as stage 1 starts), a new
-    global head, pair class token and MLP, and a CosFace head of `num_classes` rows.
+def freeze_mim_encoder_except_last(mim: SiameseMIM, trainable_last_blocks: int) -> None:
+    """Stage 1: train only the top `trainable_last_blocks` encoder blocks and its final norm,
+    the embeddings and the mask token frozen, as Pair-VPR (pairvpr/models/dinov2.py runs the
+    earlier blocks under no_grad; the tokens before them then get no gradient either).
 
-    `load_weights` False reads no file (neither `init_from` nor `encoder_weights`): shapes only,
-    as trainer.memory_model builds on the meta device."""
-    mim = build_pretrain_model(cfg, load_encoder_weights=load_weights and not cfg.init_from)  # init_from replaces them
-    if cfg.init_from and load_weights:
-        load_mim(mim, cfg.init_from)
-    global_model = build_model(cfg.encoder_config(), load_encoder_weights=False)
-    global_model.encoder = mim.encoder  # keep the stage-1 encoder; the head is new
-    freeze_encoder_except_last(global_model.encoder, cfg.trainable_last_blocks)
-    return FinetuneModel(global_model, mim.decoder, num_classes, cfg.cosface_scale, cfg.cosface_margin,
+    -1: every encoder parameter trains, and so does the mask token that hides image 1's
+    patches under mask_token masking (DINOv2's, or the model's own). The decoder always trains.
+    """
+    token = mim.patch_mask_token()  # None under drop masking
+    if trainable_last_blocks >= 0:
+        freeze_encoder_except_last(mim.encoder, trainable_last_blocks)
+    if token is not None:
+        token.requires_grad_(trainable_last_blocks < 0)
+
+
+def build_finetune_model(cfg: TrainConfig, num_classes: int, load_weights: bool = True,
+                         group_class_ids: list | None = None) -> FinetuneModel:
+    """Stage 2: stage-1 encoder + decoder from `cfg.init_from` (else as stage 1 starts), a new
+    global head, pair class token and MLP (none when `pair_classifier` is false: no decoder is
+    built), and a CosFace head of `num_classes` rows.
+
+    With `cosface_groups`, one CosFace classifier per group instead: `group_class_ids` (per group,
+    its class ids, trainer.cosface_groups.group_class_ids); None gives every group `num_classes`
+    rows (shapes only).  `load_weights` False reads no file (neither `init_from` nor
+    `encoder_weights`): shapes only, as trainer.memory_model builds on the meta device."""
+    if cfg.pair_classifier or cfg.init_from:
+        mim = build_mim(cfg, load_encoder_weights=load_weights and not cfg.init_from)  # init_from replaces them
+        if cfg.init_from and load_weights:
+            load_mim(mim, cfg.init_from)
+        global_model = build_model(cfg.encoder_config(), load_encoder_weights=False)
+        global_model.encoder = mim.encoder  # keep the stage-1 encoder; the head is new
+        decoder = mim.decoder if cfg.pair_classifier else None
+    else:  # MutualVPR: no stage 1, no pair classifier, so no decoder is built
+        release = encoder_spec(cfg.encoder).release_file
+        if load_weights and release and not cfg.encoder_weights:  # only with encoder_init: random
+            log.warning("encoder %s starts from RANDOM weights (encoder_init: random)", cfg.encoder)
+        global_model, decoder = build_model(cfg.encoder_config(), load_encoder_weights=load_weights), None
+    freeze_finetune_encoder(global_model.encoder, cfg)
+    if cfg.cosface_groups and group_class_ids is None:
+        group_class_ids = [list(range(num_classes))] * cfg.cosface_groups
+    return FinetuneModel(global_model, decoder, num_classes, cfg.cosface_scale, cfg.cosface_margin,
                          cfg.pair_trains_encoder, cfg.pair_aligned_similarity, cfg.rerank_global_weight,
-                         cfg.pair_anchors_per_place)
+                         cfg.pair_anchors_per_place, group_class_ids if cfg.cosface_groups else None)
+
+
+def freeze_finetune_encoder(encoder: nn.Module, cfg: TrainConfig) -> None:
+    """Stage 2's trained encoder parameters.  With `adapter` mulconv: the adapters only, every
+    DINOv2 weight frozen, the final norm too, as MutualVPR's train.py (`"adapter" not in name`:
+    requires_grad False); else the top `trainable_last_blocks` blocks and the final norm."""
+    if cfg.adapter == "none":
+        freeze_encoder_except_last(encoder, cfg.trainable_last_blocks)
+        return
+    for name, param in encoder.named_parameters():
+        param.requires_grad_(is_adapter_parameter(name))
 
 
 def global_model_of(model: nn.Module, cfg: TrainConfig) -> GlobalDescriptorModel:
@@ -207,6 +281,10 @@ def load_mim(mim: SiameseMIM, path: str | os.PathLike) -> None:
     if not isinstance(content, dict) or content.get("kind") != MIM_KIND:
         raise ValueError(f"{path}: not a stage-1 export (kind {MIM_KIND!r}); pass out/export/mim_epochNNNN.pt")
     state = dict(content["state_dict"])
+    if "mask_token" in state and "mask_token" not in mim.state_dict():
+        # The stage-1 model's own mask token (mask_token masking of an encoder without DINOv2's):
+        # a receiver that never masks (stage 2) has no use for it.
+        del state["mask_token"]
     pos = state.get("encoder.pos_embed")
     if pos is not None and pos.shape != mim.encoder.pos_embed.shape:
         state["encoder.pos_embed"] = fit_position_embedding(pos, mim.encoder)  # class position (if any) kept
