@@ -82,17 +82,33 @@ def image_id_for(dataset: str, relpath: str) -> int:
     return stable_id(f"{dataset}/{relpath}")
 
 
-def stable_ids(texts: Iterable[str], prefix: str = "") -> np.ndarray:
+def stable_ids(texts: Iterable[str] | pa.Array | pa.ChunkedArray, prefix: str = "") -> np.ndarray:
     """[N] int64 `stable_id(prefix + text)` of N texts, e.g. `image_id_for` of a whole column.
 
-    The same hash as `stable_id`, with the per-row Python work cut to the blake2b call (about
-    0.7 us a row, most of a 5 M-row ingest's hashing): digests are joined and read as one array.
+    The same hash as `stable_id`, with the per-row Python work cut to one copy of a hasher that has
+    already taken the prefix, one update and one digest: digests are joined and read as one array.
+    An Arrow string column is hashed from its UTF-8 bytes as they are, with no Python str made and
+    encoded again (at 5 M rows ~0.55 us a row, against ~1 us from a polars Series of str).
     """
-    head, blake2b = prefix.encode("utf-8"), hashlib.blake2b
-    if hasattr(texts, "to_list"):  # a polars Series: its Python list is built faster than it is iterated
-        texts = texts.to_list()
-    digests = b"".join([blake2b(head + t.encode("utf-8"), digest_size=8).digest() for t in texts])
-    return (np.frombuffer(digests, dtype="<u8") & np.uint64(0x7FFF_FFFF_FFFF_FFFF)).astype(np.int64)
+    seeded = hashlib.blake2b(prefix.encode("utf-8"), digest_size=8)
+    digests: list[bytes] = []
+    append, copy = digests.append, seeded.copy
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        kind = texts.type
+        as_bytes = (pa.large_binary() if pa.types.is_large_string(kind)
+                    else pa.binary_view() if pa.types.is_string_view(kind) else pa.binary())
+        for data in texts.cast(as_bytes).to_pylist():
+            hasher = copy()
+            hasher.update(data)
+            append(hasher.digest())
+    else:
+        if hasattr(texts, "to_list"):  # a polars Series: its Python list is built faster than it is iterated
+            texts = texts.to_list()
+        for text in texts:
+            hasher = copy()
+            hasher.update(text.encode("utf-8"))
+            append(hasher.digest())
+    return (np.frombuffer(b"".join(digests), dtype="<u8") & np.uint64(0x7FFF_FFFF_FFFF_FFFF)).astype(np.int64)
 
 
 def catalog_table(columns: Mapping[str, Iterable | np.ndarray]) -> pa.Table:

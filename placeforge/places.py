@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from placeforge.catalog import CATALOG_SCHEMA, REJECTS_SCHEMA, stable_ids
-from placeforge.geo import cell_col_row, is_northern_letter, utm_cell_keys
+from placeforge.geo import cell_col_row, distinct_rows, is_northern_letter, utm_cell_keys
 
 
 @dataclass(frozen=True)
@@ -83,21 +83,34 @@ def geo_place_keys(
 
     The zone and hemisphere are part of the key: cell (col, row) in zone 10N and in
     zone 11N are different places even though their metric coordinates coincide.
-    A point whose heading is unknown keeps the unsplit cell key.  Keys are formatted once
-    per distinct cell (about one per 10 images) and gathered, not formatted per point.
+    A point whose heading is unknown keeps the unsplit cell key.
     """
+    cell, keys = geo_cells(zone_number, northern, east_m, north_m, cell_size_m, heading_deg, heading_sectors)
+    return keys.gather(cell).alias("place_key")
+
+
+def geo_cells(
+    zone_number: np.ndarray,
+    northern: np.ndarray,
+    east_m: np.ndarray,
+    north_m: np.ndarray,
+    cell_size_m: float,
+    heading_deg: np.ndarray | None = None,
+    heading_sectors: int = 0,
+) -> tuple[np.ndarray, pl.Series]:
+    """`geo_place_keys` as integers: (cell [N] int64, the number of each point's place, and keys [C]
+    the place key of each number).  Places are told apart by their integers (zone, hemisphere,
+    column, row, sector), so a key is formatted once per place, never per point, and is never
+    hashed or compared as text."""
     col, row = cell_col_row(east_m, north_m, cell_size_m)
-    cells = pl.DataFrame({"zone": np.asarray(zone_number, np.int64), "northern": np.asarray(northern, bool),
-                          "col": col, "row": row})
-    distinct = cells.unique(maintain_order=True).with_row_index("cell")
-    cell = cells.join(distinct, on=["zone", "northern", "col", "row"], how="left", maintain_order="left")["cell"]
-    cell_keys = utm_cell_keys(*(distinct[c].to_numpy() for c in ("zone", "northern", "col", "row")))
-    keys = pl.Series("place_key", cell_keys.tolist(), dtype=pl.String).gather(cell)
-    if heading_sectors > 0 and heading_deg is not None:
-        sector = pl.Series(heading_sector(heading_deg, heading_sectors))
-        keys = pl.select(pl.when(sector >= 0).then(pl.concat_str(keys, pl.lit(":h"), sector.cast(pl.String)))
-                         .otherwise(keys).alias("place_key")).to_series()
-    return keys
+    zone = np.asarray(zone_number, np.int64)
+    north = np.asarray(northern, bool)
+    split = heading_sectors > 0 and heading_deg is not None
+    sector = heading_sector(heading_deg, heading_sectors) if split else np.full(len(col), -1, np.int64)
+    first, cell = distinct_rows([zone, north.astype(np.int64), col, row, sector])
+    cell_keys = utm_cell_keys(zone[first], north[first], col[first], row[first])
+    keys = [k if s < 0 else f"{k}:h{s}" for k, s in zip(cell_keys.tolist(), sector[first].tolist())]
+    return cell, pl.Series("place_key", keys, dtype=pl.String)
 
 
 def view_place_keys(cell_keys: pl.Series, zone_number: np.ndarray, northern: np.ndarray, east_m: np.ndarray,
@@ -155,28 +168,64 @@ def source_place_keys(source: pl.Series, dataset: pl.Series, source_place_id: pl
 
 def place_keys(catalog: pa.Table, cfg: PlaceConfig) -> pl.Series:
     """[N] place key of every catalog row (null where a row has neither a source place id nor UTM)."""
+    group, keys = place_groups(catalog, cfg)
+    if not len(keys):
+        return pl.repeat(None, catalog.num_rows, dtype=pl.String, eager=True).alias("place_key")
+    gathered = keys.gather(np.maximum(group, 0))
+    return pl.select(pl.when(pl.Series(group >= 0)).then(gathered).alias("place_key")).to_series()
+
+
+def place_groups(catalog: pa.Table, cfg: PlaceConfig) -> tuple[np.ndarray, pl.Series]:
+    """The places of [N] catalog rows as integers: (group [N] int64, the number of each row's place,
+    -1 where a row has neither a source place id nor UTM; keys [G] the place key of each number)."""
+    group = np.full(catalog.num_rows, -1, dtype=np.int64)
+    parts: list[pl.Series] = []
     has_source_place = pc.is_valid(catalog.column("source_place_id")).to_numpy(zero_copy_only=False)
     has_utm = pc.and_(pc.is_valid(catalog.column("utm_zone")), pc.is_valid(catalog.column("utm_east")))
-    keys = pl.repeat(None, catalog.num_rows, dtype=pl.String, eager=True).alias("place_key")
     if has_source_place.any():
         rows = np.flatnonzero(has_source_place)
         sub = pl.from_arrow(catalog.select(["source", "dataset", "source_place_id"]).take(rows))
-        keys = keys.scatter(rows, source_place_keys(sub["source"], sub["dataset"], sub["source_place_id"]))
+        group[rows], keys = _distinct_strings(source_place_keys(sub["source"], sub["dataset"], sub["source_place_id"]))
+        parts.append(keys)
     geo = ~has_source_place & has_utm.to_numpy(zero_copy_only=False)
     if geo.any():
         rows = np.flatnonzero(geo)
-        sub = pl.from_arrow(catalog.select(["utm_zone", "utm_letter", "utm_east", "utm_north", "heading_deg",
-                                            "image_id"]).take(rows))
-        zone = sub["utm_zone"].to_numpy()
-        northern = is_northern_letter(sub["utm_letter"].fill_null("").to_numpy().astype("<U1"))
-        east, north = sub["utm_east"].to_numpy(), sub["utm_north"].to_numpy()
-        heading = sub["heading_deg"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        cell_keys = geo_place_keys(zone, northern, east, north, cfg.cell_size_m, heading, cfg.heading_sectors)
+        sub = catalog.select(["utm_zone", "utm_letter", "utm_east", "utm_north", "heading_deg", "image_id"])
+        if len(rows) < catalog.num_rows:
+            sub = sub.take(rows)
+        zone = _numpy(sub.column("utm_zone"), np.int64)
+        letters = pc.dictionary_encode(pc.fill_null(sub.column("utm_letter"), "")).combine_chunks()
+        northern = is_northern_letter(np.asarray(letters.dictionary.to_pylist(), dtype="<U1"))  # ~20 distinct
+        northern = northern[letters.indices.to_numpy(zero_copy_only=False)]
+        east, north = _numpy(sub.column("utm_east"), np.float64), _numpy(sub.column("utm_north"), np.float64)
+        heading = _numpy(sub.column("heading_deg"), np.float64)
+        offset = sum(len(k) for k in parts)
         if cfg.view_radius_m > 0:
-            cell_keys = view_place_keys(cell_keys, zone, northern, east, north, heading, cfg.heading_sectors,
-                                        sub["image_id"].to_numpy(), cfg.view_radius_m)
-        keys = keys.scatter(rows, cell_keys)
-    return keys
+            cell_keys = geo_place_keys(zone, northern, east, north, cfg.cell_size_m, heading, cfg.heading_sectors)
+            view_keys = view_place_keys(cell_keys, zone, northern, east, north, heading, cfg.heading_sectors,
+                                        _numpy(sub.column("image_id"), np.int64), cfg.view_radius_m)
+            cell, keys = _distinct_strings(view_keys)
+        else:
+            cell, keys = geo_cells(zone, northern, east, north, cfg.cell_size_m, heading, cfg.heading_sectors)
+        group[rows] = cell + offset
+        parts.append(keys)
+    keys = pl.concat(parts) if parts else pl.Series("place_key", [], dtype=pl.String)
+    return group, keys.alias("place_key")
+
+
+def _numpy(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
+    """A numeric column as numpy `dtype`, nulls as NaN (floats)."""
+    if pa.types.is_floating(column.type):
+        column = pc.fill_null(column.cast(pa.float64()), np.nan)
+    return column.to_numpy().astype(dtype, copy=False)
+
+
+def _distinct_strings(values: pl.Series) -> tuple[np.ndarray, pl.Series]:
+    """([N] int64 number of each value, [D] the distinct values in order of first appearance)."""
+    frame = pl.DataFrame({"value": values})
+    distinct = frame.unique(maintain_order=True).with_row_index("number")
+    number = frame.join(distinct, on="value", how="left", maintain_order="left")["number"]
+    return number.to_numpy().astype(np.int64), distinct["value"]
 
 
 @dataclass(frozen=True)
@@ -190,42 +239,41 @@ class Placement:
 
 
 def place_rows(catalog: pa.Table, cfg: PlaceConfig) -> Placement:
-    """The places of [N] catalog rows (CATALOG_SCHEMA; place columns may be null); see `assign_places`."""
-    keys = pl.DataFrame(place_keys(catalog, cfg))
-    keys = keys.with_columns(place_size=pl.len().over("place_key"))  # over null keys too: never read
-    unplaceable = keys["place_key"].is_null()
-    too_small = ~unplaceable & (keys["place_size"] < cfg.min_images_per_place)
-    kept_rows = ~(unplaceable | too_small)
+    """The places of [N] catalog rows (CATALOG_SCHEMA; place columns may be null); see `assign_places`.
 
-    unique_keys = keys.filter(kept_rows)["place_key"].unique()
-    ids = pl.DataFrame({"place_key": unique_keys, "place_id": stable_ids(unique_keys)},
-                       schema={"place_key": pl.String, "place_id": pl.Int64})
-    kept_keys = keys.filter(kept_rows).join(ids, on="place_key", how="left", maintain_order="left")
+    Rows are counted and grouped by integer place numbers; keys are hashed once per kept place.
+    """
+    group, keys = place_groups(catalog, cfg)
+    size = np.bincount(group[group >= 0], minlength=len(keys))  # [G] images per place
+    row_size = np.where(group >= 0, size[np.maximum(group, 0)] if len(size) else 0, 0)
+    kept_rows = (group >= 0) & (row_size >= cfg.min_images_per_place)
+    kept_places = np.flatnonzero(size >= cfg.min_images_per_place)
+    place_id = np.zeros(len(keys), dtype=np.int64)
+    place_id[kept_places] = stable_ids(keys.gather(kept_places))
+    kept_group = group[kept_rows]
 
     rejected_rows = ~kept_rows
-    rejected = pl.from_arrow(catalog.select(["relpath", "source", "dataset", "image_id"]).filter(
-        pa.array(rejected_rows.to_numpy())))
-    gone = keys.filter(rejected_rows)
-    is_unplaceable = gone["place_key"].is_null().to_numpy()
-    reasons = np.where(is_unplaceable, "no_coordinates", "place_too_small")
+    rejected = catalog.select(["relpath", "source", "dataset", "image_id"]).filter(pa.array(rejected_rows))
+    gone = group[rejected_rows]
+    gone_keys = keys.gather(np.maximum(gone, 0)).to_list() if len(keys) else [None] * len(gone)
     details = [
         "no source place id and no coordinates"
-        if unplaced
+        if g < 0
         else f"place {k} has {n} image(s), minimum is {cfg.min_images_per_place}"
-        for unplaced, k, n in zip(is_unplaceable, gone["place_key"].to_list(), gone["place_size"].to_list())
+        for g, k, n in zip(gone.tolist(), gone_keys, row_size[rejected_rows].tolist())
     ]
     rejects = pa.table(
         {
-            "input": rejected["relpath"].to_arrow(),
-            "source": rejected["source"].to_arrow(),
-            "dataset": rejected["dataset"].to_arrow(),
-            "stage": pa.array(["place"] * rejected.height, pa.string()),
-            "reason": pa.array(reasons.tolist(), pa.string()),
+            "input": rejected.column("relpath"),
+            "source": rejected.column("source"),
+            "dataset": rejected.column("dataset"),
+            "stage": pa.array(["place"] * rejected.num_rows, pa.string()),
+            "reason": pa.array(np.where(gone < 0, "no_coordinates", "place_too_small").tolist(), pa.string()),
             "detail": pa.array(details, pa.string()),
-            "image_id": rejected["image_id"].to_arrow(),
+            "image_id": rejected.column("image_id"),
         }
     ).cast(REJECTS_SCHEMA)
-    return Placement(kept_rows.to_numpy(), kept_keys["place_key"], kept_keys["place_id"].to_numpy(), rejects)
+    return Placement(kept_rows, keys.gather(kept_group).alias("place_key"), place_id[kept_group], rejects)
 
 
 def assign_places(catalog: pa.Table, cfg: PlaceConfig) -> tuple[pa.Table, pa.Table]:

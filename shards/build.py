@@ -186,7 +186,7 @@ def build(
     out = Path(out_dir).resolve()
     phase_seconds: dict[str, float] = {}
     with _phase(phase_seconds, "ingest"):
-        catalog, rejects, inputs = _ingest(sources)
+        catalog, paths, rejects, inputs = _ingest_rows(sources)  # `path` is made again in plan order
     with _phase(phase_seconds, "places"):
         placement = place_rows(catalog, cfg.place_config())
         rejects = concat([rejects, placement.rejects], REJECTS_SCHEMA)
@@ -198,7 +198,9 @@ def build(
                                        cfg.min_shards, cfg.seed)
         holder = [catalog]
         del catalog
-        plan = with_places(_take_releasing(holder, kept_rows[sort]), placement, order=sort)
+        taken = paths.add_to(_take_releasing(holder, kept_rows[sort]), kept_rows[sort])
+        plan = with_places(taken, placement, order=sort)
+        del taken
         for name, values in plan_columns.items():
             plan = plan.append_column(name, values)
         fingerprint = _fingerprint(cfg, sources, plan)
@@ -252,19 +254,65 @@ def _take_releasing(holder: list[pa.Table], indices: np.ndarray) -> pa.Table:
     return pa.Table.from_arrays(taken, schema=schema)
 
 
+@dataclass(frozen=True)
+class _Paths:
+    """The `path` column of a catalog as what it is made of: each source's folder prefix and its
+    rows' relpaths (ingest.common.path_prefix).  The widest column is then not held, converted and
+    taken with the others (at 5 M rows ~0.75 GB, and up to three copies while it is taken): it is
+    made once, in plan order, from the plan's relpaths."""
+
+    prefixes: list[str]  # [S] root + "/" of each source
+    source_of: np.ndarray  # [N] int32: the source of each catalog row
+
+    def add_to(self, table: pa.Table, rows: np.ndarray) -> pa.Table:
+        """`table` (catalog columns but `path`; [K] rows, catalog rows `rows`) with `path` in its place."""
+        column = table.column("relpath")
+        relpath = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # (which copies even one)
+        source_of = self.source_of[rows]
+        if not len(source_of) or (source_of == source_of[0]).all():
+            prefix = self.prefixes[source_of[0]] if len(source_of) else ""
+        else:  # [K] prefixes, ~40 bytes a row: less than a second copy of the paths would take
+            prefix = pa.array(self.prefixes, pa.string()).take(pa.array(source_of))
+        path = pc.binary_join_element_wise(prefix, relpath, "")
+        del prefix
+        # With the all-valid bitmap that `take` gives a column, as the fingerprint hashes the buffers.
+        valid = pa.py_buffer(np.packbits(np.ones(len(path), dtype=bool), bitorder="little"))
+        path = pa.Array.from_buffers(pa.string(), len(path), [valid, *path.buffers()[1:]], null_count=-1)
+        return table.add_column(CATALOG_SCHEMA.get_field_index("path"), CATALOG_SCHEMA.field("path"), path)
+
+
 def _ingest(sources: list[tuple]) -> tuple[pa.Table, pa.Table, int]:
     """Read every source (all are checked before any work starts) and drop cross-source duplicates."""
+    catalog, paths, rejects, inputs = _ingest_rows(sources)
+    return paths.add_to(catalog, np.arange(catalog.num_rows)), rejects, inputs
+
+
+def _ingest_rows(sources: list[tuple]) -> tuple[pa.Table, _Paths, pa.Table, int]:
+    """`_ingest` with the catalog's `path` column set aside as `_Paths`."""
     from placeforge.ingest import read_source
+    from placeforge.ingest.common import path_prefix
 
     if not sources:
         raise BuildError("no --source given")
     results = [read_source(*source) for source in sources]
+    prefixes = [path_prefix(source[1]) for source in sources]
+    for result, prefix in zip(results, prefixes):  # (ingest.common.finish makes them so; lengths are cheap to check)
+        path, relpath = result.catalog.column("path"), result.catalog.column("relpath")
+        lengths = pc.equal(pc.binary_length(path), pc.add(pc.binary_length(relpath), len(prefix.encode())))
+        if len(path) and (path[0].as_py() != prefix + relpath[0].as_py() or not pc.all(lengths).as_py()):
+            raise BuildError(f"a reader's paths are not {prefix!r} + relpath; please report this")
+    source_of = np.repeat(np.arange(len(results), dtype=np.int32), [r.catalog.num_rows for r in results])
     catalog = concat([r.catalog for r in results], CATALOG_SCHEMA)
     rejects = concat([r.rejects for r in results], REJECTS_SCHEMA)
     inputs = sum(r.inputs for r in results)
-    # The same folder given twice, or one dataset reachable under two names: keep the first.
-    ids = pl.from_arrow(catalog.select(["image_id", "path"]))
-    dup = ids.select(~pl.col("image_id").is_first_distinct() | ~pl.col("path").is_first_distinct()).to_series().to_numpy()
+    del results
+    # The same folder given twice, or one dataset reachable under two names: keep the first.  Two
+    # sources' paths can only coincide where one's root + "/" starts the other's.
+    dup = ~pl.from_arrow(catalog.select(["image_id"]))["image_id"].is_first_distinct()
+    nested = any(a.startswith(b) for i, a in enumerate(prefixes) for j, b in enumerate(prefixes) if i != j)
+    if nested:
+        dup = dup | ~pl.from_arrow(catalog.select(["path"]))["path"].is_first_distinct()
+    dup = dup.to_numpy()
     if dup.any():
         dups = catalog.filter(pa.array(dup))
         rejects = concat(
@@ -286,7 +334,10 @@ def _ingest(sources: list[tuple]) -> tuple[pa.Table, pa.Table, int]:
             REJECTS_SCHEMA,
         )
         catalog = catalog.filter(pa.array(~dup))
-    return catalog, rejects, inputs
+        source_of = source_of[~dup]
+    catalog = catalog.drop_columns(["path"])
+    pa.default_memory_pool().release_unused()
+    return catalog, _Paths(prefixes, source_of), rejects, inputs
 
 
 def _fingerprint(cfg: BuildConfig, sources: list[tuple], plan: pa.Table) -> str:

@@ -242,35 +242,39 @@ def parse_at_names(names: pl.Series) -> pl.DataFrame:
     return _parse_names(frame.with_columns(extension=_extension(pl.col("name"))))
 
 
-def _parse_names(frame: pl.DataFrame) -> pl.DataFrame:
-    """`parse_at_names` of the [N] rows of `frame` (columns name, extension)."""
-    name = pl.col("name")
-    stem = name.str.head(name.str.len_chars() - pl.col("extension").str.len_chars())
-    # A name is "@" + 14 fields joined by "@" + "@": exactly 15 "@", the first and the last
-    # character of the stem.  Split at them into "", the 14 fields and "" (literal tests and
-    # one split take about half the time of one regex with 14 groups).
+def _parse_names(frame: pl.DataFrame, attributes: tuple[str, ...] | None = None) -> pl.DataFrame:
+    """`parse_at_names` of the [N] rows of `frame` (columns name, extension).
+
+    With `attributes` (AtName attribute names), only those field columns are returned, besides
+    `ok` and `captured_at_s`, and fields of rows that are not ok are left as parsed (a reader
+    drops those rows): every number field is still checked.
+    """
+    # A name is "@" + 14 fields joined by "@" + "@" + extension.  Split at the first 15 "@" into
+    # "", the 14 fields and the rest: the rest is the extension exactly when the 15th "@" ends
+    # the stem, so the stem has exactly 15 "@", its first and last characters.  (No count of the
+    # "@" and no copy of the stem: a third of the time of the literal tests, one split stays.)
     at_signs = len(FIELDS) + 1
-    texts = frame.select(
-        matched=stem.str.starts_with("@") & stem.str.ends_with("@") & (stem.str.count_matches("@", literal=True)
-                                                                        == at_signs),
-        fields=stem.str.split_exact("@", at_signs),
-    ).unnest("fields")
-    texts = texts.rename({f"field_{i}": field for i, field in enumerate(FIELDS, start=1)})
+    texts = frame.select("extension", fields=pl.col("name").str.splitn("@", at_signs + 1)).unnest("fields")
+    matched = ((pl.col("field_0") == "") & (pl.col(f"field_{at_signs}") == pl.col("extension"))).fill_null(False)
 
     typed, bad = [], []
-    for field in FIELDS:
-        text = pl.col(field)
+    for number, field in enumerate(FIELDS, start=1):
+        text = pl.col(f"field_{number}")
         if field in FLOAT_FIELDS or field in INT_FIELDS:
             value, is_bad = (parse_float if field in FLOAT_FIELDS else parse_int)(text)
-            typed.append(value.alias(ATTRIBUTE[field]))
             bad.append(is_bad)
         else:
-            typed.append(pl.when(text != "").then(text).alias(ATTRIBUTE[field]))
-    ok = pl.col("matched") & ~pl.any_horizontal(bad)
-    parsed = texts.select(ok.alias("ok"), *typed)
-    if not parsed["ok"].all():  # fields of names that are not ok are null
-        parsed = parsed.with_columns(pl.when(pl.col("ok")).then(pl.col(a)).alias(a) for a in ATTRIBUTE.values())
-    return parsed.with_columns(captured_at_s=_timestamp_seconds(pl.col("timestamp")))
+            value = pl.when(text != "").then(text)
+        if attributes is None or ATTRIBUTE[field] in attributes:
+            typed.append(value.alias(ATTRIBUTE[field]))
+    ok = matched & ~pl.any_horizontal(bad)
+    timestamp = pl.col(f"field_{FIELDS.index('timestamp') + 1}")
+    parsed = texts.select(ok.alias("ok"), *typed, captured_at_s=_timestamp_seconds(pl.when(timestamp != "")
+                                                                                    .then(timestamp)))
+    if attributes is None and not parsed["ok"].all():  # fields of names that are not ok are null
+        parsed = parsed.with_columns(pl.when(pl.col("ok")).then(pl.col(a)).alias(a)
+                                     for a in (*ATTRIBUTE.values(), "captured_at_s"))
+    return parsed
 
 
 def read_atname(root: str | Path, file_list: Path | None = None) -> IngestResult:
@@ -304,6 +308,8 @@ def read_atname(root: str | Path, file_list: Path | None = None) -> IngestResult
 
 
 SLICE_ROWS = 500_000  # names parsed at once: ~0.2 GB of transient text columns
+# What the reader keeps of a name (and captured_at_s): positions, heading.  Other fields are only checked.
+READER_ATTRIBUTES = ("utm_east", "utm_north", "utm_zone_number", "utm_zone_letter", "lat", "lon", "heading_deg")
 
 
 def _read_names(relpaths: pl.Series) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
@@ -323,14 +329,15 @@ def _read_names(relpaths: pl.Series) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
     )  # fmt: skip
     files = files.filter(is_image)
 
-    parsed = pl.concat([files.drop("extension"), _parse_names(files.select("name", "extension"))],
-                       how="horizontal")
+    parsed = pl.concat([files.select("relpath", "subset", "name"),
+                        _parse_names(files.select("name", "extension"), READER_ATTRIBUTES)], how="horizontal")
+    del files
     bad = parsed.filter(~pl.col("ok"))
     bad_names = bad.select(
         input="relpath", relpath="relpath", reason=pl.lit("bad_name"),
         detail=pl.Series([name_problem(n) for n in bad["name"]], dtype=pl.String),
     )  # fmt: skip
-    parsed = parsed.filter(pl.col("ok"))
+    parsed = parsed.filter(pl.col("ok")).drop("ok", "name")
 
     lat, lon, usable = _resolve_coordinates(parsed)
     unplaced = parsed.filter(~usable)  # as parsed: lat/lon are replaced below
@@ -387,7 +394,9 @@ def name_problem(name: str) -> str:
 
 def _coordinate_problems(unplaced: pl.DataFrame) -> list[tuple[str, str]]:
     """(reason, detail) of [K] parsed names (AtName columns) whose position the vectorised check refused."""
-    ats = [AtName(**row, extension="") for row in unplaced.select(ATTRIBUTE.values()).iter_rows(named=True)]
+    given = [a for a in ATTRIBUTE.values() if a in unplaced.columns]  # `locate` reads lat/lon and UTM only
+    empty = dict.fromkeys(ATTRIBUTE.values())
+    ats = [AtName(**{**empty, **row}, extension="") for row in unplaced.select(given).iter_rows(named=True)]
     bug = ("bad_coordinates", "coordinates rejected by the vectorised check, though coordinates_of accepts them (bug)")
     return [(f.reason, f.detail) if isinstance(f, CoordinateError) else bug for f in locate(ats)]
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from placeforge.catalog import (
     CATALOG_SCHEMA,
@@ -145,6 +146,12 @@ def open_root(source: str, root: str | os.PathLike) -> Path:
     if not path.name:
         raise SourceError(f"{source} source {path} has no folder name to use as the dataset name")
     return path
+
+
+def path_prefix(root: str | os.PathLike) -> str:
+    """What a catalog row's `path` is made of besides its relpath: path = path_prefix(root) + relpath,
+    with the root made absolute as `open_root` makes it (the shard build rebuilds paths so)."""
+    return os.fspath(Path(os.path.abspath(os.fspath(root)))) + "/"
 
 
 def read_csv_strings(path: Path) -> pl.DataFrame:
@@ -306,8 +313,12 @@ def finish(
         for name, dtype in CANDIDATE_COLUMNS.items()
     ])  # fmt: skip
     _check_inside_root(cand["relpath"])
+    # The relpaths as an Arrow string column, made once: hashed for the ids, then the catalog's
+    # relpath and path columns (polars' own strings would be converted, and path concatenated, again).
+    # Chunked as polars holds them, so that no chunk exceeds the 2 GB of a string array.
+    relpaths = cand.select("relpath").to_arrow(compat_level=pl.CompatLevel.oldest()).column(0).cast(pa.string())
     cand = cand.with_columns(
-        image_id=pl.Series(stable_ids(cand["relpath"], f"{dataset}/"), dtype=pl.Int64),  # image_id_for, per row
+        image_id=pl.Series(stable_ids(relpaths, f"{dataset}/"), dtype=pl.Int64),  # image_id_for, per row
         order=pl.int_range(pl.len()),
     )
 
@@ -324,7 +335,7 @@ def finish(
         cand = cand.filter(first)
 
     if not stat_files:
-        return IngestResult(_catalog(source, root, cand), rejects.table(source, dataset), inputs, warnings)
+        return IngestResult(_catalog(source, root, cand, relpaths), rejects.table(source, dataset), inputs, warnings)
 
     # Files that are missing, unreadable, or not regular files.
     status = check_files(root, cand["relpath"].to_list(), missing_reason)
@@ -345,11 +356,14 @@ def finish(
     ))
     cand = cand.filter(~repeated).sort("order")
 
-    catalog = _catalog(source, root, cand)
+    catalog = _catalog(source, root, cand, relpaths)
     return IngestResult(catalog, rejects.table(source, dataset), inputs, warnings)
 
 
-def _catalog(source: str, root: Path, cand: pl.DataFrame) -> pa.Table:
+def _catalog(source: str, root: Path, cand: pl.DataFrame, relpaths: pa.ChunkedArray) -> pa.Table:
+    """Catalog rows of `cand`: rows `order` of the [N] candidates, whose relpaths are `relpaths`."""
+    order = cand["order"]  # ascending: rows were only removed
+    relpath = relpaths if len(order) == len(relpaths) else relpaths.take(order.to_arrow())
     lat = cand["lat"].fill_nan(None).fill_null(np.nan).to_numpy()
     lon = cand["lon"].fill_nan(None).fill_null(np.nan).to_numpy()
     utm = latlon_to_utm(lat, lon)
@@ -360,8 +374,6 @@ def _catalog(source: str, root: Path, cand: pl.DataFrame) -> pa.Table:
         "image_id",
         pl.lit(source).alias("source"),
         pl.lit(root.name).alias("dataset"),
-        (pl.lit(os.fspath(root) + "/") + pl.col("relpath")).alias("path"),
-        "relpath",
         "subset",
         pl.col("lat").fill_nan(None),
         pl.col("lon").fill_nan(None),
@@ -377,7 +389,9 @@ def _catalog(source: str, root: Path, cand: pl.DataFrame) -> pa.Table:
         "source_place_id",
     ).to_arrow(compat_level=pl.CompatLevel.newest())  # strings as views, no copy: catalog_table makes the one copy
     del cand
-    return catalog_table({name: frame.column(name) for name in frame.column_names if name in CATALOG_SCHEMA.names})
+    columns = {name: frame.column(name) for name in frame.column_names if name in CATALOG_SCHEMA.names}
+    columns.update(relpath=relpath, path=pc.binary_join_element_wise(path_prefix(root), relpath, ""))
+    return catalog_table(columns)
 
 
 def _check_inside_root(relpaths: pl.Series) -> None:

@@ -154,7 +154,11 @@ def _check_entries(entries: pl.DataFrame, skipped: list[SkippedEntry], prefix: s
         for number, relpath, first_number in repeated.select("number", "relpath", "first").iter_rows():
             skipped.append(SkippedEntry(f"{prefix}{number}", "duplicate",
                                         f"{relpath!r} is listed again (first at {prefix}{first_number})"))
-    return entries.filter(first)["relpath"].sort(), skipped
+    # Sorting moves only the strings' 16-byte views: their bytes stay in listing order, so every
+    # later pass over the sorted paths would read memory at random (at 5 M paths the name parse and
+    # the image-id hashing took ~1.3x as long).  One copy puts the bytes in sorted order.
+    relpaths = entries.filter(first)["relpath"].sort()
+    return pl.Series(relpaths.name, relpaths.to_arrow(compat_level=pl.CompatLevel.oldest()), dtype=pl.String), skipped
 
 
 def _first_that_holds(checks: list[tuple[pl.Expr, str, str]], field: int) -> pl.Expr:
