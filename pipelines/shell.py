@@ -32,8 +32,10 @@ def add_ray_arguments(parser: argparse.ArgumentParser, resources_flag: str | Non
                       resources_help: str = "") -> None:
     """--ray-address and --num-cpus, plus a --task-resources / --actor-resources flag when named."""
     parser.add_argument("--ray-address", default=None,
-                        help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+                        help="Ray cluster to use (default: $RAY_ADDRESS, else a Ray already running on this "
+                        "machine from `ray start --head`, else a new local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of a new local Ray (default: all; a running Ray keeps its own)")
     if resources_flag:
         parser.add_argument(resources_flag, metavar="NAME=AMOUNT[,...]", default=None, help=resources_help)
 

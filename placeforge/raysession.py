@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 
 class RayAddressError(ValueError):
@@ -56,12 +59,31 @@ def parse_resources(text: str | None) -> dict[str, float] | None:
     return resources
 
 
+def running_local_ray(temp_dir: str | os.PathLike | None = None) -> str | None:
+    """The GCS address of a Ray already running on this machine, if it answers: `ray start --head`
+    records it in TEMP_DIR/ray_current_cluster (default /tmp/ray, where a plain `ray.init()` looks);
+    None when there is no record or the Ray it names has stopped."""
+    from ray._private.utils import read_ray_address  # Ray's own reader of that record
+
+    address = read_ray_address(None if temp_dir is None else str(temp_dir))
+    if not address:
+        return None
+    try:
+        check_reachable(address, timeout_s=1.0)
+    except RayAddressError:
+        return None
+    return address
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
-    """Use the running Ray, else join `address` / $RAY_ADDRESS (set by `ray job submit`),
-    else start a local Ray (dashboard off; Ray binds it to 127.0.0.1 when on).
+    """Use the running Ray, else join `address` / $RAY_ADDRESS (set by `ray job submit`), else
+    join a Ray already running on this machine (`ray start --head`; its GCS must answer), else
+    start a local Ray (dashboard off; Ray binds it to 127.0.0.1 when on).
 
-    A session started here is shut down on exit; one that was already running is left alone.
+    Joining a running Ray saves its start-up (seconds) in every job; `num_cpus` sizes only a
+    Ray started here.  A session started here is shut down on exit; one that was already
+    running is left alone.
     """
     import ray
 
@@ -73,8 +95,13 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
         elif os.environ.get("RAY_ADDRESS"):
             check_reachable(os.environ["RAY_ADDRESS"])
             ray.init(log_to_driver=False)
+        elif local := running_local_ray():
+            if num_cpus is not None:
+                log.warning("joining the Ray running at %s: --num-cpus %d does not apply to it", local, num_cpus)
+            ray.init(address=local, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            # "local": a new Ray even where a stale record of a stopped one would make ray.init() try to join it
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

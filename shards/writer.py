@@ -5,19 +5,26 @@ independent of every other shard, safe to retry.  The tar is written under a
 temporary name in the same folder and renamed into place, so a killed worker never
 leaves a half-written shard under its final name, and a retry rewrites the same bytes
 (member mtimes are fixed).
+
+The tar is written with the standard library's `tarfile`, by webdataset's TarWriter rules
+(`_write_sample`), not with webdataset itself: `import webdataset` imports torch (its package
+`__init__` loads `webdataset.pytorch`), seconds of start-up in every worker process of a job
+that never uses it.  The bytes are those `webdataset.TarWriter(stream, encoder=False,
+mtime=0)` writes (tests/test_writer.py compares them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import webdataset as wds
 
 from placeforge.fileio import file_sha256
 from placeforge.imaging import DecodeError, reencode_jpeg
@@ -26,6 +33,8 @@ from shards.layout import FORMAT_VERSION, IMAGE_META_FIELDS, image_member, shard
 from shards.manifest import ShardRecord
 
 FIXED_MTIME = 0.0  # reproducible tars: identical inputs give byte-identical shards
+TAR_OWNER = "bigdata"  # webdataset.TarWriter's default user and group names
+TAR_MODE = 0o444  # and its default member mode
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ def write_shard(
     rows = plan.to_pylist()
     try:
         with open(tmp, "wb") as stream:
-            writer = wds.TarWriter(stream, encoder=False, mtime=FIXED_MTIME)
+            tar = tarfile.open(fileobj=stream, mode="w|")  # a stream tar, as webdataset.TarWriter opens it
             try:
                 start = 0
                 while start < len(rows):
@@ -91,16 +100,16 @@ def write_shard(
                     sample = _encode_sample(rows[start:end], short_side, jpeg_quality, index_rows, reject_rows,
                                             shard_index)
                     if sample is not None:
-                        writer.write(sample)
+                        _write_sample(tar, sample)
                         samples += 1
                     start = end
             except BaseException:
                 # Let tarfile finish its stream now (into the file about to be deleted), not from a
                 # finaliser after `stream` is closed; a second error (the disk is still full) is moot.
                 with contextlib.suppress(Exception):
-                    writer.close()
+                    tar.close()
                 raise
-            writer.close()
+            tar.close()
         os.replace(tmp, final)
     except BaseException:
         # A full disk or a kill leaves no partial file behind, under any name.
@@ -114,6 +123,22 @@ def write_shard(
         sha256=file_sha256(final),
     )
     return ShardResult(record, index_rows, reject_rows)
+
+
+def _write_sample(tar: tarfile.TarFile, sample: dict) -> None:
+    """Append one sample as webdataset.TarWriter.write does with encoder=False: member "KEY.EXT"
+    per field in sorted field order, owner bigdata:bigdata, mode 0444, mtime FIXED_MTIME."""
+    key = sample["__key__"]
+    for field_name in sorted(sample):
+        if field_name == "__key__":
+            continue
+        data = sample[field_name]
+        info = tarfile.TarInfo(f"{key}.{field_name}")
+        info.size = len(data)
+        info.mtime = FIXED_MTIME
+        info.mode = TAR_MODE
+        info.uname = info.gname = TAR_OWNER
+        tar.addfile(info, io.BytesIO(data))
 
 
 def _encode_sample(

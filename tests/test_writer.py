@@ -1,8 +1,12 @@
-"""One shard written for real: read back with plain webdataset and tarfile; bad images rejected."""
+"""One shard written for real: read back with plain webdataset and tarfile; bad images rejected;
+the bytes are webdataset.TarWriter's; writing a shard never imports torch."""
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+import shards.writer
 from shards.writer import write_shard
 
 
@@ -105,16 +110,16 @@ def test_a_full_disk_mid_shard_raises_and_leaves_nothing(tmp_path, monkeypatch):
     import errno
 
     plan = plan_rows(tmp_path, [("s000000000", "000.jpg", jpeg(1)), ("s000000001", "000.jpg", jpeg(2))])
-    real_write = wds.TarWriter.write
+    real_write = shards.writer._write_sample
     written = []
 
-    def fill_up(self, sample):  # the second sample hits a full disk
+    def fill_up(tar, sample):  # the second sample hits a full disk
         if written:
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(sample["__key__"])
-        return real_write(self, sample)
+        return real_write(tar, sample)
 
-    monkeypatch.setattr(wds.TarWriter, "write", fill_up)
+    monkeypatch.setattr(shards.writer, "_write_sample", fill_up)
     (tmp_path / "shards").mkdir()
     with pytest.raises(OSError) as raised:
         write_shard(tmp_path / "shards", 0, plan, 320, 90)
@@ -123,3 +128,43 @@ def test_a_full_disk_mid_shard_raises_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()  # space again: the same call now writes the whole shard
     result = write_shard(tmp_path / "shards", 0, plan, 320, 90)
     assert result.record.samples == 2 and [p.name for p in (tmp_path / "shards").iterdir()] == ["shard-000000.tar"]
+
+
+def test_shard_bytes_are_webdatasets_tarwriter_bytes(tmp_path):
+    """The shard is written with tarfile by webdataset's rules: re-writing its samples with
+    webdataset.TarWriter (encoder off, mtime 0, as the shards were written before) gives the same bytes."""
+    files = [("s000000000", "000.jpg", jpeg(1)), ("s000000000", "001.jpg", jpeg(2)), ("s000000001", "000.jpg", jpeg(3))]
+    out = tmp_path / "shards"
+    out.mkdir()
+    write_shard(out, 0, plan_rows(tmp_path, files), 320, 90)
+    shard = (out / "shard-000000.tar").read_bytes()
+    samples = list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["s000000000", "s000000001"]
+    stream = io.BytesIO()
+    with wds.TarWriter(stream, encoder=False, mtime=0.0) as reference:
+        for sample in samples:  # the reader adds __url__ etc.; TarWriter skips "_" fields but __key__
+            reference.write(sample)
+    assert len(stream.getvalue()) == len(shard) and stream.getvalue() == shard
+
+
+def test_writing_a_shard_does_not_import_torch(tmp_path):
+    """A shard task's modules must not pull in torch (seconds of start-up in every Ray worker):
+    write a shard in a fresh interpreter and look at sys.modules."""
+    plan = plan_rows(tmp_path, [("s000000000", "000.jpg", jpeg(1))])
+    plan_file = tmp_path / "plan.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(plan, plan_file)
+    (tmp_path / "shards").mkdir()
+    code = (
+        "import sys, pyarrow.parquet as pq\n"
+        "from shards.build import build_one_shard\n"
+        "from shards.writer import write_shard\n"
+        f"result = write_shard({str(tmp_path / 'shards')!r}, 0, pq.read_table({str(plan_file)!r}), 320, 90)\n"
+        "assert result.record.images == 1\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'webdataset', 'torchvision')))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
