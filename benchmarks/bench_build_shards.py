@@ -94,7 +94,7 @@ def bench_ray(source: Path, out: Path, num_cpus: int, short_side: int) -> tuple[
     rebuild in the same Ray session, shows the steady-state rate a long job runs at."""
     import ray
 
-    from shards.build import BuildConfig, build
+    from placeforge.shards.build import BuildConfig, build
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:

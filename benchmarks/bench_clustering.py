@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clustering.kmeans import class_means, cluster_cells
-from clustering.labels import label_table, previous_labels, write_label_set
-from clustering.matching import relabel
+from placeforge.clustering.kmeans import class_means, cluster_cells
+from placeforge.clustering.labels import label_table, previous_labels, write_label_set
+from placeforge.clustering.matching import relabel
 
 K = 3
 N_INIT = 10

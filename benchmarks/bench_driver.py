@@ -179,7 +179,7 @@ def generate(work: Path, n_rows: int, gsv_fraction: float, seed: int) -> list[tu
 
 def measure(sources: list[tuple[str, Path, Path]], out: Path) -> dict:
     """Plan-only build of `sources` into `out` in this process; phase seconds, counts and peak RSS."""
-    from shards.build import BuildConfig, build
+    from placeforge.shards.build import BuildConfig, build
 
     started, cpu_started = time.perf_counter(), time.process_time()
     summary = build(sources, out, BuildConfig(), plan_only=True)

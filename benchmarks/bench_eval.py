@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.dense_store import StoreKey, bytes_per_image
+from placeforge.evaluation.dense_store import StoreKey, bytes_per_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,13 +56,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, work: Path) -> int:
     """The benchmark proper; everything it writes lives under `work` (deleted afterwards)."""
-    from evaluation.job import EvalConfig, evaluate
-    from evaluation.rerank import pair_scores
-    from evaluation.testset import read_split
-    from models.checkpoint import load_pair_classifier, save_model_checkpoint
-    from models.decoder import SiameseMIMDecoder, decoder_config
-    from models.encoders import EncoderConfig, build_model, encoder_spec
-    from models.heads import PairClassifier
+    from placeforge.evaluation.job import EvalConfig, evaluate
+    from placeforge.evaluation.rerank import pair_scores
+    from placeforge.evaluation.testset import read_split
+    from placeforge.models.checkpoint import load_pair_classifier, save_model_checkpoint
+    from placeforge.models.decoder import SiameseMIMDecoder, decoder_config
+    from placeforge.models.encoders import EncoderConfig, build_model, encoder_spec
+    from placeforge.models.heads import PairClassifier
 
     test_set = args.test_set
     if test_set is None:

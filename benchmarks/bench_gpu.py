@@ -53,18 +53,18 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.encoders import encoder_spec
 from placeforge.config import from_mapping, load_file
-from trainer.data import GroupBatch, PairBatch
-from trainer.engine import build_optimizer, finetune_step, pretrain_step
-from trainer.memory_model import (
+from placeforge.models.encoders import encoder_spec
+from placeforge.trainer.data import GroupBatch, PairBatch
+from placeforge.trainer.engine import build_optimizer, finetune_step, pretrain_step
+from placeforge.trainer.memory_model import (
     activation_bytes_per_item,
     build_on_meta,
     count_parameters,
     model_state_bytes,
 )
-from trainer.train_config import TrainConfig, resolve_bf16
-from trainer.train_models import build_finetune_model, build_pretrain_model
+from placeforge.trainer.train_config import TrainConfig, resolve_bf16
+from placeforge.trainer.train_models import build_finetune_model, build_pretrain_model
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"pretrain": REPO / "configs" / "pretrain_vitb.yaml", "finetune": REPO / "configs" / "finetune_vitb.yaml"}
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if stage not in STAGES:
             parser.error(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     # Every model here starts from random weights on purpose; the trainer's warning says so per build.
-    logging.getLogger("trainer.train_models").setLevel(logging.ERROR)
+    logging.getLogger("placeforge.trainer.train_models").setLevel(logging.ERROR)
 
     rows = print_memory_model(args, stages) if args.memory_model else run_throughput(args, stages)
     if args.json:

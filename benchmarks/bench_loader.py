@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from placeforge.config import from_mapping, load_file
-from trainer.data import BatchGeometry, make_loader
-from trainer.engine import build_optimizer, finetune_step, pretrain_step
-from trainer.train_config import TrainConfig
-from trainer.train_models import build_finetune_model, build_pretrain_model
+from placeforge.trainer.data import BatchGeometry, make_loader
+from placeforge.trainer.engine import build_optimizer, finetune_step, pretrain_step
+from placeforge.trainer.train_config import TrainConfig
+from placeforge.trainer.train_models import build_finetune_model, build_pretrain_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
-from trainer.losses import multi_similarity_loss, multi_similarity_mine
+from placeforge.trainer.losses import multi_similarity_loss, multi_similarity_mine
 
 IMAGES_PER_PLACE = 4
 ALPHA, BETA, BASE, EPSILON = 1.0, 50.0, 0.0, 0.1

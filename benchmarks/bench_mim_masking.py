@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from placeforge.config import from_mapping, load_file
-from trainer.data import PairBatch
-from trainer.engine import build_optimizer, pretrain_step
-from trainer.train_config import TrainConfig
-from trainer.train_models import build_pretrain_model
+from placeforge.trainer.data import PairBatch
+from placeforge.trainer.engine import build_optimizer, pretrain_step
+from placeforge.trainer.train_config import TrainConfig
+from placeforge.trainer.train_models import build_pretrain_model
 
 REPO = Path(__file__).resolve().parents[1]
 

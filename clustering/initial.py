@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from clustering.cells import mix64
-from clustering.kmeans import cluster_cells
+from placeforge.clustering.cells import mix64
+from placeforge.clustering.kmeans import cluster_cells
 
 
 def heading_points(heading_deg: np.ndarray) -> np.ndarray:

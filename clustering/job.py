@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from clustering.cells import DEFAULT_CELLS_APART, cells_from_catalog
-from clustering.descriptors import descriptor_dir, publish, reusable, temporary_dir
-from clustering.initial import initial_classes
-from clustering.labels import (
+from placeforge.catalog import read_catalog
+from placeforge.clustering.cells import DEFAULT_CELLS_APART, cells_from_catalog
+from placeforge.clustering.descriptors import descriptor_dir, publish, reusable, temporary_dir
+from placeforge.clustering.initial import initial_classes
+from placeforge.clustering.labels import (
     LabelManifest,
     label_table,
     latest_version,
@@ -40,16 +41,15 @@ from clustering.labels import (
     version_dir,
     write_label_set,
 )
-from clustering.matching import PreviousLabels, relabel
-from clustering.plots import pick_plot_cells, write_cell_plot
-from clustering.stages import UNKNOWN_CELL, CellLookup, images_of_shard
-from placeforge.catalog import read_catalog
+from placeforge.clustering.matching import PreviousLabels, relabel
+from placeforge.clustering.plots import pick_plot_cells, write_cell_plot
+from placeforge.clustering.stages import UNKNOWN_CELL, CellLookup, images_of_shard
 from placeforge.config import to_dict
 from placeforge.fileio import OutputLockedError, file_sha256, output_lock
 from placeforge.raysession import quiet_data_context, ray_session
-from shards.index import read_index
-from shards.layout import CATALOG_FILE, INDEX_FILE, SHARD_SUBDIR, shard_name
-from shards.reader import ShardSet
+from placeforge.shards.index import read_index
+from placeforge.shards.layout import CATALOG_FILE, INDEX_FILE, SHARD_SUBDIR, shard_name
+from placeforge.shards.reader import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _recluster_locked(started: float, shard_set: ShardSet, labels_dir: Path, cfg
         log.info("initial split of %d images into view classes (k=%d) -> v%04d", len(images.image_id), cfg.k,
                  version)
     else:
-        from models.checkpoint import inspect_model_checkpoint
+        from placeforge.models.checkpoint import inspect_model_checkpoint
 
         checkpoint = Path(checkpoint).resolve()
         encoder_cfg = inspect_model_checkpoint(checkpoint)  # a wrong file fails here, before any Ray work
@@ -253,8 +253,8 @@ def _embed_and_cluster(shard_set: ShardSet, images: ImageCells, checkpoint: Path
     """The Ray Data job (clustering/stages.py); returns the cluster rows of every image read."""
     import ray
 
-    from clustering.stages import add_cells, cluster_partition, shard_image_rows
-    from models.embedding import Embedder
+    from placeforge.clustering.stages import add_cells, cluster_partition, shard_image_rows
+    from placeforge.models.embedding import Embedder
 
     quiet_data_context()
     resources = ray.cluster_resources()

@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 import scipy.sparse
 
-from clustering.cells import mix64
+from placeforge.clustering.cells import mix64
 
 # Rows per block when scanning all descriptors (finite check, content hash): 8192 x 512
 # float32 is 16 MiB, so the scan never holds a full-size temporary.

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clustering.matching import PreviousLabels
+from placeforge.clustering.matching import PreviousLabels
 from placeforge.fileio import file_sha256, write_parquet_atomic
 
 LABEL_FORMAT_VERSION = 1

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from clustering.kmeans import CellCentroids
+from placeforge.clustering.kmeans import CellCentroids
 
 
 @dataclass(frozen=True)

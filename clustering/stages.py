@@ -20,9 +20,9 @@ from typing import Iterator
 import numpy as np
 import webdataset as wds
 
-from clustering.kmeans import cluster_cells
-from clustering.plots import project_2d
-from shards.reader import to_place_samples
+from placeforge.clustering.kmeans import cluster_cells
+from placeforge.clustering.plots import project_2d
+from placeforge.shards.reader import to_place_samples
 
 UNKNOWN_CELL = -1  # cell_id of an image that is in the shards but not in the catalog
 

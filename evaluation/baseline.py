@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from evaluation.search import exact_search
+from placeforge.evaluation.search import exact_search
 from placeforge.ingest.listing import read_image_file
 
 BASELINE_NAME = "thumbnail 16x16 correlation"

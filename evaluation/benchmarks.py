@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.ground_truth import (
+from placeforge.catalog import REJECTS_SCHEMA, concat
+from placeforge.evaluation.ground_truth import (
     ListedSide,
     numbered_images,
     read_listed_test_set,
@@ -40,9 +41,8 @@ from evaluation.ground_truth import (
     read_positives,
     read_vprbench_positives,
 )
-from evaluation.npy_safe import load_npy
-from evaluation.testset import Split, check_comparable, read_split
-from placeforge.catalog import REJECTS_SCHEMA, concat
+from placeforge.evaluation.npy_safe import load_npy
+from placeforge.evaluation.testset import Split, check_comparable, read_split
 from placeforge.ingest.common import SourceError
 
 DOWNLOADER = "gmberton/VPR-datasets-downloader"

@@ -20,10 +20,10 @@ from collections import Counter
 from PIL import Image
 from tqdm import tqdm
 
-from evaluation.dense_store import FeatureStore
-from models.embedding import Embedder
-from models.encoders import short_side_hw
+from placeforge.evaluation.dense_store import FeatureStore
 from placeforge.ingest.listing import read_image_file
+from placeforge.models.embedding import Embedder
+from placeforge.models.encoders import short_side_hw
 from placeforge.raysession import quiet_data_context
 
 # Image headers read to find a split's input size under "short_side" (evenly spaced).

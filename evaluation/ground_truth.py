@@ -52,9 +52,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from evaluation.npy_safe import load_index_lists, load_npy
-from evaluation.testset import GroundTruth, Split
 from placeforge.catalog import IMAGE_EXTENSIONS, REJECTS_SCHEMA, concat, rejects_table
+from placeforge.evaluation.npy_safe import load_index_lists, load_npy
+from placeforge.evaluation.testset import GroundTruth, Split
 from placeforge.ingest.common import SourceError
 from placeforge.ingest.listing import check_files, list_files
 

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from evaluation.baseline import BASELINE_NAME, rank_by_thumbnails
-from evaluation.dense_store import DONE, FeatureStore, StoreKey, bytes_per_image, images_sha256
-from evaluation.recall import correct_matrix, first_correct, positives_within, recall_at, recall_curve
-from evaluation.search import exact_search
-from evaluation.testset import GroundTruth, Split, check_comparable
 from placeforge.catalog import REJECTS_SCHEMA, concat
 from placeforge.config import to_dict
+from placeforge.evaluation.baseline import BASELINE_NAME, rank_by_thumbnails
+from placeforge.evaluation.dense_store import DONE, FeatureStore, StoreKey, bytes_per_image, images_sha256
+from placeforge.evaluation.recall import correct_matrix, first_correct, positives_within, recall_at, recall_curve
+from placeforge.evaluation.search import exact_search
+from placeforge.evaluation.testset import GroundTruth, Split, check_comparable
 from placeforge.fileio import OutputLockedError, file_sha256, output_lock, write_json_atomic, write_parquet_atomic
 
 REPORT_FORMAT = 1
@@ -74,7 +74,7 @@ class EvalConfig:
         for name in ("rerank_top_k", "embed_actors", "sample_queries"):
             if getattr(self, name) < 0:
                 raise EvaluationError(f"{name} must be >= 0, got {getattr(self, name)}")
-        from models.encoders import RESIZES  # here, not at import: torch is slow to load for --help
+        from placeforge.models.encoders import RESIZES  # here, not at import: torch is slow to load for --help
 
         if self.resize is not None and self.resize not in RESIZES:
             raise EvaluationError(f"resize must be one of {list(RESIZES)} (or unset: the checkpoint's), "
@@ -129,9 +129,9 @@ def evaluate(checkpoint: str | os.PathLike, database: Split, queries: Split, out
 
 def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, title, actor_resources,
               held: contextlib.ExitStack) -> EvalSummary:
-    from evaluation.embed import split_input_hw
-    from models.checkpoint import inspect_model_checkpoint, load_pair_classifier
-    from models.encoders import encoder_spec
+    from placeforge.evaluation.embed import split_input_hw
+    from placeforge.models.checkpoint import inspect_model_checkpoint, load_pair_classifier
+    from placeforge.models.encoders import encoder_spec
     from placeforge.raysession import ray_session
 
     cfg.validate()
@@ -169,7 +169,7 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
     with ray_session(ray_address, num_cpus):
         import ray
 
-        from evaluation.embed import embed_split
+        from placeforge.evaluation.embed import embed_split
 
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
@@ -195,7 +195,7 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
 
     reranked = rerank_scores = None
     if pair is not None:
-        from evaluation.rerank import pair_scores, rerank_order
+        from placeforge.evaluation.rerank import pair_scores, rerank_order
 
         top_k = min(top_k, k)
         tick = time.perf_counter()
@@ -263,7 +263,7 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
     if ground_truth is not None:
         del report["positive_radius_m"]  # a file's positives have no radius; "ground_truth" names the file
     if cfg.msls_submission:
-        from evaluation.msls_submission import MIN_PREDICTIONS, write_msls_submission
+        from placeforge.evaluation.msls_submission import MIN_PREDICTIONS, write_msls_submission
 
         ranked_all = np.full((len(queries), k), -1, dtype=np.int64)  # an unreadable query: its key alone
         ranked_all[q_rows] = candidates if reranked is None else reranked
@@ -278,7 +278,7 @@ def _evaluate(checkpoint, database, queries, out, cfg, ray_address, num_cpus, ti
     write_parquet_atomic(predictions, out / "predictions.parquet")
     write_parquet_atomic(rejects, out / "rejects.parquet")
     write_json_atomic(out / "report.json", report)
-    from evaluation.report import write_report
+    from placeforge.evaluation.report import write_report
 
     write_report(out, report, predictions, database.paths, sample_queries=cfg.sample_queries, seed=cfg.seed)
     return EvalSummary(out, report)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.heads import PairClassifier
+from placeforge.models.heads import PairClassifier
 
 
 def pair_scores(pair: PairClassifier, query_tokens: np.ndarray, db_tokens: np.ndarray, candidates: np.ndarray,

@@ -30,8 +30,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from evaluation.positions import PLANAR_ZONE, coordinate_frame, positions_from_fields
 from placeforge.catalog import IMAGE_EXTENSIONS, rejects_table
+from placeforge.evaluation.positions import PLANAR_ZONE, coordinate_frame, positions_from_fields
 from placeforge.ingest import parse_at_names, parse_source_spec, read_source
 from placeforge.ingest.atname import name_problem
 from placeforge.ingest.common import SourceError

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from models.decoder import SiameseMIMDecoder, decoder_config
-from models.encoders import EncoderConfig, GlobalDescriptorModel, build_model, encoder_spec
-from models.heads import PairClassifier
 from placeforge.config import ConfigError, from_mapping
 from placeforge.fileio import atomic_write
+from placeforge.models.decoder import SiameseMIMDecoder, decoder_config
+from placeforge.models.encoders import EncoderConfig, GlobalDescriptorModel, build_model, encoder_spec
+from placeforge.models.heads import PairClassifier
 
 CHECKPOINT_FORMAT = 1
 KIND = "global_descriptor"

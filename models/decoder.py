@@ -37,8 +37,8 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.dinov2 import encode_with_mask_token
-from models.encoders import normalize_input
+from placeforge.models.dinov2 import encode_with_mask_token
+from placeforge.models.encoders import normalize_input
 
 # How stage 1 hides image 1's masked patches from the encoder (module docstring).
 MASKINGS = ("drop", "mask_token")

@@ -35,7 +35,7 @@ class Embedder:
                  descriptor_dtype: str = "float16") -> None:
         import torch
 
-        from models.checkpoint import load_model_checkpoint
+        from placeforge.models.checkpoint import load_model_checkpoint
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, cfg = load_model_checkpoint(checkpoint, self.device)
@@ -50,7 +50,7 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from models.encoders import decode_images
+        from placeforge.models.encoders import decode_images
 
         blobs = list(batch["jpeg"]) if "jpeg" in batch else [_read_file(str(p)) for p in batch["path"]]
         images, ok = decode_images(blobs, self.image_size, self.resize)

@@ -41,8 +41,8 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.adapters import add_mulconv_adapters, set_patch_grid
-from models.dinov2 import add_mask_token, load_weights_into, require_weights_file
+from placeforge.models.adapters import add_mulconv_adapters, set_patch_grid
+from placeforge.models.dinov2 import add_mask_token, load_weights_into, require_weights_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

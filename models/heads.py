@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.decoder import HEAD_ACTIVATIONS, SiameseMIMDecoder, sincos_2d_positions
+from placeforge.models.decoder import HEAD_ACTIVATIONS, SiameseMIMDecoder, sincos_2d_positions
 
 
 class PairClassifier(nn.Module):

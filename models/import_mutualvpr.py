@@ -2,7 +2,7 @@
 
     summary = import_mutualvpr("MutualVPR.pth", "models/mutualvpr_vitb.pt")
     print(summary.text())            # keys mapped and dropped, the encoder config written
-    # python -m pipelines.evaluate --checkpoint models/mutualvpr_vitb.pt ...   (global descriptor only)
+    # python -m placeforge.pipelines.evaluate --checkpoint models/mutualvpr_vitb.pt ...   (global descriptor only)
 
 MutualVPR (Gucci233/MutualVPR at bd373c6) trains `cosplace_model/cosplace_network.py`'s
 `MutualVPR` module wrapped in nn.DataParallel and saves `model.state_dict()` (util.py
@@ -42,10 +42,15 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CheckpointError, inspect_model_checkpoint, save_model_checkpoint, shape_mismatch
-from models.dinov2 import fit_position_embedding
-from models.encoders import EncoderConfig, build_model, encoder_spec
-from models.import_released import check_import_paths, read_released_checkpoint
+from placeforge.models.checkpoint import (
+    CheckpointError,
+    inspect_model_checkpoint,
+    save_model_checkpoint,
+    shape_mismatch,
+)
+from placeforge.models.dinov2 import fit_position_embedding
+from placeforge.models.encoders import EncoderConfig, build_model, encoder_spec
+from placeforge.models.import_released import check_import_paths, read_released_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
     summary = import_pairvpr("trained_models/pairvpr-vitB.pth", "models/pairvpr_vitb.pt")
     print(summary.text())            # variant, presets, keys mapped and dropped
-    # python -m pipelines.evaluate --checkpoint models/pairvpr_vitb.pt ...   (global + re-ranking)
+    # python -m placeforge.pipelines.evaluate --checkpoint models/pairvpr_vitb.pt ...   (global + re-ranking)
 
 MutualVPR's release: models.import_mutualvpr, which reads files with this module's reader.
 
@@ -52,11 +52,16 @@ from typing import Callable
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from models.checkpoint import CheckpointError, inspect_model_checkpoint, save_model_checkpoint, shape_mismatch
-from models.decoder import SiameseMIMDecoder, decoder_config, sincos_2d_positions
-from models.dinov2 import fit_position_embedding, to_timm_keys
-from models.encoders import EncoderConfig, build_model, encoder_spec
-from models.heads import PairClassifier
+from placeforge.models.checkpoint import (
+    CheckpointError,
+    inspect_model_checkpoint,
+    save_model_checkpoint,
+    shape_mismatch,
+)
+from placeforge.models.decoder import SiameseMIMDecoder, decoder_config, sincos_2d_positions
+from placeforge.models.dinov2 import fit_position_embedding, to_timm_keys
+from placeforge.models.encoders import EncoderConfig, build_model, encoder_spec
+from placeforge.models.heads import PairClassifier
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.shell import add_ray_arguments, run_guarded, script_parser
 from placeforge.config import add_config_arguments, check_output_folder, config_from_args
 from placeforge.logs import setup_logging
-from shards.build import BuildConfig
+from placeforge.pipelines.shell import add_ray_arguments, run_guarded, script_parser
+from placeforge.shards.build import BuildConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from placeforge.config import ConfigError
     from placeforge.ingest import SourceError, parse_source_args
     from placeforge.raysession import parse_resources
-    from shards.build import BuildError, build
+    from placeforge.shards.build import BuildError, build
 
     parser = build_parser()
     args = parser.parse_args(argv)

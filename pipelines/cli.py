@@ -54,11 +54,11 @@ def demo(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from clustering.job import ReclusterConfig, ReclusterError, recluster
-    from clustering.labels import latest_version
+    from placeforge.clustering.job import ReclusterConfig, ReclusterError, recluster
+    from placeforge.clustering.labels import latest_version
     from placeforge.config import ConfigError
-    from shards.build import BuildConfig, BuildError, build
-    from shards.reader import ShardSet, place_sample_pipeline, same_place_pairs
+    from placeforge.shards.build import BuildConfig, BuildError, build
+    from placeforge.shards.reader import ShardSet, place_sample_pipeline, same_place_pairs
     from synthcity import generate
     from synthcity.write import OutputDirError
 
@@ -147,13 +147,13 @@ def city_config(preset_name: str, city_seed: int | None = None):
 def evaluate_demo(out: Path, trained: Path, num_cpus: int | None, eval_dir: Path, seed: int = 0) -> int:
     """Evaluate the untrained encoder and the trained model on the city's test split into
     `eval_dir`; print both."""
-    from evaluation.job import EvalConfig, EvaluationError, evaluate
-    from evaluation.testset import read_split
-    from models.checkpoint import save_model_checkpoint
-    from models.encoders import build_model
     from placeforge.config import from_mapping, load_file
+    from placeforge.evaluation.job import EvalConfig, EvaluationError, evaluate
+    from placeforge.evaluation.testset import read_split
+    from placeforge.models.checkpoint import save_model_checkpoint
+    from placeforge.models.encoders import build_model
     from placeforge.raysession import ray_session
-    from trainer.train_config import TrainConfig
+    from placeforge.trainer.train_config import TrainConfig
 
     recipe = from_mapping(TrainConfig, load_file(CONFIGS / "demo_finetune.yaml"), where="demo_finetune.yaml")
     untrained = eval_dir / "untrained.pt"
@@ -230,7 +230,7 @@ def run_training(config_name: str, args: list[str], overrides: dict[str, float])
         print(f"already trained: {out / 'export'}")
         return 0
     flags = [item for key, value in overrides.items() for item in ("--" + key.replace("_", "-"), str(value))]
-    command = [sys.executable, "-m", "trainer.train", "--config", str(config), *args, *flags]
+    command = [sys.executable, "-m", "placeforge.trainer.train", "--config", str(config), *args, *flags]
     if (out / "checkpoints" / "latest").is_file():
         command.append("--resume")
     return subprocess.run(command, cwd=CONFIGS.parent).returncode
@@ -255,7 +255,7 @@ COMMANDS = {
 }
 
 IMPORT_HELP = """Convert a released checkpoint into a placeforge model file, so that
-`python -m pipelines.evaluate --checkpoint OUT ...` evaluates the published model as it is
+`python -m placeforge.pipelines.evaluate --checkpoint OUT ...` evaluates the published model as it is
 (global descriptor, then pair-classifier re-ranking where the model has one).
 
 --from pairvpr: a stage-2 model of csiro-robotics/Pair-VPR: pairvpr-vitB.pth ("speed") or
@@ -281,9 +281,9 @@ no pair classifier.
 
 def import_checkpoint(argv: list[str]) -> int:
     """Convert a released checkpoint of a published method into a placeforge model file."""
-    from models.import_mutualvpr import MUTUALVPR_DROPPED, MUTUALVPR_VARIANTS
-    from models.import_released import PAIRVPR_DROPPED, PAIRVPR_VARIANTS
-    from pipelines.shell import run_guarded, script_parser
+    from placeforge.models.import_mutualvpr import MUTUALVPR_DROPPED, MUTUALVPR_VARIANTS
+    from placeforge.models.import_released import PAIRVPR_DROPPED, PAIRVPR_VARIANTS
+    from placeforge.pipelines.shell import run_guarded, script_parser
 
     parser = script_parser("placeforge import-checkpoint",
                            IMPORT_HELP.format(dropped=", ".join(PAIRVPR_DROPPED),
@@ -303,8 +303,8 @@ def import_checkpoint(argv: list[str]) -> int:
     setup_logging()
 
     def run() -> str:
-        from models.import_mutualvpr import import_mutualvpr
-        from models.import_released import import_pairvpr
+        from placeforge.models.import_mutualvpr import import_mutualvpr
+        from placeforge.models.import_released import import_pairvpr
 
         if args.source_format == "pairvpr":
             if args.image_size is not None:
@@ -317,7 +317,7 @@ def import_checkpoint(argv: list[str]) -> int:
 
 
 def _evaluate_main(argv: list[str]) -> int:
-    from pipelines.evaluate import main
+    from placeforge.pipelines.evaluate import main
 
     return main(argv)
 
@@ -329,7 +329,7 @@ def _synth_main(argv: list[str]) -> int:
 
 
 def _build_shards_main(argv: list[str]) -> int:
-    from pipelines.build_shards import main
+    from placeforge.pipelines.build_shards import main
 
     return main(argv)
 

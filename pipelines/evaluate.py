@@ -57,12 +57,12 @@ import logging
 import sys
 from pathlib import Path
 
-from evaluation.job import EvalConfig
-from pipelines.shell import add_ray_arguments, run_guarded, script_parser
 from placeforge.config import add_config_arguments, check_output_folder, config_from_args
+from placeforge.evaluation.job import EvalConfig
 from placeforge.logs import setup_logging
+from placeforge.pipelines.shell import add_ray_arguments, run_guarded, script_parser
 
-log = logging.getLogger("pipelines.evaluate")  # not __name__: run as a script, that is "__main__"
+log = logging.getLogger("placeforge.pipelines.evaluate")  # not __name__: run as a script, that is "__main__"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,13 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluation.benchmarks import read_benchmark
-    from evaluation.ground_truth import ListedSide, read_listed_test_set, read_path_list, read_positives, restrict_split
-    from evaluation.job import EvaluationError, evaluate
-    from evaluation.testset import read_split
-    from models.checkpoint import CheckpointError
     from placeforge.config import ConfigError
+    from placeforge.evaluation.benchmarks import read_benchmark
+    from placeforge.evaluation.ground_truth import (
+        ListedSide,
+        read_listed_test_set,
+        read_path_list,
+        read_positives,
+        restrict_split,
+    )
+    from placeforge.evaluation.job import EvaluationError, evaluate
+    from placeforge.evaluation.testset import read_split
     from placeforge.ingest import SourceError
+    from placeforge.models.checkpoint import CheckpointError
     from placeforge.raysession import parse_resources
 
     parser = build_parser()

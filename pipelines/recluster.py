@@ -35,10 +35,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from clustering.job import ReclusterConfig
-from pipelines.shell import add_ray_arguments, run_guarded, script_parser
+from placeforge.clustering.job import ReclusterConfig
 from placeforge.config import add_config_arguments, check_output_folder, config_from_args
 from placeforge.logs import setup_logging
+from placeforge.pipelines.shell import add_ray_arguments, run_guarded, script_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clustering.job import ReclusterError, recluster
-    from models.checkpoint import CheckpointError
+    from placeforge.clustering.job import ReclusterError, recluster
     from placeforge.config import ConfigError
+    from placeforge.models.checkpoint import CheckpointError
     from placeforge.raysession import parse_resources
 
     parser = build_parser()

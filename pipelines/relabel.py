@@ -56,9 +56,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-from clustering.job import ReclusterConfig
-from clustering.labels import latest_version, list_versions, read_manifest
-from pipelines.shell import add_ray_arguments, script_parser
+from placeforge.clustering.job import ReclusterConfig
+from placeforge.clustering.labels import latest_version, list_versions, read_manifest
 from placeforge.config import (
     add_config_arguments,
     config_flags,
@@ -68,10 +67,11 @@ from placeforge.config import (
 )
 from placeforge.fileio import file_sha256
 from placeforge.logs import setup_logging
+from placeforge.pipelines.shell import add_ray_arguments, script_parser
 
 CHECKPOINT_NAME = re.compile(r"^model_epoch(\d{4,})\.pt$")  # what trainer/train.py exports
 LOCK_FILE = ".relabel.lock"
-log = logging.getLogger("pipelines.relabel")  # not __name__: run as a script, that is "__main__"
+log = logging.getLogger("placeforge.pipelines.relabel")  # not __name__: run as a script, that is "__main__"
 
 # --- pure core ---------------------------------------------------------------------------
 
@@ -156,8 +156,8 @@ class Watcher:
             return self._label(self.export_dir / name)
 
     def _label(self, path: Path) -> int:
-        from clustering.job import ReclusterError, recluster
-        from models.checkpoint import CheckpointError, inspect_model_checkpoint
+        from placeforge.clustering.job import ReclusterError, recluster
+        from placeforge.models.checkpoint import CheckpointError, inspect_model_checkpoint
 
         try:
             sha = self._sha256(path)

@@ -3,8 +3,8 @@
     log = logging.getLogger(__name__)   # in a module: each event a person would grep for, one line
     setup_logging()                     # in a command's main(), never at import time
 
-A line reads `2026-11-30 03:30:00 INFO shards.build: resuming the interrupted build in OUT`
-(local time); with several training ranks, `... WARNING rank 3 trainer.train: ...`.
+A line reads `2026-11-30 03:30:00 INFO placeforge.shards.build: resuming the interrupted build in OUT`
+(local time); with several training ranks, `... WARNING rank 3 placeforge.trainer.train: ...`.
 `print` stays for what a command answers: its result (a report, a table) on stdout, and the
 one-line `PROG: error: MESSAGE` refusal that docs/errors.md lists.  Progress bars stay tqdm.
 
@@ -21,9 +21,9 @@ import sys
 
 LEVEL_ENV = "PLACEFORGE_LOG_LEVEL"  # the level of every command when main() does not pass one
 LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
-# The loggers setup_logging sets the level of: this project's top-level packages (tests/test_logs.py
-# checks them against the repository's folders with an __init__.py).
-PACKAGES = ("placeforge", "shards", "models", "clustering", "trainer", "evaluation", "pipelines", "synthcity")
+# The loggers setup_logging sets the level of: the two top-level packages pyproject.toml installs
+# (the stages are placeforge.trainer etc.; tests/test_logs.py checks the list against pyproject.toml).
+PACKAGES = ("placeforge", "synthcity")
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 

@@ -44,8 +44,8 @@ from placeforge.fileio import (
 )
 from placeforge.places import PlaceConfig, place_rows, with_places
 from placeforge.raysession import quiet_data_context, ray_session
-from shards.index import INDEX_SCHEMA, write_index
-from shards.layout import (
+from placeforge.shards.index import INDEX_SCHEMA, write_index
+from placeforge.shards.layout import (
     CATALOG_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
@@ -54,7 +54,7 @@ from shards.layout import (
     WORK_SUBDIR,
     shard_name,
 )
-from shards.manifest import (
+from placeforge.shards.manifest import (
     PLAN_RECORD_FILE,
     Manifest,
     PlanRecord,
@@ -64,7 +64,7 @@ from shards.manifest import (
     write_manifest,
     write_plan_record,
 )
-from shards.plan import plan_rows
+from placeforge.shards.plan import plan_rows
 
 log = logging.getLogger(__name__)
 
@@ -475,7 +475,7 @@ def _shard_done(out: Path, shard_index: int) -> bool:
 
 def build_one_shard(row: dict, out_dir: str, short_side: int, jpeg_quality: int) -> dict:
     """Ray Data map function: build shard row["shard_index"] and record its results."""
-    from shards.writer import write_shard
+    from placeforge.shards.writer import write_shard
 
     shard_index = int(row["shard_index"])
     out = Path(out_dir)

@@ -16,7 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from placeforge.fileio import write_json_atomic
-from shards.layout import FORMAT_VERSION, MANIFEST_FILE
+from placeforge.shards.layout import FORMAT_VERSION, MANIFEST_FILE
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from shards.layout import image_member, sample_key
+from placeforge.shards.layout import image_member, sample_key
 
 
 def split_sizes(n_images: int, max_per_sample: int) -> list[int]:

@@ -24,8 +24,8 @@ from typing import Callable, Hashable, Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
-from shards.layout import SHARD_SUBDIR, image_members
-from shards.manifest import Manifest, read_manifest
+from placeforge.shards.layout import SHARD_SUBDIR, image_members
+from placeforge.shards.manifest import Manifest, read_manifest
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ import pyarrow as pa
 from placeforge.fileio import file_sha256
 from placeforge.imaging import DecodeError, reencode_jpeg
 from placeforge.ingest.listing import check_files, read_image_file
-from shards.layout import FORMAT_VERSION, IMAGE_META_FIELDS, image_member, shard_name
-from shards.manifest import ShardRecord
+from placeforge.shards.layout import FORMAT_VERSION, IMAGE_META_FIELDS, image_member, shard_name
+from placeforge.shards.manifest import ShardRecord
 
 FIXED_MTIME = 0.0  # reproducible tars: identical inputs give byte-identical shards
 TAR_OWNER = "bigdata"  # webdataset.TarWriter's default user and group names

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.benchmarks import BENCHMARKS
+from placeforge.evaluation.benchmarks import BENCHMARKS
 from placeforge.geo import latlon_to_utm, utm_to_latlon
 from tests.conftest import jpeg_bytes
 

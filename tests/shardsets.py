@@ -7,10 +7,10 @@ from typing import Callable
 
 import pyarrow as pa
 
-from shards.index import index_table, write_index
-from shards.layout import INDEX_FILE, SHARD_SUBDIR, sample_key
-from shards.manifest import Manifest, write_manifest
-from shards.writer import write_shard
+from placeforge.shards.index import index_table, write_index
+from placeforge.shards.layout import INDEX_FILE, SHARD_SUBDIR, sample_key
+from placeforge.shards.manifest import Manifest, write_manifest
+from placeforge.shards.writer import write_shard
 
 # image(place, sample_index, position in sample) -> (image_id, encoded image)
 ImageMaker = Callable[[int, int, int], tuple[int, bytes]]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.adapters import MlpWithAdapter, MulConvAdapter, is_adapter_parameter, set_patch_grid
-from models.checkpoint import load_model_checkpoint, save_model_checkpoint
-from models.encoders import ENCODERS, EncoderConfig, EncoderSpec, build_model
+from placeforge.models.adapters import MlpWithAdapter, MulConvAdapter, is_adapter_parameter, set_patch_grid
+from placeforge.models.checkpoint import load_model_checkpoint, save_model_checkpoint
+from placeforge.models.encoders import ENCODERS, EncoderConfig, EncoderSpec, build_model
 from tests.conftest import fill_like_trained
 
 TINY = EncoderConfig("vit_tiny_dinov2_test", 112, 32, "gem", adapter="mulconv")  # an 8 x 8 patch grid

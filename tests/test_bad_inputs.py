@@ -67,76 +67,76 @@ PRETRAIN = "--stage pretrain --shards {data}/shards --out {out}/run"
 FINETUNE = "--stage finetune --shards {data}/shards --labels {data}/labels --out {out}/run --init-from"
 EVALUATE = "--checkpoint {data}/model.pt --test-set {data}/photos"
 CASES = [
-    Case("config-missing", "build_shards.py --config FILE", "the file does not exist", "pipelines.build_shards",
+    Case("config-missing", "build_shards.py --config FILE", "the file does not exist", "placeforge.pipelines.build_shards",
          f"{BUILD} --config {{data}}/missing.yaml", "cannot be read: No such file or directory"),
-    Case("config-folder", "build_shards.py --config FILE", "a folder", "pipelines.build_shards",
+    Case("config-folder", "build_shards.py --config FILE", "a folder", "placeforge.pipelines.build_shards",
          f"{BUILD} --config {{data}}/photos", "cannot be read: Is a directory"),
-    Case("config-bad-yaml", "build_shards.py --config FILE", "not valid YAML", "pipelines.build_shards",
+    Case("config-bad-yaml", "build_shards.py --config FILE", "not valid YAML", "placeforge.pipelines.build_shards",
          f"{BUILD} --config {{data}}/bad.yaml", "bad.yaml is not valid YAML:"),
-    Case("config-bad-json", "build_shards.py --config FILE", "not valid JSON", "pipelines.build_shards",
+    Case("config-bad-json", "build_shards.py --config FILE", "not valid JSON", "placeforge.pipelines.build_shards",
          f"{BUILD} --config {{data}}/bad.json", "bad.json is not valid JSON: Expecting value (line 1, column 7)"),
-    Case("config-not-utf8", "build_shards.py --config FILE", "not UTF-8 text", "pipelines.build_shards",
+    Case("config-not-utf8", "build_shards.py --config FILE", "not UTF-8 text", "placeforge.pipelines.build_shards",
          f"{BUILD} --config {{data}}/latin1.yaml", "latin1.yaml cannot be read: not UTF-8 text"),
-    Case("recluster-config-bad-yaml", "recluster.py --config FILE", "not valid YAML", "pipelines.recluster",
+    Case("recluster-config-bad-yaml", "recluster.py --config FILE", "not valid YAML", "placeforge.pipelines.recluster",
          f"{RECLUSTER} --config {{data}}/bad.yaml", "bad.yaml is not valid YAML:"),
-    Case("relabel-config-bad-yaml", "relabel.py --config FILE", "not valid YAML", "pipelines.relabel",
+    Case("relabel-config-bad-yaml", "relabel.py --config FILE", "not valid YAML", "placeforge.pipelines.relabel",
          "--shards {data}/shards --labels {data}/labels --watch {data}/photos --once --config {data}/bad.yaml",
          "bad.yaml is not valid YAML:"),
-    Case("evaluate-config-bad-yaml", "evaluate.py --config FILE", "not valid YAML", "pipelines.evaluate",
+    Case("evaluate-config-bad-yaml", "evaluate.py --config FILE", "not valid YAML", "placeforge.pipelines.evaluate",
          f"{EVALUATE} --out {{out}}/e --config {{data}}/bad.yaml", "bad.yaml is not valid YAML:"),
     Case("synth-config-bad-yaml", "python -m synthcity --config FILE", "not valid YAML",
          "synthcity.__main__", "--out {out}/city --config {data}/bad.yaml", "bad.yaml is not valid YAML:"),
-    Case("train-config-bad-yaml", "python -m trainer.train --config FILE", "not valid YAML", "trainer.train",
+    Case("train-config-bad-yaml", "python -m placeforge.trainer.train --config FILE", "not valid YAML", "placeforge.trainer.train",
          f"{PRETRAIN} --config {{data}}/bad.yaml", "bad.yaml is not valid YAML:"),
-    Case("train-config-missing", "python -m trainer.train --config FILE", "the file does not exist",
-         "trainer.train", f"{PRETRAIN} --config {{data}}/missing.yaml", "cannot be read: No such file or directory"),
+    Case("train-config-missing", "python -m placeforge.trainer.train --config FILE", "the file does not exist",
+         "placeforge.trainer.train", f"{PRETRAIN} --config {{data}}/missing.yaml", "cannot be read: No such file or directory"),
     Case("build-out-under-file", "build_shards.py --out DIR", "a path under a regular file",
-         "pipelines.build_shards", "--source atname:{data}/photos --out {data}/not_a_folder/set",
+         "placeforge.pipelines.build_shards", "--source atname:{data}/photos --out {data}/not_a_folder/set",
          "not_a_folder is not a folder"),
     Case("recluster-labels-under-file", "recluster.py --labels DIR", "a path under a regular file",
-         "pipelines.recluster", "--shards {data}/shards --labels {data}/not_a_folder/labels",
+         "placeforge.pipelines.recluster", "--shards {data}/shards --labels {data}/not_a_folder/labels",
          "not_a_folder is not a folder"),
-    Case("train-out-under-file", "python -m trainer.train --out DIR", "a path under a regular file",
-         "trainer.train", "--stage pretrain --shards {data}/shards --out {data}/not_a_folder/run",
+    Case("train-out-under-file", "python -m placeforge.trainer.train --out DIR", "a path under a regular file",
+         "placeforge.trainer.train", "--stage pretrain --shards {data}/shards --out {data}/not_a_folder/run",
          "not_a_folder is not a folder"),
-    Case("evaluate-out-under-file", "evaluate.py --out DIR", "a path under a regular file", "pipelines.evaluate",
+    Case("evaluate-out-under-file", "evaluate.py --out DIR", "a path under a regular file", "placeforge.pipelines.evaluate",
          f"{EVALUATE} --out {{data}}/not_a_folder/e", "not_a_folder is not a folder"),
     Case("synth-out-under-file", "python -m synthcity --out DIR", "a path under a regular file",
          "synthcity.__main__", "--out {data}/not_a_folder/city", "not_a_folder is not a folder"),
     Case("recluster-manifest-keys", "recluster.py --shards DIR", "manifest.json without counts and sources",
-         "pipelines.recluster", "--shards {data}/shards_no_keys --labels {out}/labels", "lacks keys counts, sources"),
-    Case("train-manifest-keys", "python -m trainer.train --shards DIR", "manifest.json without counts and sources",
-         "trainer.train", "--stage pretrain --shards {data}/shards_no_keys --out {out}/run",
+         "placeforge.pipelines.recluster", "--shards {data}/shards_no_keys --labels {out}/labels", "lacks keys counts, sources"),
+    Case("train-manifest-keys", "python -m placeforge.trainer.train --shards DIR", "manifest.json without counts and sources",
+         "placeforge.trainer.train", "--stage pretrain --shards {data}/shards_no_keys --out {out}/run",
          "lacks keys counts, sources"),
-    Case("train-manifest-not-json", "python -m trainer.train --shards DIR", "manifest.json is not JSON",
-         "trainer.train", "--stage pretrain --shards {data}/shards_not_json --out {out}/run",
+    Case("train-manifest-not-json", "python -m placeforge.trainer.train --shards DIR", "manifest.json is not JSON",
+         "placeforge.trainer.train", "--stage pretrain --shards {data}/shards_not_json --out {out}/run",
          "manifest.json is not JSON"),
-    Case("train-shards-missing", "python -m trainer.train --shards DIR", "no shard set there", "trainer.train",
+    Case("train-shards-missing", "python -m placeforge.trainer.train --shards DIR", "no shard set there", "placeforge.trainer.train",
          "--stage pretrain --shards {data}/nothing --out {out}/run", "is not a complete shard set"),
-    Case("train-too-few-shards", "python -m trainer.train --num-workers N", "fewer shards than loader workers",
-         "trainer.train", f"{PRETRAIN} --num-workers 8", "some readers would get no data"),
-    Case("train-init-from-text", "python -m trainer.train --init-from FILE", "a text file", "trainer.train",
+    Case("train-too-few-shards", "python -m placeforge.trainer.train --num-workers N", "fewer shards than loader workers",
+         "placeforge.trainer.train", f"{PRETRAIN} --num-workers 8", "some readers would get no data"),
+    Case("train-init-from-text", "python -m placeforge.trainer.train --init-from FILE", "a text file", "placeforge.trainer.train",
          f"{FINETUNE} {{data}}/bad.yaml", "not a stage-1 export"),
-    Case("train-init-from-model", "python -m trainer.train --init-from FILE",
-         "a global-descriptor export (model_epochNNNN.pt)", "trainer.train", f"{FINETUNE} {{data}}/model.pt",
+    Case("train-init-from-model", "python -m placeforge.trainer.train --init-from FILE",
+         "a global-descriptor export (model_epochNNNN.pt)", "placeforge.trainer.train", f"{FINETUNE} {{data}}/model.pt",
          "not a stage-1 export"),
-    Case("train-init-from-missing", "python -m trainer.train --init-from FILE", "the file does not exist",
-         "trainer.train", f"{FINETUNE} {{data}}/mim_missing.pt",
+    Case("train-init-from-missing", "python -m placeforge.trainer.train --init-from FILE", "the file does not exist",
+         "placeforge.trainer.train", f"{FINETUNE} {{data}}/mim_missing.pt",
          "mim_missing.pt cannot be read: No such file or directory"),
-    Case("train-dinov2-weights-missing", "python -m trainer.train --encoder-weights FILE",
-         "a DINOv2 recipe whose weight file is not there", "trainer.train",
+    Case("train-dinov2-weights-missing", "python -m placeforge.trainer.train --encoder-weights FILE",
+         "a DINOv2 recipe whose weight file is not there", "placeforge.trainer.train",
          f"{PRETRAIN} --encoder vit_tiny_reg4_dinov2_test --image-size 28 --encoder-weights {{data}}/weights/dino.pth",
          "weights not found at"),
     Case("demo-foreign-city", "placeforge demo --out DIR", "DIR/city/ holds files placeforge did not write",
-         "pipelines.cli", "demo --preset tiny --out {data}/foreign_demo", "refusing to write into"),
+         "placeforge.pipelines.cli", "demo --preset tiny --out {data}/foreign_demo", "refusing to write into"),
 ]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Inputs:
-    from models.checkpoint import save_model_checkpoint
-    from models.encoders import EncoderConfig, build_model
-    from shards.index import read_index
+    from placeforge.models.checkpoint import save_model_checkpoint
+    from placeforge.models.encoders import EncoderConfig, build_model
+    from placeforge.shards.index import read_index
     from tests.test_train import write_v0_labels
 
     root = tmp_path_factory.mktemp("bad_inputs")
@@ -227,10 +227,10 @@ def test_bad_input_ends_in_one_error_line(case: Case, inputs: Inputs, tmp_path: 
 def test_the_start_checks_pass_a_good_run(inputs: Inputs, tmp_path: Path):
     """The checks that refuse the cases above let a stage-2 run with a real stage-1 export through."""
     from placeforge.config import config_from_args
-    from trainer.train import build_parser, check_start
-    from trainer.train_config import TrainConfig
-    from trainer.train_models import build_pretrain_model, save_mim
-    from trainer.train_state import DistState
+    from placeforge.trainer.train import build_parser, check_start
+    from placeforge.trainer.train_config import TrainConfig
+    from placeforge.trainer.train_models import build_pretrain_model, save_mim
+    from placeforge.trainer.train_state import DistState
 
     args = build_parser().parse_args(["--stage", "finetune", "--encoder", "vit_tiny_test", "--decoder", "dec64d2b",
                                       "--image-size", "56", "--num-workers", "2", "--shards", str(inputs / "shards"),

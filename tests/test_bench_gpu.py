@@ -23,17 +23,17 @@ from benchmarks.bench_gpu import (
     random_batch,
     vit_forward_flops,
 )
-from models.decoder import DecoderBlock
-from models.encoders import encoder_spec
-from trainer.engine import finetune_step, pretrain_step
-from trainer.memory_model import (
+from placeforge.models.decoder import DecoderBlock
+from placeforge.models.encoders import encoder_spec
+from placeforge.trainer.engine import finetune_step, pretrain_step
+from placeforge.trainer.memory_model import (
     ParamCounts,
     activation_bytes_per_item,
     build_on_meta,
     count_parameters,
     model_state_bytes,
 )
-from trainer.train_models import build_finetune_model, build_pretrain_model
+from placeforge.trainer.train_models import build_finetune_model, build_pretrain_model
 
 TINY = ("vit_tiny_test", "vit_tiny_reg4_dinov2_test")
 VIT_B = "vit_base_patch14_reg4_dinov2"

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipelines.build_shards import main
 from placeforge.fileio import LOCK_FILE, file_sha256, output_lock
-from shards.build import BuildConfig, _claim_out_dir, _fingerprint, build, build_one_shard
-from shards.layout import WORK_SUBDIR
-from shards.manifest import read_manifest
-from shards.plan import plan_shards
+from placeforge.pipelines.build_shards import main
+from placeforge.shards.build import BuildConfig, _claim_out_dir, _fingerprint, build, build_one_shard
+from placeforge.shards.layout import WORK_SUBDIR
+from placeforge.shards.manifest import read_manifest
+from placeforge.shards.plan import plan_shards
 from tests.conftest import jpeg_bytes
 
 pytestmark = pytest.mark.ray
@@ -90,7 +90,7 @@ def test_interrupted_build_resumes_and_matches_a_clean_build(local_ray, at_datas
     out = tmp_path / "resumed"
     from placeforge.fileio import write_parquet_atomic
     from placeforge.places import assign_places
-    from shards.build import _ingest
+    from placeforge.shards.build import _ingest
 
     catalog, _, _ = _ingest([("atname", at_dataset["root"])])
     kept, _ = assign_places(catalog, cfg.place_config())
@@ -207,7 +207,7 @@ def _keep(sample):
 def test_reader_splits_real_shards_by_rank_and_loader_worker(local_ray, at_dataset, tmp_path):
     from torch.utils.data import DataLoader
 
-    from shards.reader import ShardSet, place_sample_pipeline
+    from placeforge.shards.reader import ShardSet, place_sample_pipeline
 
     out = tmp_path / "out"
     assert main(["--source", f"atname:{at_dataset['root']}", "--out", str(out), "--min-shards", "3",

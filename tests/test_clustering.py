@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clustering.cells import assign_cells, cells_from_catalog, group_of_cell
-from clustering.initial import initial_classes, random_classes
-from clustering.kmeans import class_means, cluster_cells
-from clustering.labels import (
+from placeforge.catalog import catalog_table, stable_id
+from placeforge.clustering.cells import assign_cells, cells_from_catalog, group_of_cell
+from placeforge.clustering.initial import initial_classes, random_classes
+from placeforge.clustering.kmeans import class_means, cluster_cells
+from placeforge.clustering.labels import (
     class_lookup,
     classes_of,
     label_table,
@@ -27,8 +28,7 @@ from clustering.labels import (
     read_manifest,
     write_label_set,
 )
-from clustering.matching import PreviousLabels, assign_class_ids, count_changed, match_cell, relabel
-from placeforge.catalog import catalog_table, stable_id
+from placeforge.clustering.matching import PreviousLabels, assign_class_ids, count_changed, match_cell, relabel
 from placeforge.geo import cell_col_row, utm_cell_keys
 
 

@@ -12,7 +12,7 @@ from placeforge.config import (
     from_mapping,
     save_config,
 )
-from shards.build import BuildConfig
+from placeforge.shards.build import BuildConfig
 
 
 def parse(argv):

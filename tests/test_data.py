@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from clustering.labels import label_table, write_label_set
-from shards.reader import PlaceSample, ReaderSlot, place_groups, shard_order, shards_for_slot
+from placeforge.clustering.labels import label_table, write_label_set
+from placeforge.shards.reader import PlaceSample, ReaderSlot, place_groups, shard_order, shards_for_slot
+from placeforge.trainer.augment import random_resized_crop_box
+from placeforge.trainer.data import BatchGeometry, batched, make_loader, usable_samples
+from placeforge.trainer.data_plan import group_reserve, rank_worker_capacities, steps_per_epoch, worker_quotas
 from tests.shardsets import write_shard_set as write_shards
-from trainer.augment import random_resized_crop_box
-from trainer.data import BatchGeometry, batched, make_loader, usable_samples
-from trainer.data_plan import group_reserve, rank_worker_capacities, steps_per_epoch, worker_quotas
 
 # ---- pure step arithmetic ----
 
@@ -293,7 +293,7 @@ def test_too_few_shards_and_unknown_stage_fail_with_a_message(four_shards, tmp_p
 def test_fused_colour_jitter_equals_the_three_steps_one_by_one():
     import numpy as np
 
-    from trainer.augment import AugmentConfig, color_jitter
+    from placeforge.trainer.augment import AugmentConfig, color_jitter
 
     def grey(x):  # [B, 1, H, W]
         return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
@@ -317,8 +317,8 @@ def test_fused_colour_jitter_equals_the_three_steps_one_by_one():
 
 
 def test_loader_batches_are_uint8_and_model_input_normalises_like_evaluation():
-    from models.encoders import imagenet_normalize, to_unit_tensor
-    from trainer.augment import model_input
+    from placeforge.models.encoders import imagenet_normalize, to_unit_tensor
+    from placeforge.trainer.augment import model_input
 
     pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)  # [B, H, W, 3]
     batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()  # what decode_augment returns

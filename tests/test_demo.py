@@ -7,9 +7,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from clustering.labels import latest_version, read_labels
-from pipelines.cli import demo, main
-from shards.manifest import read_manifest
+from placeforge.clustering.labels import latest_version, read_labels
+from placeforge.pipelines.cli import demo, main
+from placeforge.shards.manifest import read_manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -64,9 +64,9 @@ def test_cli_lists_commands_and_rejects_unknown_ones(capsys):
 
 
 def test_demo_recipes_change_stage_two_only_and_the_tiny_city_keeps_its_sizes():
-    from pipelines.cli import RECIPES, training_overrides
     from placeforge.config import from_mapping, load_file
-    from trainer.train_config import TrainConfig
+    from placeforge.pipelines.cli import RECIPES, training_overrides
+    from placeforge.trainer.train_config import TrainConfig
 
     assert training_overrides("default", "demo", 0) == ({}, {})
     stage1, stage2 = training_overrides("default", "long", 3)
@@ -80,7 +80,7 @@ def test_demo_recipes_change_stage_two_only_and_the_tiny_city_keeps_its_sizes():
 
 
 def test_city_seed_renders_another_city_of_the_same_sizes():
-    from pipelines.cli import city_config
+    from placeforge.pipelines.cli import city_config
 
     default, other = city_config("default"), city_config("default", city_seed=7)
     assert other.seed == 7 and default.seed != 7

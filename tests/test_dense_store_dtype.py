@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pytest
 
-from evaluation.dense_store import DONE, STORE_FORMAT, FeatureStore, StoreKey, bytes_per_image
+from placeforge.evaluation.dense_store import DONE, STORE_FORMAT, FeatureStore, StoreKey, bytes_per_image
 
 KEY = StoreKey("sha-a", "images-1", 56, 4, (16, 8))
 
@@ -40,7 +40,7 @@ def test_a_new_store_holds_float32_descriptors_bit_for_bit_and_float16_tokens(tm
 
 def test_a_format_1_store_is_rebuilt_not_reused(tmp_path, caplog):
     write_format_1_store(tmp_path / "db", rows=6)
-    with caplog.at_level(logging.WARNING, logger="evaluation.dense_store"):
+    with caplog.at_level(logging.WARNING, logger="placeforge.evaluation.dense_store"):
         store = FeatureStore.open(tmp_path / "db", KEY, rows=6)
     assert store.pending().tolist() == list(range(6))  # every row is computed again ...
     assert store.descriptors.dtype == np.float32 and not store.descriptors.any()  # ... none of the old values kept
@@ -58,7 +58,7 @@ def test_arrays_that_disagree_with_store_json_are_refused(tmp_path):
 
 def test_descriptors_rounded_before_the_store_are_reported(tmp_path, caplog):
     store = FeatureStore.open(tmp_path / "db", KEY, rows=2)
-    with caplog.at_level(logging.WARNING, logger="evaluation.dense_store"):
+    with caplog.at_level(logging.WARNING, logger="placeforge.evaluation.dense_store"):
         store.write(np.array([0]), np.ones((1, 4), np.float32), np.ones((1, 16, 8)), np.array([True]))
         assert caplog.text == ""
         store.write(np.array([1]), np.ones((1, 4), np.float16), np.ones((1, 16, 8)), np.array([True]))

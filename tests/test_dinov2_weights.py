@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from models.dinov2 import encode_with_mask_token, fit_position_embedding, to_timm_keys
-from models.encoders import ENCODERS, EncoderConfig, EncoderSpec, build_model, encoder_spec
 from placeforge.config import ConfigError, from_mapping, load_file
+from placeforge.models.dinov2 import encode_with_mask_token, fit_position_embedding, to_timm_keys
+from placeforge.models.encoders import ENCODERS, EncoderConfig, EncoderSpec, build_model, encoder_spec
+from placeforge.trainer.train_config import TrainConfig
+from placeforge.trainer.train_models import build_finetune_model, build_pretrain_model, save_mim
 from tests.conftest import fill_like_trained
-from trainer.train_config import TrainConfig
-from trainer.train_models import build_finetune_model, build_pretrain_model, save_mim
 
 REPO = Path(__file__).resolve().parents[1]
 NATIVE = 56  # the reference's "training" size: a 4 x 4 grid (DINOv2's is 518 px, 37 x 37)

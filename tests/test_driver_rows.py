@@ -16,9 +16,9 @@ from placeforge.catalog import stable_id, stable_ids
 from placeforge.geo import distinct_rows
 from placeforge.ingest import read_source
 from placeforge.ingest.common import path_prefix
-from shards.build import BuildConfig, _ingest, build
-from shards.layout import image_member
-from shards.plan import plan_rows
+from placeforge.shards.build import BuildConfig, _ingest, build
+from placeforge.shards.layout import image_member
+from placeforge.shards.plan import plan_rows
 from tests.conftest import at_name, jpeg_bytes
 
 
@@ -49,7 +49,7 @@ def test_distinct_rows_packed_and_unpacked_agree():
 
 def _plan_rows_by_sorting(place, max_per_sample, images_per_shard, min_shards, seed):
     """plan_rows as it was written before round 3: np.lexsort on two keys, twice."""
-    from shards.plan import balance_samples, choose_num_shards, split_places
+    from placeforge.shards.plan import balance_samples, choose_num_shards, split_places
 
     rng = np.random.default_rng(seed)
     jitter = rng.permutation(len(place))

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import (
+from placeforge.models.checkpoint import (
     CheckpointError,
     inspect_model_checkpoint,
     load_model_checkpoint,
     save_model_checkpoint,
 )
-from models.encoders import (
+from placeforge.models.encoders import (
     ENCODERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -210,9 +210,9 @@ def test_preprocess_shapes_crop_and_normalisation():
 
 
 def test_pair_classifier_travels_with_the_model_and_scores_identically(tmp_path):
-    from models.checkpoint import load_pair_classifier
-    from models.decoder import SiameseMIMDecoder, decoder_config
-    from models.heads import PairClassifier
+    from placeforge.models.checkpoint import load_pair_classifier
+    from placeforge.models.decoder import SiameseMIMDecoder, decoder_config
+    from placeforge.models.heads import PairClassifier
 
     torch.manual_seed(3)
     cfg = EncoderConfig(descriptor_dim=16, image_size=56)

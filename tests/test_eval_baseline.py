@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.baseline import (
+from placeforge.evaluation.baseline import (
     DESCRIPTOR_DIM,
     describe_files,
     rank_by_thumbnails,

@@ -11,12 +11,12 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from evaluation.dense_store import DONE, FAILED, FeatureStore, StoreKey
-from evaluation.recall import correct_matrix, first_correct, positives_within, recall_at, recall_curve
-from evaluation.rerank import pair_scores, rerank_order
-from evaluation.search import exact_search
-from models.decoder import SiameseMIMDecoder, decoder_config
-from models.heads import PairClassifier
+from placeforge.evaluation.dense_store import DONE, FAILED, FeatureStore, StoreKey
+from placeforge.evaluation.recall import correct_matrix, first_correct, positives_within, recall_at, recall_curve
+from placeforge.evaluation.rerank import pair_scores, rerank_order
+from placeforge.evaluation.search import exact_search
+from placeforge.models.decoder import SiameseMIMDecoder, decoder_config
+from placeforge.models.heads import PairClassifier
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.benchmarks import read_benchmark
-from evaluation.ground_truth import (
+from placeforge.evaluation.benchmarks import read_benchmark
+from placeforge.evaluation.ground_truth import (
     numbered_images,
     read_path_list,
     read_positives,
@@ -35,11 +35,11 @@ from evaluation.ground_truth import (
     remap_positives,
     restrict_split,
 )
-from evaluation.testset import read_split
-from models.checkpoint import save_model_checkpoint
-from models.encoders import EncoderConfig, build_model
-from pipelines.evaluate import main
+from placeforge.evaluation.testset import read_split
 from placeforge.ingest import SourceError
+from placeforge.models.checkpoint import save_model_checkpoint
+from placeforge.models.encoders import EncoderConfig, build_model
+from placeforge.pipelines.evaluate import main
 from tests.conftest import at_name, jpeg_bytes
 
 DB = [  # msls_val_dbImages.npy, not in path order; "gone" is listed but not on disk

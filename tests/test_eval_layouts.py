@@ -21,15 +21,15 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from evaluation.benchmarks import BENCHMARKS, read_benchmark
-from evaluation.positions import PLANAR_ZONE, coordinate_frame, positions_from_fields
-from evaluation.recall import positives_within
-from evaluation.testset import check_comparable, read_split
-from models.checkpoint import save_model_checkpoint
-from models.encoders import EncoderConfig, build_model
-from pipelines.evaluate import main
+from placeforge.evaluation.benchmarks import BENCHMARKS, read_benchmark
+from placeforge.evaluation.positions import PLANAR_ZONE, coordinate_frame, positions_from_fields
+from placeforge.evaluation.recall import positives_within
+from placeforge.evaluation.testset import check_comparable, read_split
 from placeforge.geo import latlon_to_utm
 from placeforge.ingest import SourceError, parse_at_names, read_source
+from placeforge.models.checkpoint import save_model_checkpoint
+from placeforge.models.encoders import EncoderConfig, build_model
+from placeforge.pipelines.evaluate import main
 from tests.benchmark_layouts import (
     SF_XL_NIGHT_LATLON_OFFSET_M,
     coord,

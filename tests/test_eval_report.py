@@ -13,7 +13,14 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from evaluation.report import PLACEHOLDER_GREY, pick_sample, recall_figure, recall_rows, write_report, write_thumbnail
+from placeforge.evaluation.report import (
+    PLACEHOLDER_GREY,
+    pick_sample,
+    recall_figure,
+    recall_rows,
+    write_report,
+    write_thumbnail,
+)
 
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30), (30, 220, 220), (220, 30, 220),
            (250, 150, 0), (90, 90, 250)]

@@ -14,17 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluation.embed
 import placeforge.raysession
-from evaluation.dense_store import FeatureStore, StoreKey
-from evaluation.embed import split_input_hw
-from evaluation.job import EvalConfig, EvaluationError, evaluate
-from evaluation.rerank import pair_scores
-from evaluation.testset import read_split
-from models.checkpoint import load_pair_classifier, save_model_checkpoint
-from models.decoder import SiameseMIMDecoder, decoder_config
-from models.embedding import Embedder
-from models.encoders import (
+from placeforge.evaluation import embed as evaluation_embed
+from placeforge.evaluation.dense_store import FeatureStore, StoreKey
+from placeforge.evaluation.embed import split_input_hw
+from placeforge.evaluation.job import EvalConfig, EvaluationError, evaluate
+from placeforge.evaluation.rerank import pair_scores
+from placeforge.evaluation.testset import read_split
+from placeforge.models.checkpoint import load_pair_classifier, save_model_checkpoint
+from placeforge.models.decoder import SiameseMIMDecoder, decoder_config
+from placeforge.models.embedding import Embedder
+from placeforge.models.encoders import (
     EncoderConfig,
     build_model,
     decode_images,
@@ -33,7 +33,7 @@ from models.encoders import (
     short_side_hw,
     to_unit_tensor,
 )
-from models.heads import PairClassifier
+from placeforge.models.heads import PairClassifier
 
 SIZE, PATCH = 28, 14  # vit_tiny_test
 
@@ -164,7 +164,7 @@ def test_evaluate_records_the_resize_it_used(checkpoint, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(placeforge.raysession, "ray_session", lambda *args: contextlib.nullcontext())
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1})
-    monkeypatch.setattr(evaluation.embed, "embed_split", in_process_embed_split)
+    monkeypatch.setattr(evaluation_embed, "embed_split", in_process_embed_split)
     for folder, offsets, size in (("database", (0, 100, 200), (112, 84)), ("queries", (3, 198), (84, 112))):
         (tmp_path / folder).mkdir()
         for i, east in enumerate(offsets):

@@ -15,14 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from evaluation.baseline import describe_files
-from evaluation.testset import read_split
-from models.checkpoint import save_model_checkpoint
-from models.decoder import SiameseMIMDecoder, decoder_config
-from models.encoders import EncoderConfig, build_model
-from models.heads import PairClassifier
-from pipelines.evaluate import main
+from placeforge.evaluation.baseline import describe_files
+from placeforge.evaluation.testset import read_split
 from placeforge.fileio import LOCK_FILE, output_lock
+from placeforge.models.checkpoint import save_model_checkpoint
+from placeforge.models.decoder import SiameseMIMDecoder, decoder_config
+from placeforge.models.encoders import EncoderConfig, build_model
+from placeforge.models.heads import PairClassifier
+from placeforge.pipelines.evaluate import main
 from synthcity import generate
 from synthcity.synth_config import SynthConfig
 from tests.test_eval_core import plain_recall

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shard_task_modules(row: dict, out_dir: str) -> dict:
     """Build one shard exactly as a build's Ray Data task does, then report what the worker imported."""
-    from shards.build import build_one_shard
+    from placeforge.shards.build import build_one_shard
 
     result = build_one_shard(row, out_dir, 48, 90)
     loaded = {name.split(".")[0] for name in sys.modules}
@@ -31,7 +31,7 @@ def shard_task_modules(row: dict, out_dir: str) -> dict:
 
 @pytest.mark.ray
 def test_a_shard_task_in_a_ray_worker_does_not_import_torch(local_ray, at_dataset, tmp_path):
-    from shards.build import BuildConfig, build
+    from placeforge.shards.build import BuildConfig, build
 
     out = tmp_path / "shards"
     cfg = BuildConfig(min_shards=2, images_per_shard=8, short_side=48)

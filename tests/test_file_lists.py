@@ -14,15 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.build_shards import build_parser
-from pipelines.build_shards import main as build_main
 from placeforge.catalog import REASONS
 from placeforge.ingest import IngestResult, Source, SourceError, parse_source_args, read_source
 from placeforge.ingest.filelist import read_file_list
+from placeforge.pipelines.build_shards import build_parser
+from placeforge.pipelines.build_shards import main as build_main
 from placeforge.places import PlaceConfig, assign_places
-from shards.build import BuildConfig, _fingerprint
-from shards.plan import plan_shards
-from shards.writer import write_shard
+from placeforge.shards.build import BuildConfig, _fingerprint
+from placeforge.shards.plan import plan_shards
+from placeforge.shards.writer import write_shard
 from tests.conftest import at_name, jpeg_bytes
 
 

@@ -16,11 +16,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from trainer.data import GroupBatch
-from trainer.engine import finetune_step
-from trainer.mining import MiningGroup, mining_group
-from trainer.train_config import TrainConfig
-from trainer.train_models import build_finetune_model
+from placeforge.trainer.data import GroupBatch
+from placeforge.trainer.engine import finetune_step
+from placeforge.trainer.mining import MiningGroup, mining_group
+from placeforge.trainer.train_config import TrainConfig
+from placeforge.trainer.train_models import build_finetune_model
 
 PLACES, IMAGES_PER_PLACE, RANKS = 6, 4, 2
 CPU = torch.device("cpu")

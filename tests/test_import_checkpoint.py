@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoint import CheckpointError, load_model_checkpoint, load_pair_classifier
-from models.decoder import decoder_config
-from models.encoders import encoder_spec
-from models.import_released import (
+from placeforge.models.checkpoint import CheckpointError, load_model_checkpoint, load_pair_classifier
+from placeforge.models.decoder import decoder_config
+from placeforge.models.encoders import encoder_spec
+from placeforge.models.import_released import (
     PAIRVPR_DROPPED,
     PAIRVPR_VARIANTS,
     detect_pairvpr_variant,
@@ -31,7 +31,7 @@ from models.import_released import (
     map_pairvpr_state,
     read_released_state,
 )
-from pipelines.cli import main as cli_main
+from placeforge.pipelines.cli import main as cli_main
 from tests.conftest import fill_like_trained
 from tests.test_dinov2_weights import OfficialViT, official_keys
 

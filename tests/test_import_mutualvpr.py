@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoint import CheckpointError, load_model_checkpoint, load_pair_classifier
-from models.encoders import encoder_spec
-from models.import_mutualvpr import (
+from placeforge.models.checkpoint import CheckpointError, load_model_checkpoint, load_pair_classifier
+from placeforge.models.encoders import encoder_spec
+from placeforge.models.import_mutualvpr import (
     MUTUALVPR_DROPPED,
     MUTUALVPR_VARIANTS,
     detect_mutualvpr_variant,
     import_mutualvpr,
     map_mutualvpr_state,
 )
-from pipelines.cli import main as cli_main
+from placeforge.pipelines.cli import main as cli_main
 from tests.conftest import fill_like_trained
 
 SIZE = 504  # MutualVPR's test size: a 36 x 36 patch grid

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from evaluation.testset import read_split
-from models.embedding import _read_file
-from pipelines.evaluate import main as evaluate_main
 from placeforge.catalog import REASONS
+from placeforge.evaluation.testset import read_split
 from placeforge.ingest import SourceError, listing, read_source
+from placeforge.models.embedding import _read_file
+from placeforge.pipelines.evaluate import main as evaluate_main
 
 TIMEOUT_S = 20.0
 
@@ -181,7 +181,7 @@ def test_shard_writer_rejects_a_fifo_and_an_oversize_file_with_a_reason(tmp_path
     since ingest listed it): a FIFO or an over-cap file becomes a reject, not a hang or a crash."""
     import pyarrow as pa
 
-    from shards.writer import write_shard
+    from placeforge.shards.writer import write_shard
 
     small = _jpeg(tmp_path / "src" / "a.jpg", side=32)
     big = _big_jpeg(tmp_path / "src" / "big.jpg")

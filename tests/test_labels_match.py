@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from clustering.labels import LABELS_FILE, label_table, version_dir, write_label_set
-from shards.manifest import read_manifest, write_manifest
+from placeforge.clustering.labels import LABELS_FILE, label_table, version_dir, write_label_set
+from placeforge.shards.manifest import read_manifest, write_manifest
+from placeforge.trainer.data import check_label_set
 from tests.conftest import jpeg_bytes
 from tests.shardsets import write_shard_set
-from trainer.data import check_label_set
 
 LAYOUT = [[(0, 4), (1, 4)], [(2, 4), (3, 4)]]  # 2 shards, 4 places of 4 images
 
@@ -93,7 +93,7 @@ def test_a_label_set_without_a_fingerprint_is_matched_by_image_ids(sets):
 
 
 def test_the_trainer_refuses_before_start_up(sets, capsys, monkeypatch):
-    from trainer.train import main
+    from placeforge.trainer.train import main
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", "29999")):
@@ -112,9 +112,9 @@ def test_the_trainer_refuses_before_start_up(sets, capsys, monkeypatch):
 
 
 def test_a_followed_label_version_that_does_not_fit_is_refused_and_the_old_one_kept(sets):
-    from trainer.train import Run
-    from trainer.train_config import TrainConfig
-    from trainer.train_state import DistState
+    from placeforge.trainer.train import Run
+    from placeforge.trainer.train_config import TrainConfig
+    from placeforge.trainer.train_state import DistState
 
     write_labels(sets["labels"], [i + 50_000 for i in sets["ids"]], version=1)  # v1: another shard set's
     out = sets["tmp"] / "run"

@@ -11,6 +11,8 @@ nothing below pipelines may import it.  Every import counts, also a lazy one ins
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,9 +27,15 @@ SYNTHCITY_IMPORTED_BY = {"pipelines"}
 
 
 def package_of(module: str) -> str | None:
-    """'synthcity.city' -> 'synthcity', 'trainer.data' -> 'trainer', 'numpy' -> None."""
-    top = module.split(".")[0]
-    return top if top in LAYER else None
+    """'synthcity.city' -> 'synthcity', 'placeforge.trainer.data' -> 'trainer', 'numpy' -> None.
+
+    The stages install as placeforge.<stage> but live in top-level folders, so a file's own
+    module name ('trainer/data.py' -> 'trainer.data') is read without the prefix.
+    """
+    parts = module.split(".")
+    if parts[0] == "placeforge" and len(parts) > 1 and parts[1] in LAYER:
+        parts = parts[1:]
+    return parts[0] if parts[0] in LAYER else None
 
 
 def import_edges() -> set[tuple[str, str, str]]:
@@ -67,7 +75,9 @@ def test_package_of():
     assert package_of("synthcity.city") == "synthcity"
     assert package_of("synthcity") == "synthcity"
     assert package_of("placeforge.catalog") == "placeforge"
-    assert package_of("models.encoders") == "models"
+    assert package_of("placeforge") == "placeforge"
+    assert package_of("placeforge.models.encoders") == "models"
+    assert package_of("placeforge.trainer") == "trainer"
     assert package_of("numpy.linalg") is None
 
 
@@ -108,3 +118,29 @@ def test_package_imports_have_no_cycle():
 def test_no_sys_path_edits(folder):
     offenders = [str(p.relative_to(REPO)) for p in (REPO / folder).rglob("*.py") if "sys.path" in p.read_text()]
     assert offenders == []
+
+
+def test_pyproject_installs_every_package_under_two_names():
+    """Every folder with an __init__.py is installed, the stages as placeforge.<stage>, and only
+    `placeforge` and `synthcity` are top-level names in site-packages."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {p.parent.relative_to(REPO).as_posix() for p in REPO.glob("**/__init__.py")
+               if not p.is_relative_to(REPO / "tests") and ".venv" not in p.parts and "runs" not in p.parts}
+    package_dir = setuptools["package-dir"]
+    declared = {package_dir.get(name, name.replace(".", "/")) for name in setuptools["packages"]}
+    assert declared == folders
+    assert {name.split(".")[0] for name in setuptools["packages"]} == {"placeforge", "synthcity"}
+    assert sorted(package_dir) == sorted(f"placeforge.{stage}" for stage in LAYER if stage not in
+                                         ("placeforge", "synthcity"))
+
+
+def test_stages_import_as_placeforge_subpackages_only(tmp_path):
+    """Outside the checkout (another working directory), `trainer` is not importable; placeforge.trainer is."""
+    probe = ("import importlib.util as u; import placeforge.trainer, placeforge.pipelines.cli; "
+             "print([u.find_spec(n) is None for n in ('trainer', 'shards', 'models', 'clustering', 'evaluation', "
+             "'pipelines')])")
+    found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                           env={"PATH": "/usr/bin:/bin"})
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == str([True] * 6)

@@ -26,10 +26,11 @@ def test_resolve_level_names_ranks_and_unknown_names():
         resolve_level("verbose")
 
 
-def test_packages_are_the_repository_top_level_packages():
+def test_packages_are_the_installed_top_level_packages():
     """A package setup_logging does not know would log at the root's WARNING: its INFO lines lost."""
-    found = {path.parent.name for path in REPO.glob("*/__init__.py")} - {"tests"}
-    assert sorted(PACKAGES) == sorted(found)
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    installed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert sorted(PACKAGES) == sorted({name.split(".")[0] for name in installed})
 
 
 @pytest.fixture
@@ -58,35 +59,37 @@ def test_lines_carry_time_level_and_logger_and_setup_is_idempotent(clean_logging
     setup_logging()
     ours = [h for h in logging.root.handlers if type(h).__name__ == "_CurrentStderr"]
     assert len(ours) == 1  # called twice (a command running another's main), each line still written once
-    text = emitted(("shards.build", logging.INFO, "resuming the interrupted build in /x"),
-                   ("trainer.train", logging.DEBUG, "not at INFO"),
+    text = emitted(("placeforge.shards.build", logging.INFO, "resuming the interrupted build in /x"),
+                   ("placeforge.trainer.train", logging.DEBUG, "not at INFO"),
                    ("timm.models", logging.INFO, "another library's info: not ours to turn on"),
                    ("timm.models", logging.WARNING, "another library's warning"))
     lines = text.splitlines()
     assert len(lines) == 2, text
-    assert re.fullmatch(rf"{STAMP} INFO shards\.build: resuming the interrupted build in /x", lines[0])
+    assert re.fullmatch(rf"{STAMP} INFO placeforge\.shards\.build: resuming the interrupted build in /x", lines[0])
     assert re.fullmatch(rf"{STAMP} WARNING timm\.models: another library's warning", lines[1])
 
 
 def test_a_rank_other_than_0_writes_warnings_only_and_names_itself(clean_logging):
     setup_logging(rank=3)
-    text = emitted(("trainer.train", logging.INFO, "resumed from X"), ("trainer.train", logging.WARNING, "w"))
-    assert re.fullmatch(rf"{STAMP} WARNING rank 3 trainer\.train: w\n", text), text
+    text = emitted(("placeforge.trainer.train", logging.INFO, "resumed from X"),
+                   ("placeforge.trainer.train", logging.WARNING, "w"))
+    assert re.fullmatch(rf"{STAMP} WARNING rank 3 placeforge\.trainer\.train: w\n", text), text
     setup_logging(rank=0)
-    assert re.fullmatch(rf"{STAMP} INFO rank 0 trainer\.train: r\n", emitted(("trainer.train", logging.INFO, "r")))
+    line = emitted(("placeforge.trainer.train", logging.INFO, "r"))
+    assert re.fullmatch(rf"{STAMP} INFO rank 0 placeforge\.trainer\.train: r\n", line)
 
 
 def test_level_from_the_environment_and_a_misspelled_one(clean_logging, monkeypatch):
     monkeypatch.setenv(LEVEL_ENV, "warning")
     setup_logging()
-    assert emitted(("clustering.job", logging.INFO, "quiet")) == ""
+    assert emitted(("placeforge.clustering.job", logging.INFO, "quiet")) == ""
     monkeypatch.setenv(LEVEL_ENV, "verbose")
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         setup_logging()  # a typo is reported, not fatal
     assert f"WARNING placeforge.logs: ${LEVEL_ENV}: log level 'verbose' is not one of" in stderr.getvalue()
-    assert "INFO clustering.job: loud" in emitted(("clustering.job", logging.INFO, "loud"))
-    assert emitted(("clustering.job", logging.DEBUG, "x")) == ""  # the fallback is INFO
+    assert "INFO placeforge.clustering.job: loud" in emitted(("placeforge.clustering.job", logging.INFO, "loud"))
+    assert emitted(("placeforge.clustering.job", logging.DEBUG, "x")) == ""  # the fallback is INFO
     setup_logging("DEBUG")  # a level passed in wins over the environment
-    assert "DEBUG clustering.job: x" in emitted(("clustering.job", logging.DEBUG, "x"))
+    assert "DEBUG placeforge.clustering.job: x" in emitted(("placeforge.clustering.job", logging.DEBUG, "x"))
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
-from models.heads import CosFaceClassifier
-from trainer.losses import hardest_pairs, multi_similarity_loss, multi_similarity_mine
+from placeforge.models.heads import CosFaceClassifier
+from placeforge.trainer.losses import hardest_pairs, multi_similarity_loss, multi_similarity_mine
 
 PLACES, IMAGES_PER_PLACE, DIM = 8, 4, 32
 SEEDS = [0, 1, 2, 3, 4]

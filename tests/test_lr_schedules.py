@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.schedules import LR_SCHEDULES, cosine_with_warmup, linear_with_warmup
+from placeforge.trainer.schedules import LR_SCHEDULES, cosine_with_warmup, linear_with_warmup
 
 
 def test_linear_with_warmup_at_its_landmarks():
@@ -24,7 +24,7 @@ def test_linear_with_warmup_at_its_landmarks():
 def test_every_lr_schedule_name_is_a_config_choice():
     from typing import get_args, get_type_hints
 
-    from trainer.train_config import TrainConfig
+    from placeforge.trainer.train_config import TrainConfig
 
     assert set(get_args(get_type_hints(TrainConfig)["lr_schedule"])) == set(LR_SCHEDULES)
     assert TrainConfig().lr_schedule == "cosine"  # stage 1 and the demo keep the cosine

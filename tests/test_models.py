@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.decoder import (
+from placeforge.models.decoder import (
     SiameseMIM,
     SiameseMIMDecoder,
     decoder_config,
@@ -20,9 +20,9 @@ from models.decoder import (
     patchify,
     random_patch_mask,
 )
-from models.encoders import EncoderConfig, build_model, encoder_spec
-from models.heads import CosFaceClassifier, PairClassifier, aligned_similarity
-from trainer.losses import (
+from placeforge.models.encoders import EncoderConfig, build_model, encoder_spec
+from placeforge.models.heads import CosFaceClassifier, PairClassifier, aligned_similarity
+from placeforge.trainer.losses import (
     far_apart,
     hardest_pairs,
     masked_patch_mse,
@@ -31,7 +31,7 @@ from trainer.losses import (
     pair_bce_loss,
     positive_keys,
 )
-from trainer.schedules import (
+from placeforge.trainer.schedules import (
     base_lr_for_batch,
     cosine_with_warmup,
     layer_decay_groups,
@@ -449,8 +449,8 @@ def test_gem_descriptor_overfits_one_batch():
 
 @pytest.mark.parametrize("pair_trains_encoder", [True, False])
 def test_pair_bce_reaches_the_encoder_only_when_asked(pair_trains_encoder):
-    from trainer.train_config import TrainConfig
-    from trainer.train_models import build_finetune_model
+    from placeforge.trainer.train_config import TrainConfig
+    from placeforge.trainer.train_models import build_finetune_model
 
     torch.manual_seed(0)
     cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pair_trains_encoder=pair_trains_encoder)
@@ -466,10 +466,10 @@ def test_pair_bce_reaches_the_encoder_only_when_asked(pair_trains_encoder):
 def test_a_batch_without_positives_still_reaches_every_parameter(pooling):
     """View-class positives can leave a P x K batch with no anchor that has a positive; the
     step must still run one graph over every parameter (ranks must agree) and add no pair loss."""
-    from trainer.data import GroupBatch
-    from trainer.engine import finetune_step
-    from trainer.train_config import TrainConfig
-    from trainer.train_models import build_finetune_model
+    from placeforge.trainer.data import GroupBatch
+    from placeforge.trainer.engine import finetune_step
+    from placeforge.trainer.train_config import TrainConfig
+    from placeforge.trainer.train_models import build_finetune_model
 
     torch.manual_seed(0)
     cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pooling=pooling)

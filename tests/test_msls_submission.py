@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.msls_submission import msls_key, submission_text, write_msls_submission
+from placeforge.evaluation.msls_submission import msls_key, submission_text, write_msls_submission
 
 
 def parse(text: str) -> dict[str, list[str]]:

@@ -134,10 +134,10 @@ def test_task_resources_keep_shard_tasks_on_the_nodes_that_offer_them(cluster, s
 
 
 def test_recluster_across_two_nodes_writes_versions_covering_every_image(cluster, shard_set, tmp_path):
-    from clustering.labels import latest_version, read_labels
-    from models.checkpoint import save_model_checkpoint
-    from models.encoders import EncoderConfig, build_model
-    from pipelines.recluster import main as recluster_main
+    from placeforge.clustering.labels import latest_version, read_labels
+    from placeforge.models.checkpoint import save_model_checkpoint
+    from placeforge.models.encoders import EncoderConfig, build_model
+    from placeforge.pipelines.recluster import main as recluster_main
 
     shards, labels = str(shard_set["out"]), str(tmp_path / "labels")
     index_ids = sorted(pq.read_table(shard_set["out"] / "index.parquet").column("image_id").to_pylist())
@@ -159,11 +159,11 @@ def test_relabel_watch_as_a_submitted_ray_job(cluster, shard_set, tmp_path):
     """relabel.py --watch run the way a long-lived relabeler runs: `ray job submit` to the head."""
     import shutil
 
-    from clustering.labels import latest_version, read_labels, read_manifest
-    from models.checkpoint import save_model_checkpoint
-    from models.encoders import EncoderConfig, build_model
-    from pipelines.recluster import main as recluster_main
+    from placeforge.clustering.labels import latest_version, read_labels, read_manifest
     from placeforge.fileio import file_sha256
+    from placeforge.models.checkpoint import save_model_checkpoint
+    from placeforge.models.encoders import EncoderConfig, build_model
+    from placeforge.pipelines.recluster import main as recluster_main
 
     shards, labels = str(shard_set["out"]), tmp_path / "labels"
     assert recluster_main(["--shards", shards, "--labels", str(labels), "--n-init", "2", "--niter", "5",
@@ -179,7 +179,7 @@ def test_relabel_watch_as_a_submitted_ray_job(cluster, shard_set, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The second poll found nothing new: a log line, which `ray job submit` prints on its stdout (Ray
     # writes a job's stdout and stderr into one log).
-    assert "INFO pipelines.relabel: skip: model_epoch0000.pt" in result.stdout
+    assert "INFO placeforge.pipelines.relabel: skip: model_epoch0000.pt" in result.stdout
     assert latest_version(labels) == 1
     assert read_manifest(labels, 1).encoder_sha256 == file_sha256(checkpoint)
     index_ids = sorted(pq.read_table(shard_set["out"] / "index.parquet").column("image_id").to_pylist())

@@ -18,26 +18,26 @@ import pyarrow as pa
 import pytest
 import torch
 
-from clustering.cells import assign_cells, group_of_cell
-from clustering.labels import label_table, write_label_set
-from models.heads import CosFaceGroups
+from placeforge.clustering.cells import assign_cells, group_of_cell
+from placeforge.clustering.labels import label_table, write_label_set
+from placeforge.models.heads import CosFaceGroups
 from placeforge.raysession import free_port
-from shards.reader import PlaceSample
-from tests.conftest import REPO, jpeg_bytes
-from tests.shardsets import write_shard_set
-from trainer.augment import AugmentConfig, crop_jitter, hue_jitter
-from trainer.cosface_groups import (
+from placeforge.shards.reader import PlaceSample
+from placeforge.trainer.augment import AugmentConfig, crop_jitter, hue_jitter
+from placeforge.trainer.cosface_groups import (
     cosface_group_of_epoch,
     group_class_ids,
     group_image_ids,
     index_of_images,
     keep_images,
 )
-from trainer.data import BatchGeometry, GroupBatch, make_loader
-from trainer.engine import activate_cosface_group, build_optimizer, finetune_step, regroup_cosface
-from trainer.schedules import set_optimizer_values
-from trainer.train_config import TrainConfig
-from trainer.train_models import build_finetune_model
+from placeforge.trainer.data import BatchGeometry, GroupBatch, make_loader
+from placeforge.trainer.engine import activate_cosface_group, build_optimizer, finetune_step, regroup_cosface
+from placeforge.trainer.schedules import set_optimizer_values
+from placeforge.trainer.train_config import TrainConfig
+from placeforge.trainer.train_models import build_finetune_model
+from tests.conftest import REPO, jpeg_bytes
+from tests.shardsets import write_shard_set
 
 
 def mutualvpr_tiny(**overrides) -> TrainConfig:
@@ -282,7 +282,7 @@ def run_train(args: list[str]) -> str:
     """One single-process `trainer.train` run (DeepSpeed on CPU, gloo) to completion; its stdout."""
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "trainer.train", *args], cwd=REPO, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "placeforge.trainer.train", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from evaluation.npy_safe import UnsafeFileError, load_index_lists, load_npy
+from placeforge.evaluation.npy_safe import UnsafeFileError, load_index_lists, load_npy
 
 
 def save_objects(path, rows) -> None:

@@ -18,11 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from placeforge.catalog import catalog_table
-from shards.layout import CATALOG_FILE
-from shards.reader import PlaceSample, ReaderSlot, place_groups, shards_for_slot
-from tests.test_data import ID_STRIDE, all_image_ids, write_labels, write_shard_set
-from trainer.data import BatchGeometry, make_loader
-from trainer.data_plan import (
+from placeforge.shards.layout import CATALOG_FILE
+from placeforge.shards.reader import PlaceSample, ReaderSlot, place_groups, shards_for_slot
+from placeforge.trainer.data import BatchGeometry, make_loader
+from placeforge.trainer.data_plan import (
     rank_worker_capacities,
     slot_batches,
     steps_per_epoch,
@@ -30,8 +29,9 @@ from trainer.data_plan import (
     waiting_reserve,
     worker_capacity,
 )
-from trainer.subsets import place_subsets
-from trainer.train_config import TrainConfig
+from placeforge.trainer.subsets import place_subsets
+from placeforge.trainer.train_config import TrainConfig
+from tests.test_data import ID_STRIDE, all_image_ids, write_labels, write_shard_set
 
 # ---- the group former ----
 
@@ -209,7 +209,7 @@ def test_same_seed_same_batches(three_cities):
 
 def test_places_no_group_can_hold_are_counted_and_logged(three_cities, caplog):
     root, labels, _ = three_cities
-    caplog.set_level(logging.INFO, logger="trainer.subsets")
+    caplog.set_level(logging.INFO, logger="placeforge.trainer.subsets")
     left = Counter()
     for rank in (0, 1):
         loader, steps, _ = groups_of(root, labels, rank, 0)

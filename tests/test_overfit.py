@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.encoders import EncoderConfig, build_model, preprocess
-from trainer.losses import multi_similarity_loss
+from placeforge.models.encoders import EncoderConfig, build_model, preprocess
+from placeforge.trainer.losses import multi_similarity_loss
 
 PLACES, IMAGES_PER_PLACE = 20, 4
 SOURCE_PX, JITTER_PX = 32, 8

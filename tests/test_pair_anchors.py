@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.losses import first_per_label
+from placeforge.trainer.losses import first_per_label
 
 
 def test_first_per_label_by_hand():
@@ -21,8 +21,8 @@ def test_first_per_label_by_hand():
 def test_fewer_anchors_keep_the_same_hardest_pairs_and_logits():
     """With 1 anchor per place, the pairs are the full run's rows of each place's first anchor,
     scored exactly as in the full run; the step then runs the classifier on 2 x P pairs, not 2 x B."""
-    from trainer.train_config import TrainConfig
-    from trainer.train_models import build_finetune_model
+    from placeforge.trainer.train_config import TrainConfig
+    from placeforge.trainer.train_models import build_finetune_model
 
     cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pair_aligned_similarity=True)
     place_ids = torch.tensor([7, 7, 7, 2, 2, 2, 4, 4, 4])
@@ -45,7 +45,7 @@ def test_fewer_anchors_keep_the_same_hardest_pairs_and_logits():
 
 
 def test_negative_pair_anchors_per_place_is_refused():
-    from trainer.train_config import TrainConfig
+    from placeforge.trainer.train_config import TrainConfig
 
     with pytest.raises(ValueError, match="pair_anchors_per_place must be >= 0"):
         TrainConfig(stage="finetune", pair_anchors_per_place=-1).validate()

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from shards.plan import balance_samples, choose_num_shards, plan_shards, split_sizes
+from placeforge.shards.plan import balance_samples, choose_num_shards, plan_shards, split_sizes
 
 
 @pytest.mark.parametrize("n,cap,expected", [(23, 16, [12, 11]), (16, 16, [16]), (33, 16, [11, 11, 11]), (1, 4, [1]), (0, 4, [])])

@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.build_shards import main
 from placeforge.fileio import file_sha256
-from shards.layout import MANIFEST_FILE, WORK_SUBDIR
-from shards.manifest import PLAN_RECORD_FILE, read_manifest, read_plan_record
+from placeforge.pipelines.build_shards import main
+from placeforge.shards.layout import MANIFEST_FILE, WORK_SUBDIR
+from placeforge.shards.manifest import PLAN_RECORD_FILE, read_manifest, read_plan_record
 from tests.conftest import at_name, jpeg_bytes
 
 ARGS = ["--min-shards", "2", "--images-per-shard", "8", "--short-side", "48"]

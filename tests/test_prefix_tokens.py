@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from evaluation.dense_store import FeatureStore, StoreKey
-from evaluation.rerank import pair_scores
-from models.checkpoint import load_pair_classifier, save_model_checkpoint
-from models.decoder import SiameseMIM, SiameseMIMDecoder, decoder_config, encode_visible
-from models.embedding import Embedder
-from models.encoders import EncoderConfig, GlobalDescriptorModel, build_model, decode_images, encoder_spec
-from models.heads import PairClassifier
+from placeforge.evaluation.dense_store import FeatureStore, StoreKey
+from placeforge.evaluation.rerank import pair_scores
+from placeforge.models.checkpoint import load_pair_classifier, save_model_checkpoint
+from placeforge.models.decoder import SiameseMIM, SiameseMIMDecoder, decoder_config, encode_visible
+from placeforge.models.embedding import Embedder
+from placeforge.models.encoders import EncoderConfig, GlobalDescriptorModel, build_model, decode_images, encoder_spec
+from placeforge.models.heads import PairClassifier
+from placeforge.trainer.train_config import TrainConfig
+from placeforge.trainer.train_models import build_finetune_model
 from tests.conftest import jpeg_bytes
-from trainer.train_config import TrainConfig
-from trainer.train_models import build_finetune_model
 
 PRESET = "vit_tiny_reg4_dinov2_test"
 SIZE = 56  # a 4 x 4 grid

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from trainer.preflight import Host, main, parse_hostfile
+from placeforge.trainer.preflight import Host, main, parse_hostfile
 
 
 def test_hostfile_parsing_reports_every_bad_line():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from shards.manifest import read_manifest
+from placeforge.shards.manifest import read_manifest
 from tests.raycluster import RAY, local_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -45,7 +45,7 @@ def test_ray_job_submit_builds_the_same_shards_as_a_local_run(ray_head, at_datas
     assert f"inputs {at_dataset['inputs']} = in shards {at_dataset['good']}" in result.stdout
 
     submitted = read_manifest(out)
-    from pipelines.build_shards import main
+    from placeforge.pipelines.build_shards import main
 
     assert main([*args[:2], "--out", str(tmp_path / "local"), *args[4:]]) == 0
     local = read_manifest(tmp_path / "local")
@@ -55,7 +55,7 @@ def test_ray_job_submit_builds_the_same_shards_as_a_local_run(ray_head, at_datas
 
 def test_ray_job_submit_writes_a_label_version(ray_head, at_dataset, tmp_path):
     env, address = ray_head
-    from pipelines.build_shards import main as build_main
+    from placeforge.pipelines.build_shards import main as build_main
 
     shards = tmp_path / "shards"
     assert build_main(["--source", f"atname:{at_dataset['root']}", "--out", str(shards), "--min-shards", "2"]) == 0
@@ -66,7 +66,7 @@ def test_ray_job_submit_writes_a_label_version(ray_head, at_dataset, tmp_path):
     ]  # fmt: skip
     result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    from clustering.labels import latest_version, read_labels
+    from placeforge.clustering.labels import latest_version, read_labels
 
     assert latest_version(labels) == 0
     catalog_ids = sorted(pq.read_table(shards / "catalog.parquet").column("image_id").to_pylist())

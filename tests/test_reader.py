@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from shards.reader import (
+from placeforge.shards.reader import (
     PlaceSample,
     ReaderSlot,
     check_enough_shards,

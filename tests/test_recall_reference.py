@@ -29,11 +29,11 @@ import polars as pl
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
-from evaluation.dense_store import DONE, FeatureStore, StoreKey
-from evaluation.job import EvalConfig
-from evaluation.positions import positions_from_fields
-from evaluation.recall import correct_matrix, first_correct, positives_within, recall_at
-from evaluation.search import exact_search
+from placeforge.evaluation.dense_store import DONE, FeatureStore, StoreKey
+from placeforge.evaluation.job import EvalConfig
+from placeforge.evaluation.positions import positions_from_fields
+from placeforge.evaluation.recall import correct_matrix, first_correct, positives_within, recall_at
+from placeforge.evaluation.search import exact_search
 from placeforge.ingest import parse_at_names
 from tests.conftest import at_name
 

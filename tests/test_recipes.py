@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from models.adapters import is_adapter_parameter
-from models.encoders import encoder_spec
 from placeforge.config import config_from_args
-from trainer.engine import build_optimizer
-from trainer.memory_model import build_on_meta, model_encoder
-from trainer.schedules import set_optimizer_values
-from trainer.train import build_parser
-from trainer.train_config import TrainConfig, deepspeed_config
+from placeforge.models.adapters import is_adapter_parameter
+from placeforge.models.encoders import encoder_spec
+from placeforge.trainer.engine import build_optimizer
+from placeforge.trainer.memory_model import build_on_meta, model_encoder
+from placeforge.trainer.schedules import set_optimizer_values
+from placeforge.trainer.train import build_parser
+from placeforge.trainer.train_config import TrainConfig, deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(path.stem for path in CONFIGS.glob("*.yaml"))

@@ -16,17 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-from clustering.descriptors import read_descriptors, reusable
-from clustering.kmeans import cluster_cells
-from clustering.labels import latest_version, read_labels, read_manifest
-from clustering.matching import PreviousLabels, relabel
-from clustering.plots import pick_plot_cells, project_2d
-from clustering.stages import UNKNOWN_CELL, CellLookup, add_cells, cluster_partition, images_of_shard
-from models.checkpoint import save_model_checkpoint
-from models.encoders import EncoderConfig, build_model
+from placeforge.clustering.descriptors import read_descriptors, reusable
+from placeforge.clustering.kmeans import cluster_cells
+from placeforge.clustering.labels import latest_version, read_labels, read_manifest
+from placeforge.clustering.matching import PreviousLabels, relabel
+from placeforge.clustering.plots import pick_plot_cells, project_2d
+from placeforge.clustering.stages import UNKNOWN_CELL, CellLookup, add_cells, cluster_partition, images_of_shard
 from placeforge.fileio import LOCK_FILE, file_sha256, output_lock
-from shards.index import read_index
-from shards.reader import ShardSet
+from placeforge.models.checkpoint import save_model_checkpoint
+from placeforge.models.encoders import EncoderConfig, build_model
+from placeforge.shards.index import read_index
+from placeforge.shards.reader import ShardSet
 
 # --- stages and helpers, no Ray ----------------------------------------------------------
 
@@ -98,7 +98,7 @@ def test_matching_a_split_in_a_cell_with_fewer_clusters_than_another():
 
 @pytest.fixture(scope="module")
 def shard_dir(local_ray, tmp_path_factory) -> Path:
-    from shards.build import BuildConfig, build
+    from placeforge.shards.build import BuildConfig, build
     from synthcity import generate
     from synthcity.synth_config import SynthConfig
 
@@ -110,7 +110,7 @@ def shard_dir(local_ray, tmp_path_factory) -> Path:
 
 
 def run(*args: str | Path) -> int:
-    from pipelines.recluster import main
+    from placeforge.pipelines.recluster import main
 
     return main([str(a) for a in args])
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from clustering.labels import label_table, latest_version, read_manifest, write_label_set
-from models.checkpoint import save_model_checkpoint
-from models.encoders import EncoderConfig, build_model
-from pipelines import relabel
-from pipelines.relabel import checkpoint_epoch, main, newest_checkpoint, version_made_from
+from placeforge.clustering.labels import label_table, latest_version, read_manifest, write_label_set
 from placeforge.fileio import file_sha256
+from placeforge.models.checkpoint import save_model_checkpoint
+from placeforge.models.encoders import EncoderConfig, build_model
+from placeforge.pipelines import relabel
+from placeforge.pipelines.relabel import checkpoint_epoch, main, newest_checkpoint, version_made_from
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,13 +85,13 @@ def test_no_export_yet_and_a_held_lock_skip(tmp_path, fake_v0, capsys):
     assert once(fake_v0, export) == 0
     out, err = capsys.readouterr()
     # The watcher's lines go to stderr with their time (cron appends them to one log for days).
-    assert out == "" and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO pipelines\.relabel: "
+    assert out == "" and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO placeforge\.pipelines\.relabel: "
                                       r"skip: no model_epochNNNN\.pt in \S+ yet\n", err), err
     (export / "model_epoch0001.pt").write_bytes(b"garbage: never read while another run holds the lock")
     with open(fake_v0 / relabel.LOCK_FILE, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert once(fake_v0, export) == 0
-    assert "INFO pipelines.relabel: skip: another relabel holds" in capsys.readouterr().err
+    assert "INFO placeforge.pipelines.relabel: skip: another relabel holds" in capsys.readouterr().err
     assert latest_version(fake_v0) == 0
 
 
@@ -102,7 +102,8 @@ def test_the_script_logs_under_its_module_name_with_timestamps(tmp_path, fake_v0
                              str(fake_v0), "--watch", str(tmp_path / "export"), "--once"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout == "", result.stderr[-2000:]
-    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO pipelines\.relabel: skip: no model_epochNNNN\.pt in ",
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO placeforge\.pipelines\.relabel: "
+                     r"skip: no model_epochNNNN\.pt in ",
                      result.stderr, re.MULTILINE), result.stderr[-2000:]
 
 
@@ -141,7 +142,7 @@ def test_an_export_that_changes_while_hashed_is_skipped(tmp_path, fake_v0, monke
 
 @pytest.fixture(scope="module")
 def shard_dir(local_ray, tmp_path_factory) -> Path:
-    from shards.build import BuildConfig, build
+    from placeforge.shards.build import BuildConfig, build
     from synthcity import generate
     from synthcity.synth_config import SynthConfig
 
@@ -160,7 +161,7 @@ def tiny_export(path: Path, seed: int) -> Path:
 
 @pytest.mark.ray
 def test_each_new_export_makes_one_version(shard_dir, tmp_path, capsys):
-    from pipelines.recluster import main as recluster_main
+    from placeforge.pipelines.recluster import main as recluster_main
 
     labels, export = tmp_path / "labels", tmp_path / "export"
     assert recluster_main([str(a) for a in ("--shards", shard_dir, "--labels", labels, "--k", "2",
@@ -173,7 +174,7 @@ def test_each_new_export_makes_one_version(shard_dir, tmp_path, capsys):
 
     args = ("--num-cpus", "2", "--batch-size", "32", "--n-init", "2", "--partitions", "1", "--plots-cells", "0")
     assert once(labels, export, *args, shards=shard_dir) == 0
-    assert "INFO pipelines.relabel: label version v0001 (kmeans)" in capsys.readouterr().err
+    assert "INFO placeforge.pipelines.relabel: label version v0001 (kmeans)" in capsys.readouterr().err
     v1 = read_manifest(labels, 1)
     assert v1.encoder_sha256 == file_sha256(first) and v1.previous_version == 0
     assert v1.k == 2 and v1.params["config"]["n_init"] == 2  # k from v0's config, n_init from the flag

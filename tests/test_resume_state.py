@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from placeforge.trainer.train_state import read_rng_states, restore_rng_states, rng_file, write_rng_states
 from tests.test_train import data, pretrain_args, train  # noqa: F401 - `data` is a fixture
-from trainer.train_state import read_rng_states, restore_rng_states, rng_file, write_rng_states
 
 
 def draws() -> tuple[list[float], list[float], list[float]]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.train_config import TrainConfig
-from trainer.train_state import (
+from placeforge.trainer.train_config import TrainConfig
+from placeforge.trainer.train_state import (
     LATEST_FILE,
     STATE_FILE,
     TrainState,

@@ -20,15 +20,15 @@ import pytest
 from PIL import Image
 
 from placeforge.catalog import catalog_table
-from shards.index import index_table, read_index, write_index
-from shards.layout import INDEX_FILE, SHARD_SUBDIR
-from shards.manifest import Manifest, write_manifest
-from shards.plan import plan_shards
-from shards.reader import PlaceSample, ShardSet, place_sample_pipeline
-from shards.writer import write_shard
-from trainer.data import BatchGeometry, make_loader
-from trainer.data_plan import one_sample_per_place
-from trainer.pairs import (
+from placeforge.shards.index import index_table, read_index, write_index
+from placeforge.shards.layout import INDEX_FILE, SHARD_SUBDIR
+from placeforge.shards.manifest import Manifest, write_manifest
+from placeforge.shards.plan import plan_shards
+from placeforge.shards.reader import PlaceSample, ShardSet, place_sample_pipeline
+from placeforge.shards.writer import write_shard
+from placeforge.trainer.data import BatchGeometry, make_loader
+from placeforge.trainer.data_plan import one_sample_per_place
+from placeforge.trainer.pairs import (
     PANORAMA_VIEW_FOV_DEG,
     PairKind,
     PairRule,
@@ -214,7 +214,7 @@ def test_pairs_read_from_real_shards_respect_the_heading_limit(heading_set):
 
 def test_the_loader_counts_each_kind_of_pair_and_logs_it(heading_set, caplog):
     root, _ = heading_set
-    caplog.set_level(logging.INFO, logger="trainer.data")
+    caplog.set_level(logging.INFO, logger="placeforge.trainer.data")
     loader, steps = make_loader(root, "pairs", rank=0, world_size=1, num_workers=0, image_size=16, epoch=0, seed=0,
                                 geometry=BatchGeometry(pairs_per_batch=1), pairing=PairRule(max_heading_diff_deg=30.0))
     batches = list(loader)

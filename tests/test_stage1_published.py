@@ -20,14 +20,14 @@ import pytest
 import torch
 from torch import nn
 
-from models.decoder import patch_grid, random_patch_mask
 from placeforge.config import from_mapping
+from placeforge.models.decoder import patch_grid, random_patch_mask
+from placeforge.trainer.engine import adam_betas, build_optimizer
+from placeforge.trainer.schedules import LR_SCALINGS, set_optimizer_values, sqrt_lr_for_places
+from placeforge.trainer.train_config import TrainConfig
+from placeforge.trainer.train_models import build_finetune_model, build_pretrain_model, load_mim, save_mim
 from tests.test_dinov2_weights import VARIANTS, random_reference, write_official
 from tests.test_train import data, pretrain_args, steps_of, train  # noqa: F401 - `data` is a fixture
-from trainer.engine import adam_betas, build_optimizer
-from trainer.schedules import LR_SCALINGS, set_optimizer_values, sqrt_lr_for_places
-from trainer.train_config import TrainConfig
-from trainer.train_models import build_finetune_model, build_pretrain_model, load_mim, save_mim
 
 TINY = dict(image_size=56, decoder="dec64d2b", descriptor_dim=16)  # a 4 x 4 patch grid at patch 14
 

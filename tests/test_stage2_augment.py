@@ -15,10 +15,10 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, autoaugment
 
 from placeforge.config import ConfigError, from_mapping, load_file
-from shards.reader import PlaceGroup
-from trainer.augment import AugmentConfig, decode_augment, randaugment
-from trainer.data import group_batches
-from trainer.train_config import TrainConfig
+from placeforge.shards.reader import PlaceGroup
+from placeforge.trainer.augment import AugmentConfig, decode_augment, randaugment
+from placeforge.trainer.data import group_batches
+from placeforge.trainer.train_config import TrainConfig
 
 S = 322
 SQUASH = AugmentConfig(pipeline="squash_randaugment")

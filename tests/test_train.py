@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from clustering.labels import label_table, write_label_set
+from placeforge.clustering.labels import label_table, write_label_set
 from placeforge.fileio import output_lock
 from placeforge.raysession import free_port
+from placeforge.trainer.engine import build_optimizer, grow_cosface
+from placeforge.trainer.train_config import TrainConfig, deepspeed_config
 from tests.conftest import REPO, jpeg_bytes
 from tests.shardsets import write_shard_set
-from trainer.engine import build_optimizer, grow_cosface
-from trainer.train_config import TrainConfig, deepspeed_config
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def launch(args: list[str], rank: int = 0, world_size: int = 1, port: int | None
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port or free_port()), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen([sys.executable, "-m", "trainer.train", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "placeforge.trainer.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -120,7 +120,7 @@ def test_pretrain_loss_goes_down_and_outputs_are_written(data, tmp_path):
     assert json.loads((out / "train_config.json").read_text())["stage"] == "pretrain"
     ds = json.loads((out / "deepspeed_config.json").read_text())
     assert ds["train_micro_batch_size_per_gpu"] == 4 and "optimizer" not in ds and ds["bf16"]["enabled"] is False
-    from models.checkpoint import load_model_checkpoint
+    from placeforge.models.checkpoint import load_model_checkpoint
 
     model, cfg = load_model_checkpoint(out / "export" / "model_epoch0002.pt")
     assert cfg.descriptor_dim == 32 and model(torch.zeros(1, 3, 56, 56)).shape == (1, 32)
@@ -166,7 +166,7 @@ def test_resume_mid_epoch_and_at_an_epoch_boundary_matches_a_straight_run(data, 
 
 
 def test_a_misspelled_key_fails_with_the_closest_name(data, tmp_path, capsys):
-    from trainer.train import main
+    from placeforge.trainer.train import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("mask_ratoi: 0.75\n")
@@ -194,7 +194,7 @@ def test_deepspeed_config_follows_the_train_config():
 
 
 def test_growing_cosface_keeps_rows_and_adam_moments():
-    from trainer.train_models import build_finetune_model
+    from placeforge.trainer.train_models import build_finetune_model
 
     cfg = TrainConfig(stage="finetune", labels="x", image_size=28, descriptor_dim=8, trainable_last_blocks=1)
     model = build_finetune_model(cfg, num_classes=3)
@@ -264,7 +264,7 @@ def test_resume_with_another_recipe_is_refused_and_the_run_folder_kept(data, tmp
 
 
 def test_a_second_run_into_the_same_out_is_refused_before_start_up(data, tmp_path, capsys):
-    from trainer.train import main
+    from placeforge.trainer.train import main
 
     out = tmp_path / "busy"
     with output_lock(out, "train"):
@@ -275,7 +275,7 @@ def test_a_second_run_into_the_same_out_is_refused_before_start_up(data, tmp_pat
 
 
 def test_cpu_threads_leave_room_for_the_loader_workers():
-    from trainer.train import cpu_threads
+    from placeforge.trainer.train import cpu_threads
 
     assert cpu_threads(cores=2, ranks_on_node=1, loader_workers=1) == 1
     assert cpu_threads(cores=16, ranks_on_node=2, loader_workers=2) == 6
@@ -283,7 +283,7 @@ def test_cpu_threads_leave_room_for_the_loader_workers():
 
 
 def test_latest_must_name_a_checkpoint_tag_inside_checkpoints(tmp_path):
-    from trainer.train_state import TrainState, read_latest, write_state
+    from placeforge.trainer.train_state import TrainState, read_latest, write_state
 
     write_state(tmp_path, "epoch0001-step0", TrainState(epoch=1), mark_latest=True)
     assert read_latest(tmp_path)[0] == "epoch0001-step0"

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.decoder import SiameseMIMDecoder, decoder_config
-from models.encoders import EncoderConfig, build_model
-from models.heads import PairClassifier
+from placeforge.models.decoder import SiameseMIMDecoder, decoder_config
+from placeforge.models.encoders import EncoderConfig, build_model
+from placeforge.models.heads import PairClassifier
+from placeforge.trainer.validation import ValidationSplit, validate
 from synthcity import generate
 from synthcity.synth_config import SynthConfig
 from tests.test_train import TINY, steps_of, train, write_shards, write_v0_labels
-from trainer.validation import ValidationSplit, validate
 
 SPLIT = dataclasses.replace(SynthConfig.tiny(), train_places=2, test_places=2, queries=2, gsv_places=1, val_places=4,
                             val_queries=8, width=64, height=48, workers=1)

@@ -14,8 +14,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-import shards.writer
-from shards.writer import write_shard
+from placeforge.shards import writer as shard_writer
+from placeforge.shards.writer import write_shard
 
 
 def jpeg(seed, size=(64, 48)):
@@ -110,7 +110,7 @@ def test_a_full_disk_mid_shard_raises_and_leaves_nothing(tmp_path, monkeypatch):
     import errno
 
     plan = plan_rows(tmp_path, [("s000000000", "000.jpg", jpeg(1)), ("s000000001", "000.jpg", jpeg(2))])
-    real_write = shards.writer._write_sample
+    real_write = shard_writer._write_sample
     written = []
 
     def fill_up(tar, sample):  # the second sample hits a full disk
@@ -119,7 +119,7 @@ def test_a_full_disk_mid_shard_raises_and_leaves_nothing(tmp_path, monkeypatch):
         written.append(sample["__key__"])
         return real_write(tar, sample)
 
-    monkeypatch.setattr(shards.writer, "_write_sample", fill_up)
+    monkeypatch.setattr(shard_writer, "_write_sample", fill_up)
     (tmp_path / "shards").mkdir()
     with pytest.raises(OSError) as raised:
         write_shard(tmp_path / "shards", 0, plan, 320, 90)
@@ -158,8 +158,8 @@ def test_writing_a_shard_does_not_import_torch(tmp_path):
     (tmp_path / "shards").mkdir()
     code = (
         "import sys, pyarrow.parquet as pq\n"
-        "from shards.build import build_one_shard\n"
-        "from shards.writer import write_shard\n"
+        "from placeforge.shards.build import build_one_shard\n"
+        "from placeforge.shards.writer import write_shard\n"
         f"result = write_shard({str(tmp_path / 'shards')!r}, 0, pq.read_table({str(plan_file)!r}), 320, 90)\n"
         "assert result.record.images == 1\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'webdataset', 'torchvision')))\n"

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from models.encoders import IMAGENET_MEAN, IMAGENET_STD
+from placeforge.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

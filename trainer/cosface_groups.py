@@ -27,8 +27,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from clustering.labels import read_labels
-from shards.reader import PlaceSample
+from placeforge.clustering.labels import read_labels
+from placeforge.shards.reader import PlaceSample
 
 
 def cosface_group_of_epoch(epoch: int, groups_used: int) -> int:

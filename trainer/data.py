@@ -48,7 +48,8 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clustering.labels import (
+from placeforge.catalog import read_catalog
+from placeforge.clustering.labels import (
     LABELS_FILE,
     class_lookup,
     classes_of,
@@ -57,12 +58,11 @@ from clustering.labels import (
     read_manifest,
     version_dir,
 )
-from clustering.labels import MANIFEST_FILE as LABEL_MANIFEST_FILE
-from placeforge.catalog import read_catalog
-from shards.index import read_index
-from shards.layout import CATALOG_FILE, INDEX_FILE
-from shards.layout import MANIFEST_FILE as SHARD_MANIFEST_FILE
-from shards.reader import (
+from placeforge.clustering.labels import MANIFEST_FILE as LABEL_MANIFEST_FILE
+from placeforge.shards.index import read_index
+from placeforge.shards.layout import CATALOG_FILE, INDEX_FILE
+from placeforge.shards.layout import MANIFEST_FILE as SHARD_MANIFEST_FILE
+from placeforge.shards.reader import (
     PlaceGroup,
     PlaceSample,
     ShardSet,
@@ -70,9 +70,9 @@ from shards.reader import (
     place_groups,
     place_sample_pipeline,
 )
-from trainer.augment import AugmentConfig, decode_augment
-from trainer.cosface_groups import index_of_images, keep_images, labels_group_image_ids
-from trainer.data_plan import (
+from placeforge.trainer.augment import AugmentConfig, decode_augment
+from placeforge.trainer.cosface_groups import index_of_images, keep_images, labels_group_image_ids
+from placeforge.trainer.data_plan import (
     group_reserve,
     one_sample_per_place,
     rank_worker_capacities,
@@ -80,8 +80,8 @@ from trainer.data_plan import (
     waiting_reserve,
     worker_quotas,
 )
-from trainer.pairs import PairRule, Stage1Pair, kind_counts, stage1_pairs, view_image
-from trainer.subsets import PlaceSubsets, log_subset_leftovers, place_subsets, subset_samples
+from placeforge.trainer.pairs import PairRule, Stage1Pair, kind_counts, stage1_pairs, view_image
+from placeforge.trainer.subsets import PlaceSubsets, log_subset_leftovers, place_subsets, subset_samples
 
 STAGES = ("pairs", "groups")
 BATCH_PLACES_FROM = ("any", "one_subset")  # stage "groups": a group's places from anywhere, or from one subset

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.reader import ReaderSlot, shards_for_slot
+from placeforge.shards.reader import ReaderSlot, shards_for_slot
 
 
 def worker_capacity(samples: int, items_per_step: int, reserve: int = 0) -> int:

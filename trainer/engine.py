@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.decoder import patchify, random_patch_mask
-from models.heads import CosFaceClassifier
-from trainer.augment import model_input
-from trainer.data import GroupBatch, PairBatch
-from trainer.losses import far_apart, masked_patch_mse, multi_similarity_loss, pair_bce_loss, positive_keys
-from trainer.mining import MiningGroup, gather_rows, mining_group
-from trainer.schedules import layer_decay_groups
-from trainer.train_config import TrainConfig
+from placeforge.models.decoder import patchify, random_patch_mask
+from placeforge.models.heads import CosFaceClassifier
+from placeforge.trainer.augment import model_input
+from placeforge.trainer.data import GroupBatch, PairBatch
+from placeforge.trainer.losses import far_apart, masked_patch_mse, multi_similarity_loss, pair_bce_loss, positive_keys
+from placeforge.trainer.mining import MiningGroup, gather_rows, mining_group
+from placeforge.trainer.schedules import layer_decay_groups
+from placeforge.trainer.train_config import TrainConfig
 
 
 def step_generator(seed: int, rank: int, global_step: int) -> torch.Generator:

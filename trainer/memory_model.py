@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.decoder import SiameseMIM
-from trainer.train_config import TrainConfig
-from trainer.train_models import FinetuneModel, build_finetune_model, build_pretrain_model
+from placeforge.models.decoder import SiameseMIM
+from placeforge.trainer.train_config import TrainConfig
+from placeforge.trainer.train_models import FinetuneModel, build_finetune_model, build_pretrain_model
 
 WEIGHT_BYTES = 2  # bf16 copy the forward pass runs on
 GRADIENT_BYTES = 2  # bf16 gradients

@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from shards.reader import PlaceSample
+from placeforge.shards.reader import PlaceSample
 
 PANORAMA_MIN_ASPECT = 4.0  # SF-XL raw panoramas are 3328 x 512 (6.5); perspective images stay under ~2.5
 # Pair-VPR crops 512 px of its 512 x 6.5 = 3328 px strips (pairs_dataset.py, PANO_WIDTH and get_crop): 55.4 degrees.

@@ -1,6 +1,6 @@
 """Check a DeepSpeed hostfile before a multi-node launch: every host resolves and answers.
 
-    python -m trainer.preflight --hostfile hosts            # then: deepspeed --hostfile hosts ...
+    python -m placeforge.trainer.preflight --hostfile hosts            # then: deepspeed --hostfile hosts ...
 
 A hostfile lists one host per line as `HOST slots=N` (DeepSpeed's format; `#` comments and
 blank lines allowed).  The launcher reaches each host over ssh; a misspelled or powered-off
@@ -66,7 +66,7 @@ def reachability_problem(host: str, port: int, timeout_s: float) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.preflight", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m placeforge.trainer.preflight", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--hostfile", required=True, type=Path, help="DeepSpeed hostfile (HOST slots=N per line)")

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shards.layout import CATALOG_FILE
-from shards.reader import PlaceSample
-from trainer.data_plan import subset_leftovers
+from placeforge.shards.layout import CATALOG_FILE
+from placeforge.shards.reader import PlaceSample
+from placeforge.trainer.data_plan import subset_leftovers
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Train Pair-VPR stage 1 (Siamese MIM) or stage 2 (joint fine-tuning + CosFace) with DeepSpeed.
 
-    python -m trainer.train --shards S --out runs/pre --epochs 2                  # 1 process, CPU or GPU
+    python -m placeforge.trainer.train --shards S --out runs/pre --epochs 2                  # 1 process, CPU or GPU
     deepspeed --num_gpus 8 trainer/train.py --config configs/pretrain_vitb.yaml --shards S --out O
     deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 trainer/train.py --config ... --resume
 
@@ -36,16 +36,16 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
-from models.dinov2 import require_weights_file
-from models.encoders import encoder_spec
 from placeforge.config import add_config_arguments, check_output_folder, config_from_args, save_config, to_dict
 from placeforge.fileio import OutputLockedError, output_lock
 from placeforge.logs import setup_logging
+from placeforge.models.dinov2 import require_weights_file
+from placeforge.models.encoders import encoder_spec
 from placeforge.raysession import free_port
-from shards.reader import ShardSet, check_enough_shards
-from trainer.cosface_groups import cosface_group_of_epoch, labels_group_class_ids
-from trainer.data import BatchGeometry, check_label_set, make_loader
-from trainer.engine import (
+from placeforge.shards.reader import ShardSet, check_enough_shards
+from placeforge.trainer.cosface_groups import cosface_group_of_epoch, labels_group_class_ids
+from placeforge.trainer.data import BatchGeometry, check_label_set, make_loader
+from placeforge.trainer.engine import (
     activate_cosface_group,
     build_optimizer,
     finetune_step,
@@ -54,20 +54,20 @@ from trainer.engine import (
     regroup_cosface,
     step_generator,
 )
-from trainer.schedules import (
+from placeforge.trainer.schedules import (
     LR_SCHEDULES,
     set_optimizer_values,
     weight_decay_schedule,
 )
-from trainer.train_config import TrainConfig, deepspeed_config
-from trainer.train_models import (
+from placeforge.trainer.train_config import TrainConfig, deepspeed_config
+from placeforge.trainer.train_models import (
     build_finetune_model,
     build_pretrain_model,
     check_stage1_export,
     global_model_of,
     save_mim,
 )
-from trainer.train_state import (
+from placeforge.trainer.train_state import (
     DistState,
     TrainState,
     config_changes,
@@ -79,11 +79,11 @@ from trainer.train_state import (
     write_state,
 )
 
-log = logging.getLogger("trainer.train")  # not __name__: `deepspeed trainer/train.py` runs it as "__main__"
+log = logging.getLogger("placeforge.trainer.train")  # not __name__: `deepspeed trainer/train.py` runs it as "__main__"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trainer.train", description=__doc__, allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="placeforge.trainer.train", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     parser.add_argument("--stop-after-steps", type=int, default=None,
@@ -202,7 +202,7 @@ class Run:
 
     def export(self, epoch: int) -> Path:
         """The epoch's global-descriptor model (and stage-1 MIM weights); returns the model path."""
-        from models.checkpoint import save_model_checkpoint
+        from placeforge.models.checkpoint import save_model_checkpoint
 
         path = self.out / "export" / f"model_epoch{epoch:04d}.pt"
         with self.gathered():
@@ -233,14 +233,14 @@ class Run:
         the best epoch by global Recall@1 (ties: the later one) is copied to export/best_model.pt."""
         with self.gathered():  # a collective under ZeRO-3: every rank enters, rank 0 measures
             if self.dist.is_main:
-                from trainer.validation import validate
+                from placeforge.trainer.validation import validate
 
                 module = self.engine.module
                 pair = getattr(module, "pair", None) if self.cfg.stage == "finetune" else None
                 result = validate(global_model_of(module, self.cfg), pair, self.validation, self.cfg.image_size,
                                   self.cfg.resize, self.device, self.cfg.val_rerank_top_k)
         if self.dist.is_main:
-            from trainer.validation import record_validation
+            from placeforge.trainer.validation import record_validation
 
             record = {"event": "validation", "epoch": epoch, "step": global_step,
                       **{k: round(v, 3) for k, v in result.items()}}
@@ -254,8 +254,8 @@ class Run:
         version = label_version
         if self.dist.is_main:
             try:
-                from clustering.job import ReclusterConfig, recluster
-                from clustering.labels import read_manifest
+                from placeforge.clustering.job import ReclusterConfig, recluster
+                from placeforge.clustering.labels import read_manifest
                 from placeforge.config import from_mapping
 
                 previous = read_manifest(self.cfg.labels, label_version).params.get("config", {})
@@ -280,7 +280,7 @@ class Run:
         """The newest complete label version (an external relabeler writes them); same on every rank."""
         version = label_version
         if self.dist.is_main:
-            from clustering.labels import latest_version
+            from placeforge.clustering.labels import latest_version
 
             newest = latest_version(self.cfg.labels)
             if newest is not None and newest > label_version:
@@ -326,8 +326,8 @@ def label_setup(cfg: TrainConfig) -> tuple[int | None, int]:
     """(label version, CosFace rows) a fresh stage-2 run starts with: the latest version."""
     if cfg.stage != "finetune" or not cfg.labels:
         return None, 1
-    from clustering.labels import read_manifest
-    from trainer.data import resolve_label_version
+    from placeforge.clustering.labels import read_manifest
+    from placeforge.trainer.data import resolve_label_version
 
     version = resolve_label_version(cfg.labels)
     return version, read_manifest(cfg.labels, version).next_class_id
@@ -397,7 +397,7 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
         check_label_set(cfg.shards, cfg.labels, state.label_version)
     validation = None
     if cfg.val_database and dist.is_main:
-        from trainer.validation import ValidationSplit
+        from placeforge.trainer.validation import ValidationSplit
 
         validation = ValidationSplit.open(cfg.val_database, cfg.val_queries, cfg.val_radius_m)
 
@@ -534,7 +534,7 @@ def train(run: Run, state: TrainState) -> int:
         elif cfg.follow_latest_labels and not last:
             new_version = run.newest_labels(epoch, version)
         if new_version != version:
-            from clustering.labels import read_manifest
+            from placeforge.clustering.labels import read_manifest
 
             version = new_version
             run.grow_classes(read_manifest(cfg.labels, version).next_class_id, version)
@@ -548,7 +548,7 @@ def train(run: Run, state: TrainState) -> int:
               f"images/s, data wait {100 * totals['data_wait_s'] / totals['seconds']:.1f} % of step time, "
               f"label version {version}")
         if cfg.val_database:
-            from trainer.validation import validation_summary
+            from placeforge.trainer.validation import validation_summary
 
             print(validation_summary(run.out / "export", cfg.val_queries))
     return 0
@@ -572,7 +572,7 @@ def _loader_carries_over(cfg: TrainConfig, epoch: int) -> bool:
 def _best_tags(out: Path) -> list[str]:
     """The checkpoint that holds the best validated epoch's weights (export/validation.json), if any:
     validation runs before the epoch-end save, so epoch e's weights are checkpoint epoch e+1, step 0."""
-    from trainer.validation import VALIDATION_FILE
+    from placeforge.trainer.validation import VALIDATION_FILE
 
     path = out / "export" / VALIDATION_FILE
     best = json.loads(path.read_text()).get("best") if path.is_file() else None

@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from models.decoder import DECODERS
-from models.encoders import ENCODERS, EncoderConfig, encoder_spec
-from trainer.augment import AugmentConfig
-from trainer.pairs import PairRule
-from trainer.schedules import LR_SCALINGS
+from placeforge.models.decoder import DECODERS
+from placeforge.models.encoders import ENCODERS, EncoderConfig, encoder_spec
+from placeforge.trainer.augment import AugmentConfig
+from placeforge.trainer.pairs import PairRule
+from placeforge.trainer.schedules import LR_SCALINGS
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.adapters import is_adapter_parameter
-from models.decoder import SiameseMIM, SiameseMIMDecoder, decoder_config, patch_grid
-from models.dinov2 import fit_position_embedding
-from models.encoders import GlobalDescriptorModel, build_model, encoder_spec
-from models.heads import CosFaceClassifier, CosFaceGroups, PairClassifier
 from placeforge.fileio import atomic_write
-from trainer.losses import first_per_label, hardest_pairs
-from trainer.mining import MiningGroup, fetch_rows, gather_rows
-from trainer.train_config import TrainConfig
+from placeforge.models.adapters import is_adapter_parameter
+from placeforge.models.decoder import SiameseMIM, SiameseMIMDecoder, decoder_config, patch_grid
+from placeforge.models.dinov2 import fit_position_embedding
+from placeforge.models.encoders import GlobalDescriptorModel, build_model, encoder_spec
+from placeforge.models.heads import CosFaceClassifier, CosFaceGroups, PairClassifier
+from placeforge.trainer.losses import first_per_label, hardest_pairs
+from placeforge.trainer.mining import MiningGroup, fetch_rows, gather_rows
+from placeforge.trainer.train_config import TrainConfig
 
 MIM_KIND = "siamese_mim"
 log = logging.getLogger(__name__)

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.recall import correct_matrix, first_correct, positives_within, recall_at
-from evaluation.rerank import pair_scores, rerank_order
-from evaluation.search import exact_search
-from evaluation.testset import Split, read_split
-from models.encoders import GlobalDescriptorModel, decode_images
-from models.heads import PairClassifier
+from placeforge.evaluation.recall import correct_matrix, first_correct, positives_within, recall_at
+from placeforge.evaluation.rerank import pair_scores, rerank_order
+from placeforge.evaluation.search import exact_search
+from placeforge.evaluation.testset import Split, read_split
+from placeforge.models.encoders import GlobalDescriptorModel, decode_images
+from placeforge.models.heads import PairClassifier
 
 RECALL_AT = (1, 5)
 VALIDATION_FILE = "validation.json"  # in export/: every validation of the run and its best epoch
@@ -76,7 +76,7 @@ def validate(model: GlobalDescriptorModel, pair: PairClassifier | None, split: V
     as pipelines/evaluate.py), so the two patch grids the pair classifier compares may differ.
     The modules are put in eval mode for the measurement and back in their previous mode after.
     """
-    from evaluation.embed import split_input_hw
+    from placeforge.evaluation.embed import split_input_hw
 
     started = time.perf_counter()
     modes = [(m, m.training) for m in (model, pair) if m is not None]
