@@ -34,9 +34,7 @@ import pyarrow.parquet as pq
 from placeforge.catalog import CATALOG_SCHEMA, REJECTS_SCHEMA, concat, rejects_table
 from placeforge.config import to_dict
 from placeforge.fileio import (
-    LOCK_FILE,
     OutputLockedError,
-    is_temp_name,
     output_lock,
     write_json_atomic,
     write_parquet_atomic,
@@ -48,7 +46,6 @@ from placeforge.shards.index import INDEX_SCHEMA, write_index
 from placeforge.shards.layout import (
     CATALOG_FILE,
     INDEX_FILE,
-    MANIFEST_FILE,
     REJECTS_FILE,
     SHARD_SUBDIR,
     WORK_SUBDIR,
@@ -60,9 +57,19 @@ from placeforge.shards.manifest import (
     PlanRecord,
     ShardRecord,
     read_manifest,
-    read_plan_record,
     write_manifest,
     write_plan_record,
+)
+from placeforge.shards.outdir import (
+    FINGERPRINT_FILE,
+    PLAN_FILE,
+    OutDirError,
+    claim_out_dir,
+    remove_empty_dir,
+    remove_owned,
+    shard_done,
+    temp_files,
+    work_files,
 )
 from placeforge.shards.plan import plan_rows
 
@@ -209,7 +216,7 @@ def build(
         raise BuildError(f"--out {out} exists and is not a folder")
     try:
         with output_lock(out, "build_shards"):
-            if _claim_out_dir(out, fingerprint, overwrite):
+            if claim_out_dir(out, fingerprint, overwrite):
                 return BuildSummary(out, read_manifest(out), 0, time.perf_counter() - started, skipped=True)
             work = out / WORK_SUBDIR
             with _phase(phase_seconds, "write"):
@@ -222,7 +229,7 @@ def build(
             if plan_only:
                 return PlanSummary(out, record, phase_seconds, time.perf_counter() - started)
             num_shards = int(pc.max(plan.column("shard_index")).as_py()) + 1
-            done = {i for i in range(num_shards) if _shard_done(out, i)}
+            done = {i for i in range(num_shards) if shard_done(out, i)}
             todo = [i for i in range(num_shards) if i not in done]
             log.info("%d inputs, %d images planned into %d shards; %d to build", inputs, plan.num_rows, num_shards,
                      len(todo))
@@ -230,9 +237,9 @@ def build(
                 _run_shard_tasks(out, todo, cfg, ray_address, num_cpus, task_resources)
             manifest = _assemble(out, plan, rejects, inputs, num_shards, cfg, sources, fingerprint)
             # plan.json of a plan-only run is superseded by manifest.json
-            _remove_owned([*_work_files(work, range(num_shards)), *_temp_files(work), out / PLAN_RECORD_FILE])
-            _remove_empty_dir(work)
-    except OutputLockedError as err:
+            remove_owned([*work_files(work, range(num_shards)), *temp_files(work), out / PLAN_RECORD_FILE])
+            remove_empty_dir(work)
+    except (OutputLockedError, OutDirError) as err:
         raise BuildError(str(err)) from None
     return BuildSummary(out, manifest, len(done), time.perf_counter() - started)
 
@@ -353,124 +360,6 @@ def _fingerprint(cfg: BuildConfig, sources: list[tuple], plan: pa.Table) -> str:
                 if buf is not None:
                     digest.update(buf)
     return digest.hexdigest()
-
-
-OWN_NAMES = (CATALOG_FILE, REJECTS_FILE, INDEX_FILE, MANIFEST_FILE, PLAN_RECORD_FILE, SHARD_SUBDIR, WORK_SUBDIR)
-FINGERPRINT_FILE = "fingerprint"  # in _work/: the record that an interrupted build there is placeforge's
-PLAN_FILE = "plan.parquet"
-
-
-def _claim_out_dir(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """Prepare `out` for this build; True if it already holds exactly this shard set.
-
-    Only files a build recorded as its own (the shard set's manifest.json, or an interrupted
-    build's _work/fingerprint and plan) are ever removed, and only with `overwrite`; an entry
-    named like a build output that no record covers is someone else's, and the build refuses.
-    """
-    work = out / WORK_SUBDIR
-    if (out / MANIFEST_FILE).is_file() and not overwrite:
-        if _read_own_manifest(out).fingerprint == fingerprint:
-            return True
-        raise BuildError(f"{out} holds a shard set built with another config or inputs; use --overwrite to replace it")
-    if (work / FINGERPRINT_FILE).is_file() and not overwrite:
-        planned = (out / PLAN_RECORD_FILE).is_file()
-        if (work / FINGERPRINT_FILE).read_text().strip() != fingerprint:
-            held = "a plan (--plan-only)" if planned else "an interrupted build"
-            raise BuildError(
-                f"{out} holds {held} with another config or inputs; "
-                "re-run with its arguments to resume, or --overwrite to start again"
-            )
-        log.info("continuing the plan in %s" if planned else "resuming the interrupted build in %s", out)
-        # Half-written files of the killed run (the lock says no other build is running); their shards are rebuilt.
-        _remove_owned([*_temp_files(out / SHARD_SUBDIR), *_temp_files(work)])
-        return False
-    owned = _owned_files(out)
-    if owned is None:
-        taken = [name for name in OWN_NAMES if (out / name).exists() and not _is_empty_dir(out / name)]
-        if taken:
-            raise BuildError(
-                f"--out {out} holds {', '.join(taken)} that no placeforge build recorded (no manifest.json, no "
-                f"{WORK_SUBDIR}/{FINGERPRINT_FILE}); nothing was removed: choose another --out, or move them away"
-            )
-        foreign = [p.name for p in out.iterdir() if p.name not in (*OWN_NAMES, LOCK_FILE)] if out.is_dir() else []
-        if foreign and not overwrite:
-            raise BuildError(f"--out {out} is not empty and is not a shard set ({foreign[:3]}...); choose an empty folder")
-    else:
-        _remove_owned(owned)  # --overwrite: exactly the files the old build recorded
-        for folder in (work, out / SHARD_SUBDIR):
-            _remove_empty_dir(folder)
-    (out / SHARD_SUBDIR).mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    return False
-
-
-def _read_own_manifest(out: Path):
-    try:
-        return read_manifest(out)
-    except (ValueError, KeyError, TypeError) as err:
-        raise BuildError(f"{out / MANIFEST_FILE} is not a placeforge shard-set manifest ({err}); nothing was "
-                         "removed: choose another --out") from None
-
-
-def _read_own_plan(out: Path) -> PlanRecord:
-    try:
-        return read_plan_record(out)
-    except (ValueError, KeyError, TypeError) as err:
-        raise BuildError(f"{out / PLAN_RECORD_FILE} is not a placeforge shard-set plan ({err}); nothing was "
-                         "removed: choose another --out") from None
-
-
-def _owned_files(out: Path) -> list[Path] | None:
-    """Every file the build recorded in `out` wrote (existing or not), or None when no record is there."""
-    work = out / WORK_SUBDIR
-    if (out / MANIFEST_FILE).is_file():
-        manifest = _read_own_manifest(out)
-        shards = [out / SHARD_SUBDIR / Path(record.name).name for record in manifest.shards]
-        files = [out / CATALOG_FILE, out / REJECTS_FILE, out / INDEX_FILE, *shards, out / MANIFEST_FILE,
-                 out / PLAN_RECORD_FILE]  # plan.json: left by a build killed just after its manifest
-    elif (work / FINGERPRINT_FILE).is_file() and (work / PLAN_FILE).is_file():
-        indices = pc.unique(pq.read_table(work / PLAN_FILE, columns=["shard_index"]).column("shard_index")).to_pylist()
-        files = [*(out / SHARD_SUBDIR / shard_name(i) for i in indices), *_work_files(work, indices)]
-        if (out / PLAN_RECORD_FILE).is_file():
-            _read_own_plan(out)  # a plan.json of ours: then the catalog and rejects beside it are ours too
-            files += [out / CATALOG_FILE, out / REJECTS_FILE, out / PLAN_RECORD_FILE]
-    else:
-        return None
-    return [*files, *_temp_files(out), *_temp_files(out / SHARD_SUBDIR), *_temp_files(work)]
-
-
-def _work_files(work: Path, shard_indices) -> list[Path]:
-    """The files a build keeps in _work/: its plan and fingerprint, and three per finished shard."""
-    per_shard = [work / f"{shard_name(i)}.{suffix}" for i in shard_indices
-                 for suffix in ("record.json", "index.parquet", "rejects.parquet")]
-    return [*per_shard, work / PLAN_FILE, work / FINGERPRINT_FILE]
-
-
-def _temp_files(folder: Path) -> list[Path]:
-    return [p for p in folder.glob(".*") if is_temp_name(p.name) and p.is_file()] if folder.is_dir() else []
-
-
-def _remove_owned(files: list[Path]) -> None:
-    for path in files:
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-
-
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
-
-
-def _remove_empty_dir(path: Path) -> None:
-    if _is_empty_dir(path):
-        path.rmdir()
-
-
-def _shard_done(out: Path, shard_index: int) -> bool:
-    record = out / WORK_SUBDIR / f"{shard_name(shard_index)}.record.json"
-    tar = out / SHARD_SUBDIR / shard_name(shard_index)
-    if not (record.is_file() and tar.is_file()):
-        return False
-    return json.loads(record.read_text())["bytes"] == tar.stat().st_size
 
 
 def build_one_shard(row: dict, out_dir: str, short_side: int, jpeg_quality: int) -> dict:

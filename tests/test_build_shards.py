@@ -13,9 +13,10 @@ import webdataset as wds
 
 from placeforge.fileio import LOCK_FILE, file_sha256, output_lock
 from placeforge.pipelines.build_shards import main
-from placeforge.shards.build import BuildConfig, _claim_out_dir, _fingerprint, build, build_one_shard
+from placeforge.shards.build import BuildConfig, _fingerprint, build, build_one_shard
 from placeforge.shards.layout import WORK_SUBDIR
 from placeforge.shards.manifest import read_manifest
+from placeforge.shards.outdir import claim_out_dir
 from placeforge.shards.plan import plan_shards
 from tests.conftest import jpeg_bytes
 
@@ -96,7 +97,7 @@ def test_interrupted_build_resumes_and_matches_a_clean_build(local_ray, at_datas
     kept, _ = assign_places(catalog, cfg.place_config())
     plan = plan_shards(kept, cfg.max_images_per_sample, cfg.images_per_shard, cfg.min_shards, cfg.seed)
     fingerprint = _fingerprint(cfg, [("atname", at_dataset["root"])], plan)
-    assert not _claim_out_dir(out.resolve(), fingerprint, overwrite=False)
+    assert not claim_out_dir(out.resolve(), fingerprint, overwrite=False)
     write_parquet_atomic(plan, out / WORK_SUBDIR / "plan.parquet")
     (out / WORK_SUBDIR / "fingerprint").write_text(fingerprint)
     build_one_shard({"shard_index": 1}, str(out.resolve()), cfg.short_side, cfg.jpeg_quality)

@@ -103,7 +103,7 @@ def test_a_build_after_the_plan_builds_exactly_that_plan(local_ray, garbage_city
         (garbage_city["root"] / relpath).write_bytes(jpeg_bytes(seed))
 
     assert _run(garbage_city, out) == 0
-    assert "INFO shards.build: continuing the plan" in capsys.readouterr().err
+    assert "INFO placeforge.shards.outdir: continuing the plan" in capsys.readouterr().err
     manifest = read_manifest(out)
     assert manifest.fingerprint == plan.fingerprint
     assert manifest.counts["in_shards"] == plan.counts["planned"] == GOOD
