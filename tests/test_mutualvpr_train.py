@@ -253,7 +253,7 @@ def write_grouped_data(root: Path) -> dict:
 
 def model_states(out: Path, tag: str) -> dict[str, torch.Tensor]:
     path = out / "checkpoints" / tag / "mp_rank_00_model_states.pt"
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    return torch.load(path, map_location="cpu", weights_only=True)["module"]
 
 
 def test_the_loader_reads_only_the_epochs_group_for_the_same_steps_on_every_rank(tmp_path):

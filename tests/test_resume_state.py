@@ -64,7 +64,7 @@ def test_resume_reads_the_rng_from_our_file_not_from_deepspeeds_pickle(data, tmp
     folder = out / "checkpoints" / "epoch0000-step1"
     assert (folder / rng_file(0)).is_file() and (folder / "train_state.json").is_file()
     # This test wrote the file, so it may unpickle it: DeepSpeed's states carry nothing of the trainer's.
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     assert not {"rng", "epoch", "step_in_epoch", "global_step", "config"} & set(states)
     expected = read_rng_states(out / "checkpoints", "epoch0000-step1", rank=0)
     assert expected is not None and expected["torch"].numel() == torch.get_rng_state().numel()

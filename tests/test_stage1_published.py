@@ -269,5 +269,5 @@ def test_stage1_as_published_trains_with_deepspeed(data, tmp_path):  # noqa: F81
     for name in ("encoder.blocks.2.attn.qkv.weight", "encoder.blocks.3.mlp.fc2.weight", "encoder.norm.weight",
                  "decoder.blocks.0.self_attn.q.weight", "decoder.pixel_head.weight"):
         assert not torch.equal(end[name], start[name]), f"{name} trains but did not change"
-    states = torch.load(out / "checkpoints" / "epoch0001-step0" / "mp_rank_00_model_states.pt", weights_only=False)
+    states = torch.load(out / "checkpoints" / "epoch0001-step0" / "mp_rank_00_model_states.pt", weights_only=True)
     assert {tuple(g["betas"]) for g in states["optimizer"]["param_groups"]} == {(0.9, 0.999)}
