@@ -15,11 +15,15 @@ As whole processes (issue 14), interpreter start, imports and Ray start-up inclu
 (C) `python pipelines/build_shards.py --source atname:DIR --out OUT --num-cpus N`, BuildConfig defaults,
     on a Ray it starts itself (no $RAY_ADDRESS); with --before CHECKOUT also the same command of
     that checkout (e.g. a `git worktree` of the old code), run with PYTHONPATH=CHECKOUT
+(J) the same command on a Ray that is already running (`ray start --head --num-cpus N`) and has
+    run one build before (the same command into another --out), joined through $RAY_ADDRESS as
+    `ray job submit` does: what a user who keeps a Ray up pays per job.  The head's start and
+    that first build are outside the time; the head's workers' CPU during the command is counted
 Each round runs every command once, in an order that alternates between rounds, so a change in
 the machine's load falls on all of them; best and median of the rounds are printed, and the CPU
 seconds of each command's whole process tree (Ray's processes included), which other jobs on
 the machine change far less than the wall clock.
-Goal (issue 14): (C) >= 1.6 x (B).
+Goal (issue 14): (C) >= 1.6 x (B); (J) is the same build without Ray's own start-up.
 """
 
 from __future__ import annotations
@@ -109,34 +113,101 @@ def bench_ray(source: Path, out: Path, num_cpus: int, short_side: int) -> tuple[
         ray.shutdown()
 
 
-def timed_process(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, float]:
+def timed_process(cmd: list[str], cwd: Path, env: dict[str, str],
+                  also: int | None = None) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds, 1-minute load average just before) of one command, which must succeed.
 
     CPU seconds: user + system of the command and every process under it (Ray's GCS, raylet,
     agents and workers), each process's last sample taken every 50 ms while it lives, so a few
     tens of ms per process are missed.  Other jobs on the machine slow the wall clock, hardly this.
+    `also`: the pid of another process tree (a running Ray head, whose workers run the command's
+    tasks): what its processes spend while the command runs is counted too.
     """
     import psutil
 
+    def tree(pid: int) -> list[psutil.Process]:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            return [root, *root.children(recursive=True)]
+        return []
+
+    def sample(pid: int, into: dict) -> None:
+        for proc in tree(pid):
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                into[(proc.pid, proc.create_time())] = times.user + times.system
+
+    before: dict = {}
+    if also is not None:
+        sample(also, before)
     load = os.getloadavg()[0]
     started = time.perf_counter()
     process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, cpu = psutil.Process(process.pid), {}
+    cpu: dict = {}
     stderr: list[str] = []
     reader = threading.Thread(target=lambda: stderr.append(process.stderr.read()))  # a full pipe would block it
     reader.start()
     while process.poll() is None:
-        with contextlib.suppress(psutil.Error):
-            for proc in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    times = proc.cpu_times()
-                    cpu[(proc.pid, proc.create_time())] = times.user + times.system
+        sample(process.pid, cpu)
+        if also is not None:
+            sample(also, cpu)
         time.sleep(0.05)
     seconds = time.perf_counter() - started
+    if also is not None:
+        sample(also, cpu)
     reader.join()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({process.returncode}):\n{stderr[0][-3000:]}")
-    return seconds, sum(cpu.values()), load
+    return seconds, sum(value - before.get(key, 0.0) for key, value in cpu.items()), load
+
+
+@contextlib.contextmanager
+def running_head(num_cpus: int, work: Path, env: dict[str, str], warm_up: list[str]):
+    """A Ray head (`ray start --head --block`) on 127.0.0.1 for row (J) that has run `warm_up` (a
+    command, given the head's address in $RAY_ADDRESS); yields (GCS address, pid).
+
+    Its own ports and a short temp dir, so it neither collides with nor is joined by another
+    Ray on the machine; stopped by killing its process group (never `ray stop`, which would
+    stop every Ray here).  Ray 2.60 wants token auth for a head started this way.
+    """
+    import signal
+    import socket
+
+    from placeforge.raysession import free_port
+
+    port = free_port()
+    temp_dir = Path(tempfile.mkdtemp(prefix="pfh-", dir="/tmp"))  # short: Ray's socket paths
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    cmd = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+           f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
+           "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    with open(work / "head.log", "wb") as log:
+        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start --head did not come up; see {work / 'head.log'}")
+            time.sleep(0.2)
+        address = f"127.0.0.1:{port}"
+        # The first job on a Ray also starts Ray Data's detached actors (stats, autoscaling
+        # coordinator, usage) and its first workers: a later job finds them running.
+        subprocess.run(warm_up, cwd=REPO, env=env | {"RAY_ADDRESS": address}, check=True, capture_output=True)
+        time.sleep(2)
+        yield address, head.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def bench_whole_processes(source: Path, work: Path, num_cpus: int, short_side: int, rounds: int,
@@ -152,6 +223,8 @@ def bench_whole_processes(source: Path, work: Path, num_cpus: int, short_side: i
     if before is not None:
         commands["C0"] = ([sys.executable, "pipelines/build_shards.py", *build_args, "--out", str(work / "set-before")],
                           before, env | {"PYTHONPATH": str(before)}, work / "set-before")
+    commands["J"] = ([sys.executable, "pipelines/build_shards.py", *build_args, "--out", str(work / "set-joined")],
+                     REPO, env | {"RAY_AUTH_MODE": "token"}, work / "set-joined")
     times: dict[str, list[float]] = {key: [] for key in commands}
     cpu: dict[str, list[float]] = {key: [] for key in commands}
     loads: list[float] = []
@@ -160,13 +233,19 @@ def bench_whole_processes(source: Path, work: Path, num_cpus: int, short_side: i
         for key in order:
             cmd, cwd, cmd_env, out = commands[key]
             shutil.rmtree(out, ignore_errors=True)  # every build starts from an empty --out
-            seconds, cpu_seconds, load = timed_process(cmd, cwd, cmd_env)
+            if key == "J":
+                warm_up = [*cmd[:-1], str(work / "set-joined-first"), "--overwrite"]
+                with running_head(num_cpus, work, cmd_env, warm_up) as (address, head_pid):
+                    seconds, cpu_seconds, load = timed_process(cmd, cwd, cmd_env | {"RAY_ADDRESS": address},
+                                                               also=head_pid)
+            else:
+                seconds, cpu_seconds, load = timed_process(cmd, cwd, cmd_env)
             times[key].append(seconds)
             cpu[key].append(cpu_seconds)
             loads.append(load)
             print(f"round {r + 1} {key}: {seconds:.2f} s, {cpu_seconds:.2f} CPU s (load {load:.2f})", flush=True)
     names = {"B": "(B) naive ShardWriter loop, whole process", "C": "(C) build_shards.py, whole process",
-             "C0": f"(C) build_shards.py of {before}"}
+             "C0": f"(C) build_shards.py of {before}", "J": "(J) build_shards.py, a later job on a running Ray"}
     print(f"\nwhole processes: {n} images -> short side {short_side}; {num_cpus} CPUs for Ray; {rounds} rounds; "
           f"1-min load average before a run: {min(loads):.2f}-{max(loads):.2f}")
     print(f"| {'command':<58} | {'best s':>7} | {'median s':>8} | {'worst s':>7} | {'images/s (best)':>15} "
@@ -175,7 +254,7 @@ def bench_whole_processes(source: Path, work: Path, num_cpus: int, short_side: i
     for key, values in times.items():
         print(f"| {names[key]:<58} | {min(values):7.2f} | {statistics.median(values):8.2f} | {max(values):7.2f} | "
               f"{n / min(values):15.1f} | {statistics.median(cpu[key]):14.2f} |")
-    for key in [k for k in ("C", "C0") if k in times]:
+    for key in [k for k in ("C", "C0", "J") if k in times]:
         best = min(times["B"]) / min(times[key])
         median = statistics.median(times["B"]) / statistics.median(times[key])
         print(f"{names[key]} / (B): best {best:.2f}, median {median:.2f} (goal >= 1.6; 2.0 is {num_cpus} cores)")
