@@ -69,9 +69,10 @@ def write_json_atomic(path: str | os.PathLike, content: Any, sort_keys: bool = F
     return write_text_atomic(path, json.dumps(content, indent=2, sort_keys=sort_keys) + "\n")
 
 
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write `table` (zstd-compressed Parquet) atomically."""
-    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, row_group_size: int | None = None) -> Path:
+    """Write `table` (zstd-compressed Parquet) atomically; `row_group_size` rows per row group
+    (default: pyarrow's, ~1 M)."""
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size))
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -48,6 +48,26 @@ def _run(city: dict, out: Path, *extra: str) -> int:
     return main(["--source", f"atname:{city['root']}", str(city["list"]), "--out", str(out), *ARGS, *extra])
 
 
+def test_plan_rows_come_in_small_row_groups_by_shard(garbage_city, tmp_path, monkeypatch):
+    """A shard task's filtered read of _work/plan.parquet should decode a row group or two, not the
+    whole plan: groups are PLAN_ROW_GROUP_ROWS rows, the rows sorted by shard."""
+    import placeforge.shards.build as build_module
+
+    monkeypatch.setattr(build_module, "PLAN_ROW_GROUP_ROWS", 4)
+    out = tmp_path / "out"
+    assert _run(garbage_city, out, "--plan-only") == 0
+    plan_file = pq.ParquetFile(out / WORK_SUBDIR / "plan.parquet")
+    sizes = [plan_file.metadata.row_group(i).num_rows for i in range(plan_file.metadata.num_row_groups)]
+    assert sizes == [4, 4, 4, 4, 2]  # GOOD = 18 rows
+    shard_of_group = [plan_file.read_row_group(i, columns=["shard_index"]).column(0).to_pylist()
+                      for i in range(len(sizes))]
+    flat = [s for group in shard_of_group for s in group]
+    assert flat == sorted(flat)
+    for shard in set(flat):  # the filtered read the shard task does gives exactly that shard's rows
+        rows = pq.read_table(out / WORK_SUBDIR / "plan.parquet", filters=[("shard_index", "=", shard)])
+        assert rows.num_rows == flat.count(shard)
+
+
 def test_plan_only_opens_no_image_and_its_counts_add_up(garbage_city, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(garbage_city, out, "--plan-only") == 0
