@@ -37,6 +37,7 @@ PyTorch builds it.  train.py then trains only parameters named `adapter` in the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
@@ -44,8 +45,31 @@ ADAPTER_SCALE = 0.2  # block.py: self.drop_path(0.2 * self.adapter(self.norm2(x)
 CONV_INIT = 1e-5  # train.py: nn.init.constant_(conv weight and bias, 0.00001)
 
 
+class Fp32BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d computed in float32 whatever the dtype of its input and weights, its output
+    in the input's dtype: what torch.autocast does for batch norm (MutualVPR trains in fp32).
+
+    DeepSpeed's bf16 engine casts parameters to bf16 but keeps buffers, so a plain BatchNorm2d
+    would get a bf16 input and weight with float32 running statistics, which torch refuses.
+    The running statistics are updated in float32.
+    """
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        if grid.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return super().forward(grid)
+        for name in ("running_mean", "running_var"):  # a whole-module .bfloat16() casts them too
+            buffer = getattr(self, name)
+            if buffer.dtype != torch.float32:
+                buffer.data = buffer.data.float()
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        out = F.batch_norm(grid.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                           self.training, self.momentum, self.eps)  # (built with affine and running statistics)
+        return out.to(grid.dtype)
+
+
 class ConvBnRelu(nn.Module):
-    """Conv2d (with bias) -> BatchNorm2d (eps 1e-3) -> ReLU, MutualVPR's BasicConv2d.
+    """Conv2d (with bias) -> BatchNorm2d (eps 1e-3, computed in float32) -> ReLU, MutualVPR's BasicConv2d.
 
     Args:
         in_channels: input channels.
@@ -56,7 +80,7 @@ class ConvBnRelu(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=True)
-        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3)
+        self.bn = Fp32BatchNorm2d(out_channels, eps=1e-3)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         """[B, in, H, W] -> [B, out, H, W]."""
