@@ -1,17 +1,21 @@
 """Version 0 of the view classes: split each cell before any encoder exists.
 
-Two rules, chosen per cell:
-  * Every image of the cell has a compass heading: K-means (the same faiss routine as
-    later rounds, `cluster_cells`) on the heading as a point on the unit circle,
-    (cos h, sin h).  The split therefore follows the cell's own heading distribution
-    (a street seen both ways gives two opposite classes, wherever the street points),
-    rather than fixed north-aligned sectors that could cut one view in half.  Opposite
-    headings are 2 apart on the circle, the farthest two points can be, so they always
-    land in different classes when k >= 2.  Equal headings count as one point, so a cell
-    whose images all face one way gets one class.
-  * Otherwise (any heading unknown): MutualVPR's random init.  Images are ordered by a
-    per-image random key, mix64(seed, cell_id, image_id), and dealt round-robin into
-    K' = min(k, n) classes, so class sizes differ by at most one.
+Two rules (`INITIAL_SPLITS`; ReclusterConfig.initial picks one):
+  * "heading" (the default), chosen per cell.  Where every image of the cell has a compass
+    heading: K-means (the same faiss routine as later rounds, `cluster_cells`) on the
+    heading as a point on the unit circle, (cos h, sin h).  The split therefore follows the
+    cell's own heading distribution (a street seen both ways gives two opposite classes,
+    wherever the street points), rather than fixed north-aligned sectors that could cut one
+    view in half.  Opposite headings are 2 apart on the circle, the farthest two points can
+    be, so they always land in different classes when k >= 2.  Equal headings count as one
+    point, so a cell whose images all face one way gets one class.  Where any heading is
+    unknown: the random split below.
+  * "random": every cell split at random, headings or not, as MutualVPR's official code
+    starts (Gucci233/MutualVPR, datasets/train_dataset.py, TrainDataset.initialize).  Images
+    are ordered by a per-image random key, mix64(seed, cell_id, image_id), and dealt
+    round-robin into K' = min(k, n) classes, so class sizes differ by at most one.  (The
+    official split is not near-equal: classes 1..C-1 draw n // C images each and class 0
+    keeps the rest, so a cell of fewer than C images is one class and C - 1 empty ones.)
 
 Both rules are deterministic functions of (seed, cell, image ids, headings): the same
 answer for any row order and any partition of cells across processes.  No class is
@@ -24,6 +28,11 @@ import numpy as np
 
 from placeforge.clustering.cells import mix64
 from placeforge.clustering.kmeans import cluster_cells
+
+INITIAL_SPLITS = {
+    "heading": "K-means on the compass heading where every image of a cell has one, else random",
+    "random": "a seeded random near-equal split of every cell, headings ignored (MutualVPR's official code)",
+}
 
 
 def heading_points(heading_deg: np.ndarray) -> np.ndarray:
@@ -59,8 +68,9 @@ def random_classes(image_ids: np.ndarray, cell_ids: np.ndarray, k: int, seed: in
 
 
 def initial_classes(image_ids: np.ndarray, cell_ids: np.ndarray, heading_deg: np.ndarray | None,
-                    k: int = 3, seed: int = 0, n_init: int = 10) -> np.ndarray:
-    """Version-0 class in cell of N images: by heading where a whole cell has one, else random.
+                    k: int = 3, seed: int = 0, n_init: int = 10, rule: str = "heading") -> np.ndarray:
+    """Version-0 class in cell of N images by `rule` (INITIAL_SPLITS): "heading" splits by heading
+    where a whole cell has one, else at random; "random" splits every cell at random.
 
     Args:
         image_ids: [N] int64.
@@ -72,9 +82,11 @@ def initial_classes(image_ids: np.ndarray, cell_ids: np.ndarray, heading_deg: np
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if rule not in INITIAL_SPLITS:
+        raise ValueError(f"unknown initial split {rule!r}; valid: {', '.join(INITIAL_SPLITS)}")
     cell_ids = np.asarray(cell_ids, dtype=np.int64)
     classes = random_classes(image_ids, cell_ids, k, seed)
-    if heading_deg is None:
+    if heading_deg is None or rule == "random":
         return classes
     heading = np.asarray(heading_deg, dtype=np.float64)
     unknown_cells = np.unique(cell_ids[~np.isfinite(heading)])

@@ -3,7 +3,8 @@
 `pipelines/recluster.py` is the command-line shell around `recluster`.
 
   * No checkpoint: version 0 (or, with `force`, a fresh initial split as the next version)
-    from the catalog alone: cells, then `initial_classes` (by heading, else random).
+    from the catalog alone: cells, then `initial_classes` by `ReclusterConfig.initial` (by
+    heading, else random; or random everywhere, as MutualVPR's official code).
   * With a checkpoint: a Ray Data job streams every shard, embeds every image with the
     checkpoint (one model per actor), joins images to cells, and runs per-cell K-means in
     P partitions of cells (clustering/stages.py).  The driver collects only
@@ -30,7 +31,7 @@ import pyarrow as pa
 from placeforge.catalog import read_catalog
 from placeforge.clustering.cells import DEFAULT_CELLS_APART, cells_from_catalog
 from placeforge.clustering.descriptors import descriptor_dir, publish, reusable, temporary_dir
-from placeforge.clustering.initial import initial_classes
+from placeforge.clustering.initial import INITIAL_SPLITS, initial_classes
 from placeforge.clustering.labels import (
     LabelManifest,
     label_table,
@@ -63,6 +64,9 @@ class ReclusterConfig:
     k: int = field(default=3, metadata={
         "help": "view classes per cell (MutualVPR's official default: 6, --C in myparser.py)"})
     seed: int = field(default=0, metadata={"help": "seed of the initial split, K-means and the plotted cells"})
+    initial: str = field(default="heading", metadata={
+        "help": "initial split without a checkpoint: heading (K-means on the compass heading where every image of "
+                "a cell has one, else random) or random (every cell, headings ignored: MutualVPR's official code)"})
     cell_size_m: float = field(default=10.0, metadata={"help": "side of a UTM cell in metres (MutualVPR: 10)"})
     cells_apart: int = field(default=DEFAULT_CELLS_APART, metadata={"help": "CosPlace groups: cells N apart share one"})
     n_init: int = field(default=10, metadata={"help": "K-means restarts per cell, best kept"})
@@ -82,6 +86,8 @@ class ReclusterConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.cell_size_m > 0:
             raise ValueError(f"cell_size_m must be > 0, got {self.cell_size_m}")
+        if self.initial not in INITIAL_SPLITS:
+            raise ValueError(f"initial must be one of {', '.join(INITIAL_SPLITS)}, got {self.initial!r}")
 
 
 @dataclass(frozen=True)
@@ -167,10 +173,11 @@ def _recluster_locked(started: float, shard_set: ShardSet, labels_dir: Path, cfg
                 "written once. Pass --checkpoint to recluster with an encoder, or --force to write a fresh "
                 f"initial split as v{version:04d}"
             )
-        clusters = initial_classes(images.image_id, images.cell_id, images.heading_deg, cfg.k, cfg.seed, cfg.n_init)
+        clusters = initial_classes(images.image_id, images.cell_id, images.heading_deg, cfg.k, cfg.seed, cfg.n_init,
+                                   rule=cfg.initial)
         distance, projection = None, None
-        log.info("initial split of %d images into view classes (k=%d) -> v%04d", len(images.image_id), cfg.k,
-                 version)
+        log.info("initial split (%s) of %d images into view classes (k=%d) -> v%04d", cfg.initial,
+                 len(images.image_id), cfg.k, version)
     else:
         from placeforge.models.checkpoint import inspect_model_checkpoint
 
