@@ -105,6 +105,15 @@ CASES = [
          "synthcity.__main__", "--out {data}/not_a_folder/city", "not_a_folder is not a folder"),
     Case("recluster-manifest-keys", "recluster.py --shards DIR", "manifest.json without counts and sources",
          "placeforge.pipelines.recluster", "--shards {data}/shards_no_keys --labels {out}/labels", "lacks keys counts, sources"),
+    Case("recluster-untrained-and-checkpoint", "recluster.py --untrained-model RECIPE", "and --checkpoint too",
+         "placeforge.pipelines.recluster", "--shards {data}/shards --labels {out}/labels --checkpoint {data}/model.pt "
+         "--untrained-model configs/mutualvpr_vitb.yaml", "not both"),
+    Case("recluster-untrained-stage1", "recluster.py --untrained-model RECIPE", "a stage-1 (pretrain) config",
+         "placeforge.pipelines.recluster", "--shards {data}/shards --labels {out}/labels "
+         "--untrained-model configs/demo_pretrain.yaml", "give a stage-2 (finetune) config"),
+    Case("recluster-untrained-versions-exist", "recluster.py --untrained-model RECIPE", "LABELS_DIR already has versions",
+         "placeforge.pipelines.recluster", "--shards {data}/shards --labels {data}/labels "
+         "--untrained-model configs/mutualvpr_vitb.yaml", "already holds label versions"),
     Case("train-manifest-keys", "python -m placeforge.trainer.train --shards DIR", "manifest.json without counts and sources",
          "placeforge.trainer.train", "--stage pretrain --shards {data}/shards_no_keys --out {out}/run",
          "lacks keys counts, sources"),
