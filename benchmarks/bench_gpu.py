@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from placeforge.config import from_mapping, load_file
 from placeforge.models.encoders import encoder_spec
-from placeforge.trainer.data import GroupBatch, PairBatch
+from placeforge.trainer.batches import GroupBatch, PairBatch
 from placeforge.trainer.engine import build_optimizer, finetune_step, pretrain_step
 from placeforge.trainer.memory_model import (
     activation_bytes_per_item,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from placeforge.config import from_mapping, load_file
-from placeforge.trainer.data import PairBatch
+from placeforge.trainer.batches import PairBatch
 from placeforge.trainer.engine import build_optimizer, pretrain_step
 from placeforge.trainer.train_config import TrainConfig
 from placeforge.trainer.train_models import build_pretrain_model

@@ -21,8 +21,10 @@ from PIL import Image
 from placeforge.clustering.labels import label_table, write_label_set
 from placeforge.shards.reader import PlaceSample, ReaderSlot, place_groups, shard_order, shards_for_slot
 from placeforge.trainer.augment import random_resized_crop_box
-from placeforge.trainer.data import BatchGeometry, batched, make_loader, usable_samples
+from placeforge.trainer.batches import batched
+from placeforge.trainer.data import BatchGeometry, make_loader
 from placeforge.trainer.data_plan import group_reserve, rank_worker_capacities, steps_per_epoch, worker_quotas
+from placeforge.trainer.sample_counts import usable_samples
 from tests.shardsets import write_shard_set as write_shards
 
 # ---- pure step arithmetic ----

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from placeforge.trainer.data import GroupBatch
+from placeforge.trainer.batches import GroupBatch
 from placeforge.trainer.engine import finetune_step
 from placeforge.trainer.mining import MiningGroup, mining_group
 from placeforge.trainer.train_config import TrainConfig

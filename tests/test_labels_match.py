@@ -18,7 +18,7 @@ import torch
 
 from placeforge.clustering.labels import LABELS_FILE, label_table, version_dir, write_label_set
 from placeforge.shards.manifest import read_manifest, write_manifest
-from placeforge.trainer.data import check_label_set
+from placeforge.trainer.label_versions import check_label_set
 from tests.conftest import jpeg_bytes
 from tests.shardsets import write_shard_set
 

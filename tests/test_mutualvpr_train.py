@@ -24,6 +24,7 @@ from placeforge.models.heads import CosFaceGroups
 from placeforge.raysession import free_port
 from placeforge.shards.reader import PlaceSample
 from placeforge.trainer.augment import AugmentConfig, crop_jitter, hue_jitter
+from placeforge.trainer.batches import GroupBatch
 from placeforge.trainer.cosface_groups import (
     cosface_group_of_epoch,
     group_class_ids,
@@ -31,7 +32,7 @@ from placeforge.trainer.cosface_groups import (
     index_of_images,
     keep_images,
 )
-from placeforge.trainer.data import BatchGeometry, GroupBatch, make_loader
+from placeforge.trainer.data import BatchGeometry, make_loader
 from placeforge.trainer.engine import activate_cosface_group, build_optimizer, finetune_step, regroup_cosface
 from placeforge.trainer.schedules import set_optimizer_values
 from placeforge.trainer.train_config import TrainConfig

@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode, autoaugment
 from placeforge.config import ConfigError, from_mapping, load_file
 from placeforge.shards.reader import PlaceGroup
 from placeforge.trainer.augment import AugmentConfig, decode_augment, randaugment
-from placeforge.trainer.data import group_batches
+from placeforge.trainer.batches import group_batches
 from placeforge.trainer.train_config import TrainConfig
 
 S = 322

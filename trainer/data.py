@@ -8,16 +8,17 @@
     loader, steps = make_loader(shard_dir, "groups", ..., labels_dir=labels, label_version=None)
     for images, place_ids, image_ids, class_ids, positions in loader: ...
     loader.dataset.label_version                          # the label version these class ids came from
-    check_label_set(shard_dir, labels, version)           # rank 0, once per version: sha256, same shard set
+    check_label_set(shard_dir, labels, version)           # trainer.label_versions; rank 0, once per version
 
-Stages (one generator each, testable on lists), run inside each DataLoader worker:
+Stages (one generator each, testable on lists; trainer.batches), run inside each DataLoader worker:
 
     shards.reader.place_sample_pipeline (this rank/worker's shards, shuffle of JPEG bytes)
       -> [one sample per place (pairs, one_pair_per_place)]
       -> [one CosPlace group's images only (cosface_group; trainer.cosface_groups.keep_images)]
       -> trainer.pairs.stage1_pairs | place_groups(P, K) [each group's places from one subset: one_subset]
       -> batched (pairs only) -> decode + augment (trainer.augment) -> PairBatch | GroupBatch
-      -> first `quota` batches, where the quotas of a rank's workers sum to `steps` (trainer.data_plan)
+      -> first `quota` batches, where the quotas of a rank's workers sum to `steps` (trainer.data_plan,
+         from the usable samples per shard that trainer.sample_counts reads from the shard index)
 
 Build a new loader every epoch (`persistent_workers=False`): the epoch picks the shard
 order, the steps, and the label version.  To switch labels between epochs pass the new
@@ -33,74 +34,45 @@ catalog.parquet by place id, once per process.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from placeforge.catalog import read_catalog
-from placeforge.clustering.labels import (
-    LABELS_FILE,
-    class_lookup,
-    classes_of,
-    latest_version,
-    read_labels,
-    read_manifest,
-    version_dir,
-)
-from placeforge.clustering.labels import MANIFEST_FILE as LABEL_MANIFEST_FILE
-from placeforge.shards.index import read_index
-from placeforge.shards.layout import CATALOG_FILE, INDEX_FILE
-from placeforge.shards.layout import MANIFEST_FILE as SHARD_MANIFEST_FILE
-from placeforge.shards.reader import (
-    PlaceGroup,
-    PlaceSample,
-    ShardSet,
-    check_enough_shards,
-    place_groups,
-    place_sample_pipeline,
-)
-from placeforge.trainer.augment import AugmentConfig, decode_augment
-from placeforge.trainer.cosface_groups import index_of_images, keep_images, labels_group_image_ids
+from placeforge.clustering.labels import class_lookup, read_labels
+from placeforge.shards.reader import ShardSet, check_enough_shards, place_groups, place_sample_pipeline
+from placeforge.trainer.augment import AugmentConfig
+from placeforge.trainer.batches import GroupBatch, PairBatch, batched, group_batches, pair_batches, skip_samples
+from placeforge.trainer.cosface_groups import keep_images, labels_group_image_ids
 from placeforge.trainer.data_plan import (
     group_reserve,
-    one_sample_per_place,
     rank_worker_capacities,
     steps_per_epoch,
     waiting_reserve,
     worker_quotas,
 )
-from placeforge.trainer.pairs import PairRule, Stage1Pair, kind_counts, stage1_pairs, view_image
-from placeforge.trainer.subsets import PlaceSubsets, log_subset_leftovers, place_subsets, subset_samples
+from placeforge.trainer.label_versions import resolve_label_version
+from placeforge.trainer.pairs import PairRule, kind_counts, stage1_pairs
+from placeforge.trainer.sample_counts import (
+    group_usable_samples_of,
+    logged_subset_leftovers,
+    pair_samples,
+    pair_samples_of,
+    place_subsets_of,
+    subset_samples_of,
+    usable_samples_of,
+)
+from placeforge.trainer.subsets import PlaceSubsets
 
 STAGES = ("pairs", "groups")
 BATCH_PLACES_FROM = ("any", "one_subset")  # stage "groups": a group's places from anywhere, or from one subset
 log = logging.getLogger(__name__)
-
-
-class PairBatch(NamedTuple):
-    img_a: torch.Tensor  # [B, 3, S, S] uint8 (trainer.augment.model_input normalises)
-    img_b: torch.Tensor  # [B, 3, S, S] uint8, same place as img_a row for row
-    place_ids: torch.Tensor  # [B] int64
-    pair_kinds: torch.Tensor | None = None  # [B] int8 trainer.pairs.PairKind: how each pair was chosen
-
-
-class GroupBatch(NamedTuple):
-    images: torch.Tensor  # [P*K, 3, S, S] uint8, place-major: rows p*K .. p*K+K-1 are place p
-    place_ids: torch.Tensor  # [P*K] int64
-    image_ids: torch.Tensor  # [P*K] int64
-    class_ids: torch.Tensor  # [P*K] int64, -1 for images the label version does not cover
-    positions: torch.Tensor | None = None  # [P*K, 3] float64 (UTM zone, east, north), NaN where unknown
 
 
 @dataclass(frozen=True)
@@ -116,212 +88,6 @@ class BatchGeometry:
     def min_images(self, stage: str) -> int:
         """Images a place sample needs to be usable by `stage`."""
         return 2 if stage == "pairs" else self.images_per_place
-
-
-# ---- generator stages (plain lists in, plain values out) ----
-
-
-def batched(src: Iterable, size: int) -> Iterator[list]:
-    """Lists of `size` consecutive items; a partial last list is dropped (every batch is full)."""
-    batch = []
-    for item in src:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-
-
-def pair_batches(
-    src: Iterable[list[Stage1Pair]], image_size: int, rng: np.random.Generator, augment: AugmentConfig
-) -> Iterator[PairBatch]:
-    """Lists of B pairs -> PairBatch; a panorama member is first cut to its view (trainer.pairs)."""
-    for pairs in src:
-        yield PairBatch(
-            img_a=decode_augment([view_image(p.jpegs[0], p.views[0]) for p in pairs], image_size, rng, augment),
-            img_b=decode_augment([view_image(p.jpegs[1], p.views[1]) for p in pairs], image_size, rng, augment),
-            place_ids=torch.tensor([p.place_id for p in pairs], dtype=torch.int64),
-            pair_kinds=torch.tensor([int(p.kind) for p in pairs], dtype=torch.int8),
-        )
-
-
-def skip_samples(src: Iterable[PlaceSample], skip_keys: np.ndarray) -> Iterator[PlaceSample]:
-    """The samples whose key is not in `skip_keys` (sorted bytes, `pair_samples`)."""
-    for sample in src:
-        key = np.bytes_(sample.key.encode("utf-8", "replace"))
-        at = int(np.searchsorted(skip_keys, key))
-        if at < len(skip_keys) and skip_keys[at] == key:
-            continue
-        yield sample
-
-
-def group_batches(
-    src: Iterable[PlaceGroup],
-    lookup: tuple[np.ndarray, np.ndarray],
-    image_size: int,
-    rng: np.random.Generator,
-    augment: AugmentConfig,
-) -> Iterator[GroupBatch]:
-    """PlaceGroup -> GroupBatch; `lookup` is `clustering.labels.class_lookup` of one label version."""
-    for group in src:
-        k = len(group.image_ids[0])
-        image_ids = np.array([i for ids in group.image_ids for i in ids], dtype=np.int64)  # [P*K]
-        yield GroupBatch(
-            images=decode_augment([j for jpegs in group.jpegs for j in jpegs], image_size, rng, augment),
-            place_ids=torch.tensor(group.place_ids, dtype=torch.int64).repeat_interleave(k),
-            image_ids=torch.from_numpy(image_ids),
-            class_ids=torch.from_numpy(classes_of(*lookup, image_ids)),
-            positions=torch.tensor([xyz for row in group.positions for xyz in row], dtype=torch.float64
-                                   ).reshape(len(image_ids), 3),
-        )
-
-
-# ---- what the shard set holds, per shard ----
-
-
-def usable_samples(index: pa.Table, num_shards: int, min_images: int) -> tuple[list[int], int]:
-    """Per-shard count of samples with >= `min_images` images, and the most such samples of one place.
-
-    Args:
-        index: `shards.index` rows (image_id, place_id, shard_index, sample_key, ...).
-    Returns:
-        ([num_shards] usable samples per shard, max usable samples sharing one place_id).
-    """
-    usable = _usable_sample_rows(index, min_images)
-    shard = usable.column("shard_index").to_numpy().astype(np.int64)
-    counts = np.bincount(shard, minlength=num_shards)
-    _, per_place = np.unique(usable.column("place_id").to_numpy(), return_counts=True)
-    return counts.tolist(), int(per_place.max()) if len(per_place) else 0
-
-
-def _usable_sample_rows(index: pa.Table, min_images: int) -> pa.Table:
-    """One row per sample with >= `min_images` images: shard_index, sample_key, place_id, image_id_count."""
-    per_sample = index.group_by(["shard_index", "sample_key", "place_id"]).aggregate([("image_id", "count")])
-    return per_sample.filter(pc.greater_equal(per_sample.column("image_id_count"), min_images))
-
-
-def pair_samples(usable: pa.Table, num_shards: int, epoch: int, seed: int) -> tuple[list[int], np.ndarray]:
-    """Per-shard count of the samples that give `epoch`'s pairs at one pair per place, and the rest.
-
-    Of each place's samples with >= 2 images, one (`trainer.data_plan.one_sample_per_place`)
-    gives the place's pair; the others are skipped this epoch.
-    Args:
-        usable: `pair_sample_table` of the shard index.
-    Returns:
-        ([num_shards] pair samples per shard, sorted bytes array of the sample keys to skip).
-    """
-    keep = one_sample_per_place(usable.column("place_id").to_numpy(), epoch, seed)
-    shard = usable.column("shard_index").to_numpy().astype(np.int64)
-    keys = np.array([k.encode("utf-8", "replace") for k in usable.column("sample_key").to_pylist()], dtype=np.bytes_)
-    return np.bincount(shard[keep], minlength=num_shards).tolist(), np.sort(keys[~keep])
-
-
-def pair_sample_table(index: pa.Table) -> pa.Table:
-    """One row per sample with >= 2 images (shard_index, sample_key, place_id, image_id_count), by sample key."""
-    per_sample = index.group_by(["shard_index", "sample_key", "place_id"]).aggregate([("image_id", "count")])
-    usable = per_sample.filter(pc.greater_equal(per_sample.column("image_id_count"), 2))
-    return usable.sort_by("sample_key")  # group_by's order is not fixed; every rank must choose alike
-
-
-@functools.lru_cache(maxsize=2)
-def _pair_samples_of(shard_dir: str) -> pa.Table:
-    """`pair_sample_table` of a shard set on disk, read once per process (shard sets are immutable)."""
-    columns = ["image_id", "place_id", "shard_index", "sample_key"]
-    return pair_sample_table(read_index(Path(shard_dir) / INDEX_FILE).select(columns))
-
-
-@functools.lru_cache(maxsize=8)
-def _usable_samples_of(shard_dir: str, num_shards: int, min_images: int) -> tuple[tuple[int, ...], int]:
-    """`usable_samples` of a shard set on disk; read once per process (shard sets are immutable)."""
-    columns = ["image_id", "place_id", "shard_index", "sample_key"]
-    counts, max_parts = usable_samples(read_index(Path(shard_dir) / INDEX_FILE).select(columns), num_shards, min_images)
-    return tuple(counts), max_parts
-
-
-@functools.lru_cache(maxsize=8)
-def _group_usable_samples_of(shard_dir: str, num_shards: int, min_images: int, labels_dir: str, version: int,
-                             group: int) -> tuple[tuple[int, ...], int]:
-    """`usable_samples` of one CosPlace group's images, what `trainer.cosface_groups.keep_images`
-    leaves of the shards; read once per process and group."""
-    columns = ["image_id", "place_id", "shard_index", "sample_key"]
-    index = index_of_images(read_index(Path(shard_dir) / INDEX_FILE).select(columns),
-                            labels_group_image_ids(labels_dir, version, group))
-    counts, max_parts = usable_samples(index, num_shards, min_images)
-    return tuple(counts), max_parts
-
-
-# ---- the subset of each place (batch_places_from one_subset) ----
-
-
-@functools.lru_cache(maxsize=2)
-def _place_subsets_of(shard_dir: str) -> PlaceSubsets:
-    """`place_subsets` of a shard set's catalog, read once per process (shard sets are immutable)."""
-    path = Path(shard_dir) / CATALOG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: batch_places_from one_subset reads each place's subset from the shard "
-                                "set's catalog, and there is none; rebuild the shards, or use batch_places_from any")
-    return place_subsets(read_catalog(path).select(["place_id", "dataset", "subset"]))
-
-
-@functools.lru_cache(maxsize=8)
-def _subset_samples_of(shard_dir: str, num_shards: int, min_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """`subset_samples` of a shard set on disk, read once per process."""
-    columns = ["image_id", "place_id", "shard_index", "sample_key"]
-    usable = _usable_sample_rows(read_index(Path(shard_dir) / INDEX_FILE).select(columns), min_images)
-    return subset_samples(usable, num_shards, _place_subsets_of(shard_dir))
-
-
-@functools.lru_cache(maxsize=4096)
-def _logged_subset_leftovers(shard_dir: str, num_shards: int, min_images: int, rank: int, world_size: int,
-                             num_workers: int, places_per_group: int, epoch: int, seed: int,
-                             reserve: int) -> tuple[tuple[str, int], ...]:
-    """`log_subset_leftovers` once per process and epoch: trainer.train plans every epoch's steps
-    with a loader, then builds the epoch's loader again."""
-    counts, split = _subset_samples_of(shard_dir, num_shards, min_images)
-    return tuple(log_subset_leftovers(counts, split, _place_subsets_of(shard_dir).names, rank, world_size,
-                                      num_workers, places_per_group, epoch, seed, reserve).items())
-
-
-def resolve_label_version(labels_dir: str | Path, label_version: int | None = None) -> int:
-    """`label_version`, or the latest complete version under `labels_dir` when None."""
-    if label_version is not None:
-        return int(label_version)
-    version = latest_version(labels_dir)
-    if version is None:
-        raise FileNotFoundError(f"{labels_dir}: no complete label version to train stage 'groups' with")
-    return version
-
-
-def check_label_set(shard_dir: str | Path, labels_dir: str | Path, label_version: int) -> None:
-    """Refuse a label version that is damaged or was made for another shard set.
-
-    Checked: labels.parquet's sha256 against the version's manifest; the shard-set fingerprint
-    the manifest records against SHARDS/manifest.json (where both have one: label sets written
-    by hand record none); and that the version labels at least one image of the shards, as
-    otherwise every class id is -1.  Images it does not label are only warned about.  Rank 0
-    calls this once per version before training on it: it reads labels.parquet twice and the
-    shard index once (seconds at 10 M images), so the loader workers skip the sha256.
-    Raises:
-        ValueError: one line naming the files.
-    """
-    table = read_labels(labels_dir, label_version, verify=True)
-    manifest = read_manifest(labels_dir, label_version)
-    label_manifest = version_dir(labels_dir, label_version) / LABEL_MANIFEST_FILE
-    shard_manifest = Path(shard_dir) / SHARD_MANIFEST_FILE
-    made_for, trained_on = manifest.shards_fingerprint, ShardSet.open(shard_dir).manifest.fingerprint
-    if made_for and trained_on and made_for != trained_on:
-        raise ValueError(f"{label_manifest} labels the shard set {manifest.params.get('shards', '?')} (fingerprint "
-                         f"{made_for[:12]}), not {shard_manifest} (fingerprint {trained_on[:12]}); train on the shards "
-                         f"it was made for, or write labels for these (pipelines/recluster.py --shards {shard_dir})")
-    index = Path(shard_dir) / INDEX_FILE
-    image_ids = np.sort(read_index(index).column("image_id").to_numpy())  # sorted: the lookups stay in cache
-    labelled = int(np.count_nonzero(classes_of(*class_lookup(table), image_ids) >= 0))
-    if labelled == 0:
-        raise ValueError(f"{label_manifest.parent / LABELS_FILE} labels none of the {len(image_ids)} images in "
-                         f"{index}; it was made for another shard set")
-    if labelled < len(image_ids):
-        warnings.warn(f"label version {label_version} ({label_manifest.parent}) has no view class for "
-                      f"{len(image_ids) - labelled} of the {len(image_ids)} images in {index}; they train with "
-                      "class id -1 (no CosFace term; positives by place)")
 
 
 # ---- the dataset each rank iterates ----
@@ -479,26 +245,26 @@ def make_loader(
     shards = ShardSet.open(shard_dir)
     num_shards = len(shards.urls)
     check_enough_shards(num_shards, world_size, num_workers)
-    counts, max_parts = _usable_samples_of(str(Path(shard_dir).resolve()), num_shards, geometry.min_images(stage))
+    counts, max_parts = usable_samples_of(str(Path(shard_dir).resolve()), num_shards, geometry.min_images(stage))
     if cosface_group is not None:  # count what keep_images leaves: one CosPlace group's images
         if stage != "groups" or batch_places_from != "any" or labels_dir is None:
             raise ValueError("cosface_group needs stage 'groups', batch_places_from 'any' and labels_dir")
         label_version = resolve_label_version(labels_dir, label_version)  # the version the workers read too
-        counts, max_parts = _group_usable_samples_of(str(Path(shard_dir).resolve()), num_shards,
+        counts, max_parts = group_usable_samples_of(str(Path(shard_dir).resolve()), num_shards,
                                                      geometry.min_images(stage), str(labels_dir), label_version,
                                                      cosface_group)
     skip_keys = None
     if stage == "pairs" and one_pair_per_place:
-        counts, skip_keys = pair_samples(_pair_samples_of(str(Path(shard_dir).resolve())), num_shards, epoch, seed)
+        counts, skip_keys = pair_samples(pair_samples_of(str(Path(shard_dir).resolve())), num_shards, epoch, seed)
     items = geometry.items_per_step(stage)
     reserve = group_reserve(geometry.places_per_batch, max_parts) if stage == "groups" else 0
     subsets, split, leftovers = None, None, {}
     if batch_places_from == "one_subset":  # counts per shard and subset; each subset fills groups on its own
         where, min_images = str(Path(shard_dir).resolve()), geometry.min_images(stage)
-        subsets = _place_subsets_of(where)
-        counts, split = _subset_samples_of(where, num_shards, min_images)
+        subsets = place_subsets_of(where)
+        counts, split = subset_samples_of(where, num_shards, min_images)
         reserve = waiting_reserve(geometry.places_per_batch, max_parts)
-        leftovers = dict(_logged_subset_leftovers(where, num_shards, min_images, rank, world_size, num_workers,
+        leftovers = dict(logged_subset_leftovers(where, num_shards, min_images, rank, world_size, num_workers,
                                                   geometry.places_per_batch, epoch, seed, reserve))
     steps = steps_per_epoch(list(counts), world_size, num_workers, items, epoch, seed, reserve, split)
     capacities = rank_worker_capacities(list(counts), rank, world_size, num_workers, items, epoch, seed, reserve,

@@ -20,7 +20,7 @@ from torch import nn
 from placeforge.models.decoder import patchify, random_patch_mask
 from placeforge.models.heads import CosFaceClassifier
 from placeforge.trainer.augment import model_input
-from placeforge.trainer.data import GroupBatch, PairBatch
+from placeforge.trainer.batches import GroupBatch, PairBatch
 from placeforge.trainer.losses import far_apart, masked_patch_mse, multi_similarity_loss, pair_bce_loss, positive_keys
 from placeforge.trainer.mining import MiningGroup, gather_rows, mining_group
 from placeforge.trainer.schedules import layer_decay_groups

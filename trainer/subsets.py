@@ -86,7 +86,7 @@ def subset_samples(usable: pa.Table, num_shards: int, subsets: PlaceSubsets) -> 
     """Usable samples by shard and their place's subset, and those of split places.
 
     Args:
-        usable: one row per usable sample (shard_index, place_id, ...; trainer.data's `_usable_sample_rows`).
+        usable: one row per usable sample (shard_index, place_id, ...; trainer.sample_counts' `_usable_sample_rows`).
     Returns:
         ([num_shards, num_subsets] usable samples, [num_shards, num_subsets] of them whose place
         has other usable samples: the only ones that can wait for a later group, `trainer.data_plan.slot_batches`).

@@ -44,7 +44,7 @@ from placeforge.models.encoders import encoder_spec
 from placeforge.raysession import free_port
 from placeforge.shards.reader import ShardSet, check_enough_shards
 from placeforge.trainer.cosface_groups import cosface_group_of_epoch, labels_group_class_ids
-from placeforge.trainer.data import BatchGeometry, check_label_set, make_loader
+from placeforge.trainer.data import BatchGeometry, make_loader
 from placeforge.trainer.engine import (
     activate_cosface_group,
     build_optimizer,
@@ -54,6 +54,7 @@ from placeforge.trainer.engine import (
     regroup_cosface,
     step_generator,
 )
+from placeforge.trainer.label_versions import check_label_set
 from placeforge.trainer.schedules import (
     LR_SCHEDULES,
     set_optimizer_values,
@@ -327,7 +328,7 @@ def label_setup(cfg: TrainConfig) -> tuple[int | None, int]:
     if cfg.stage != "finetune" or not cfg.labels:
         return None, 1
     from placeforge.clustering.labels import read_manifest
-    from placeforge.trainer.data import resolve_label_version
+    from placeforge.trainer.label_versions import resolve_label_version
 
     version = resolve_label_version(cfg.labels)
     return version, read_manifest(cfg.labels, version).next_class_id
