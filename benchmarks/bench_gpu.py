@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/bench_gpu.py --encoders vit_tiny_test,vit_tiny_reg4_dinov2_test \\
         --micro-batch 2 --cosface-classes 16                            # the CPU smoke run (seconds)
     .venv/bin/python benchmarks/bench_gpu.py --memory-model [--gpus 8]  # the memory table, meta device only
+    .venv/bin/python benchmarks/bench_gpu.py --activation-checkpointing  # either, with TrainConfig's option on
 
 Throughput: for each stage (pretrain = stage-1 Siamese MIM, finetune = stage-2 global
 descriptor + pair classifier + CosFace) and encoder, the real training model from
@@ -34,6 +35,10 @@ data-sheet figures; `--peak-tflops` for others).  Peak memory is torch.cuda.max_
 
 The memory model (trainer.memory_model) builds each model on the meta device only, so ViT-G
 costs nothing; its table is in docs/scaling.md, "Memory per GPU (model)".
+
+`--activation-checkpointing` turns TrainConfig's `activation_checkpointing` on for every row
+(trained blocks recompute their activations in backward, models.recompute); both tables show
+it in their "act. ckpt" column.
 """
 
 from __future__ import annotations
@@ -98,9 +103,10 @@ def peak_tflops_for(device_name: str) -> float | None:
     return None
 
 
-def bench_config(stage: str, encoder: str, micro_batch: int | None = None) -> TrainConfig:
-    """The stage's recipe file with `encoder` swapped in, random weights and `micro_batch` items
-    (pairs or places; None: DEFAULT_MICRO_BATCH)."""
+def bench_config(stage: str, encoder: str, micro_batch: int | None = None,
+                 activation_checkpointing: bool = False) -> TrainConfig:
+    """The stage's recipe file with `encoder` swapped in, random weights, `micro_batch` items
+    (pairs or places; None: DEFAULT_MICRO_BATCH) and `activation_checkpointing`."""
     if stage not in RECIPES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     values = load_file(RECIPES[stage])
@@ -109,6 +115,7 @@ def bench_config(stage: str, encoder: str, micro_batch: int | None = None) -> Tr
         values.update(image_size=112, decoder="dec64d2b")
     items = DEFAULT_MICRO_BATCH[stage] if micro_batch is None else micro_batch
     values["pairs_per_batch" if stage == "pretrain" else "places_per_batch"] = items
+    values["activation_checkpointing"] = activation_checkpointing
     return from_mapping(TrainConfig, values, where=str(RECIPES[stage]))
 
 
@@ -185,11 +192,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def bench_one(stage: str, encoder: str, micro_batch: int | None, steps: int, warmup: int, device: torch.device,
-              peak_tflops: float | None, num_classes: int) -> dict:
+              peak_tflops: float | None, num_classes: int, activation_checkpointing: bool = False) -> dict:
     """One table row: build, warm up, count FLOPs in one step, time `steps` steps."""
-    cfg = bench_config(stage, encoder, micro_batch)
+    cfg = bench_config(stage, encoder, micro_batch, activation_checkpointing)
     images = cfg.images_per_rank_step()
-    row = {"stage": stage, "encoder": encoder, "image_size": cfg.image_size, "micro_batch": items_per_step(cfg),
+    row = {"stage": stage, "encoder": encoder, "image_size": cfg.image_size,
+           "activation_checkpointing": cfg.activation_checkpointing, "micro_batch": items_per_step(cfg),
            "images_per_step": images, "status": "ok"}
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -225,16 +233,18 @@ def bench_one(stage: str, encoder: str, micro_batch: int | None, steps: int, war
     return row
 
 
-def memory_row(stage: str, encoder: str, gpus: int, num_classes: int, micro_batch: int | None = None) -> dict:
+def memory_row(stage: str, encoder: str, gpus: int, num_classes: int, micro_batch: int | None = None,
+               activation_checkpointing: bool = False) -> dict:
     """The memory model's figures for one (stage, encoder) on `gpus` GPUs (trainer.memory_model)."""
-    cfg = bench_config(stage, encoder, micro_batch)
+    cfg = bench_config(stage, encoder, micro_batch, activation_checkpointing)
     model = build_on_meta(cfg, num_classes)
     params = count_parameters(model)
     per_item = activation_bytes_per_item(model, cfg)  # a pair (stage 1) or an image (stage 2)
     per_image = per_item / 2 if stage == "pretrain" else per_item
     images = cfg.images_per_rank_step()
     states = {zero: model_state_bytes(params, zero, gpus).total for zero in range(4)}
-    return {"stage": stage, "encoder": encoder, "image_size": cfg.image_size, "params": params.total,
+    return {"stage": stage, "encoder": encoder, "image_size": cfg.image_size,
+            "activation_checkpointing": cfg.activation_checkpointing, "params": params.total,
             "trainable_params": params.trainable, "gpus": gpus,
             **{f"zero{zero}_model_states_gb": total / 1e9 for zero, total in states.items()},
             "activation_mb_per_image": per_image / 1e6, "micro_batch": items_per_step(cfg),
@@ -246,14 +256,20 @@ def _cell(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-THROUGHPUT_HEADER = ("| stage | encoder | image px | micro-batch | images / step | step ms | images/s | TFLOP / step "
-                     "| TFLOP/s | MFU | peak memory GB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+THROUGHPUT_HEADER = ("| stage | encoder | image px | act. ckpt | micro-batch | images / step | step ms | images/s "
+                     "| TFLOP / step | TFLOP/s | MFU | peak memory GB |\n"
+                     "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 def throughput_line(r: dict) -> str:
     """One row of the throughput table."""
     unit = "pairs" if r["stage"] == "pretrain" else "places x 4"
-    head = f"| {r['stage']} | {r['encoder']} | {r['image_size']} | {r['micro_batch']} {unit} | {r['images_per_step']}"
+    head = (f"| {r['stage']} | {r['encoder']} | {r['image_size']} | {_on_off(r['activation_checkpointing'])} "
+            f"| {r['micro_batch']} {unit} | {r['images_per_step']}")
     if r["status"] != "ok":
         return f"{head} | {r['status']} | | | | | |"
     return (f"{head} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | {r['tflop_per_step']:.4g} "
@@ -262,12 +278,14 @@ def throughput_line(r: dict) -> str:
 
 def memory_table(rows: list[dict]) -> str:
     gpus = rows[0]["gpus"] if rows else 0
-    lines = ["| stage | encoder | image px | params (M) | trainable (M) | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-3 "
-             "| activations / image (MB) | micro-batch (images) | activations (GB) | ZeRO-2 + activations (GB) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| stage | encoder | image px | act. ckpt | params (M) | trainable (M) | ZeRO-0 | ZeRO-1 | ZeRO-2 "
+             "| ZeRO-3 | activations / image (MB) | micro-batch (images) | activations (GB) "
+             "| ZeRO-2 + activations (GB) |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         zero = " | ".join(f"{r[f'zero{z}_model_states_gb']:.2f}" for z in range(4))
-        lines.append(f"| {r['stage']} | {r['encoder']} | {r['image_size']} | {r['params'] / 1e6:,.1f} "
+        lines.append(f"| {r['stage']} | {r['encoder']} | {r['image_size']} | {_on_off(r['activation_checkpointing'])} "
+                     f"| {r['params'] / 1e6:,.1f} "
                      f"| {r['trainable_params'] / 1e6:,.1f} | {zero} | {r['activation_mb_per_image']:.0f} "
                      f"| {r['images_per_step']} | {r['activations_gb']:.1f} | {r['zero2_total_gb']:.1f} |")
     lines.append(f"\nZeRO columns: bf16 weights + bf16 gradients + fp32 master weights and Adam moments per GPU, "
@@ -282,7 +300,7 @@ def parse_list(text: str) -> list[str]:
 def print_memory_model(args: argparse.Namespace, stages: list[str]) -> list[dict]:
     """Print the memory model's table for the asked encoders (default B, L, G); no device."""
     encoders = parse_list(args.encoders) if args.encoders else list(MEMORY_ENCODERS)
-    rows = [memory_row(stage, encoder, args.gpus, args.cosface_classes, args.micro_batch)
+    rows = [memory_row(stage, encoder, args.gpus, args.cosface_classes, args.micro_batch, args.activation_checkpointing)
             for stage in stages for encoder in encoders]
     print(f"bench_gpu memory model, {date.today()}, torch {torch.__version__}, meta device, "
           f"stage-2 CosFace rows {args.cosface_classes:,}\n")
@@ -307,7 +325,7 @@ def run_throughput(args: argparse.Namespace, stages: list[str]) -> list[dict]:
     for stage in stages:
         for encoder in encoders:
             row = bench_one(stage, encoder, args.micro_batch, args.steps, args.warmup, device, peak,
-                            args.cosface_classes)
+                            args.cosface_classes, args.activation_checkpointing)
             print(throughput_line(row), flush=True)
             rows.append(dict(row, device=name, date=str(date.today())))
     return rows
@@ -327,6 +345,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--cosface-classes", type=int, default=DEFAULT_COSFACE_CLASSES, help="stage 2 CosFace rows")
     parser.add_argument("--memory-model", action="store_true", help="print the memory model instead (no device)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="TrainConfig.activation_checkpointing on for every row: trained blocks recompute their "
+                             "activations in backward (models.recompute)")
     parser.add_argument("--gpus", type=int, default=8, help="--memory-model: GPUs the ZeRO stages partition over")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU only: torch threads (0: torch's default; on a shared 2-core machine more than one "

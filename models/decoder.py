@@ -39,6 +39,7 @@ from torch import nn
 
 from placeforge.models.dinov2 import encode_with_mask_token
 from placeforge.models.encoders import normalize_input
+from placeforge.models.recompute import run_blocks
 
 # How stage 1 hides image 1's masked patches from the encoder (module docstring).
 MASKINGS = ("drop", "mask_token")
@@ -125,7 +126,8 @@ def patch_grid(encoder: VisionTransformer, images: torch.Tensor) -> tuple[int, i
     return images.shape[-2] // ph, images.shape[-1] // pw
 
 
-def encode_visible(encoder: VisionTransformer, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+def encode_visible(encoder: VisionTransformer, images: torch.Tensor, keep_idx: torch.Tensor,
+                   recompute: bool = False) -> torch.Tensor:
     """Run a timm ViT on the visible patches only (MAE-style).
 
     Positions are added before patches are dropped, so each kept token carries its own
@@ -136,6 +138,7 @@ def encode_visible(encoder: VisionTransformer, images: torch.Tensor, keep_idx: t
         encoder: timm VisionTransformer (`dynamic_img_size` or not).
         images: [B, 3, H, W].
         keep_idx: [B, N_keep] indices into the N = (H / p) * (W / p) patches.
+        recompute: activation checkpointing of the blocks that train (models.recompute).
     Returns:
         [B, P + N_keep, C] after the final norm; P prefix tokens (class, then registers) first.
     """
@@ -146,7 +149,7 @@ def encode_visible(encoder: VisionTransformer, images: torch.Tensor, keep_idx: t
     index = keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1])  # [B, N_keep, C]
     x = torch.cat([x[:, :prefix], patches.gather(1, index)], dim=1)  # [B, P + N_keep, C]
     x = encoder.norm_pre(x)
-    x = encoder.blocks(x)
+    x = run_blocks(encoder.blocks, x, recompute=recompute)
     return encoder.norm(x)
 
 
@@ -245,6 +248,7 @@ class SiameseMIMDecoder(nn.Module):
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.pixel_head = nn.Linear(cfg.width, patch_size * patch_size * 3)
+        self.activation_checkpointing = False  # recompute the blocks in backward (models.recompute)
         self.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -254,8 +258,7 @@ class SiameseMIMDecoder(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x [B, N, D] through every block, cross-attending y [B, M, D]; final norm.  -> [B, N, D]."""
-        for block in self.blocks:
-            x = block(x, y)
+        x = run_blocks(self.blocks, x, y, recompute=self.activation_checkpointing)
         return self.norm(x)
 
     def forward(self, visible_tokens: torch.Tensor, keep_idx: torch.Tensor | None, tokens_2: torch.Tensor,
@@ -309,6 +312,7 @@ class SiameseMIM(nn.Module):
         self.decoder = decoder
         self.input_norm = input_norm
         self.masking = masking
+        self.activation_checkpointing = False  # recompute the encoder's trained blocks in backward (models.recompute)
         if masking == "mask_token":
             decoder.mask_token.requires_grad_(False)  # never read in this mode: no gradient to wait for
             if not hasattr(encoder, "mask_token"):  # not a DINOv2 preset: a learnable token, DINOv2's zero init
@@ -328,13 +332,15 @@ class SiameseMIM(nn.Module):
         images_1 = normalize_input(images_1, self.input_norm)
         images_2 = normalize_input(images_2, self.input_norm)
         prefix = self.encoder.num_prefix_tokens
-        tokens_2 = self.encoder.forward_features(images_2)[:, prefix:]  # [B, N, C]
+        recompute = self.activation_checkpointing
+        tokens_2 = encode_with_mask_token(self.encoder, images_2, None, recompute=recompute)[:, prefix:]  # [B, N, C]
         if self.masking == "drop":
-            visible = encode_visible(self.encoder, images_1, keep_idx)[:, prefix:]  # [B, N_keep, C]
+            visible = encode_visible(self.encoder, images_1, keep_idx, recompute)[:, prefix:]  # [B, N_keep, C]
             return self.decoder(visible, keep_idx, tokens_2, grid)
         masked = torch.ones(keep_idx.shape[0], grid[0] * grid[1], dtype=torch.bool, device=keep_idx.device)
         masked.scatter_(1, keep_idx, False)  # [B, N], as random_patch_mask's mask
-        tokens_1 = encode_with_mask_token(self.encoder, images_1, masked, self.patch_mask_token())[:, prefix:]
+        tokens_1 = encode_with_mask_token(self.encoder, images_1, masked, self.patch_mask_token(),
+                                          recompute)[:, prefix:]
         return self.decoder(tokens_1, None, tokens_2, grid)  # [B, N, C] in: every patch of image 1
 
 

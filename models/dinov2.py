@@ -49,6 +49,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from placeforge.config import ConfigError
+from placeforge.models.recompute import run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +107,18 @@ def add_mask_token(encoder: VisionTransformer) -> None:
 
 
 def encode_with_mask_token(encoder: VisionTransformer, images: torch.Tensor, patch_mask: torch.Tensor | None,
-                           mask_token: torch.Tensor | None = None) -> torch.Tensor:
+                           mask_token: torch.Tensor | None = None, recompute: bool = False) -> torch.Tensor:
     """The encoder's tokens with masked patches replaced by its mask token, over the full grid
     (DINOv2's `prepare_tokens_with_masks`: the token replaces the patch embedding, positions
-    are added after).
+    are added after).  Without a mask it is timm's `forward_features`, through models.recompute's
+    block loop.
 
     Args:
         encoder: a timm ViT with `mask_token` (`add_mask_token`), or any timm ViT with `mask_token` given.
         images: [B, 3, H, W].
         patch_mask: [B, N] bool, True where a patch is masked; None: no mask.
         mask_token: [1, C] to use instead of `encoder.mask_token` (an encoder that has none).
+        recompute: activation checkpointing of the blocks that train (models.recompute).
     Returns:
         [B, P + N, C] after the final norm; P prefix tokens (class, then registers) first.
     """
@@ -125,7 +128,7 @@ def encode_with_mask_token(encoder: VisionTransformer, images: torch.Tensor, pat
         mask = patch_mask.reshape(*x.shape[:-1], 1)
         x = torch.where(mask, token.to(x.dtype).reshape(1, -1), x)
     x = encoder.norm_pre(encoder.patch_drop(encoder._pos_embed(x)))
-    return encoder.norm(encoder.blocks(x))
+    return encoder.norm(run_blocks(encoder.blocks, x, recompute=recompute))
 
 
 def fit_position_embedding(pos_embed: torch.Tensor, encoder: VisionTransformer,

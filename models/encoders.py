@@ -42,7 +42,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from placeforge.models.adapters import add_mulconv_adapters, set_patch_grid
-from placeforge.models.dinov2 import add_mask_token, load_weights_into, require_weights_file
+from placeforge.models.dinov2 import add_mask_token, encode_with_mask_token, load_weights_into, require_weights_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -262,11 +262,14 @@ class GlobalDescriptorModel(nn.Module):
         self.descriptor_dim = descriptor_dim
         self.gem = GeM() if pooling in ("gem", "gem_grid") else None
         self.head = nn.Linear(encoder.embed_dim, descriptor_dim // cells)  # gem_grid: shared by every cell
+        self.activation_checkpointing = False  # recompute trained blocks in backward (models.recompute)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder tokens after the final norm.  [B, 3, H, W] -> [B, P + N, C]: class token, registers, patches."""
         set_patch_grid(self.encoder, self.token_grid(images))  # MulConv adapters, if any, convolve over it
-        return self.encoder.forward_features(normalize_input(images, self.input_norm))
+        # timm's forward_features, with placeforge's block loop (no mask)
+        return encode_with_mask_token(self.encoder, normalize_input(images, self.input_norm), None,
+                                      recompute=self.activation_checkpointing)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Global descriptors.  [B, 3, H, W] -> [B, D], each row of unit L2 norm."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from placeforge.models.decoder import HEAD_ACTIVATIONS, SiameseMIMDecoder, sincos_2d_positions
+from placeforge.models.recompute import run_blocks
 
 
 class PairClassifier(nn.Module):
@@ -57,6 +58,7 @@ class PairClassifier(nn.Module):
         self.blocks = decoder.blocks
         self.norm = decoder.norm
         self.class_token = nn.Parameter(torch.zeros(1, 1, decoder.width))
+        self.activation_checkpointing = False  # recompute the blocks in backward (models.recompute)
         activation = HEAD_ACTIVATIONS[decoder.head_activation]()  # the decoder preset's: GELU, or ReLU as Pair-VPR
         self.mlp = nn.Sequential(nn.Linear(decoder.width, hidden_dim), activation, nn.Linear(hidden_dim, 1))
         nn.init.normal_(self.class_token, std=0.02)
@@ -88,8 +90,7 @@ class PairClassifier(nn.Module):
         x = self.embed(patches_a) + sincos_2d_positions(grid_a, self.width, patches_a.device)  # [B, N, D]
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1 + N, D]
         y = self.embed(patches_b) + sincos_2d_positions(grid_b, self.width, patches_b.device)  # [B, M, D]
-        for block in self.blocks:
-            x = block(x, y)
+        x = run_blocks(self.blocks, x, y, recompute=self.activation_checkpointing)  # [B, 1 + N, D]
         logits = self.mlp(self.norm(x[:, 0])).squeeze(-1)  # [B]
         if self.aligned:
             similarity = aligned_similarity(patches_a, patches_b, grid_a, grid_b)  # [B]

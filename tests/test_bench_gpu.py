@@ -16,6 +16,7 @@ from timm.models.vision_transformer import Block
 from benchmarks.bench_gpu import (
     MEMORY_ENCODERS,
     bench_config,
+    build_training_model,
     counted_flops,
     main,
     memory_row,
@@ -29,6 +30,7 @@ from placeforge.trainer.engine import finetune_step, pretrain_step
 from placeforge.trainer.memory_model import (
     ParamCounts,
     activation_bytes_per_item,
+    activation_elements_per_item,
     build_on_meta,
     count_parameters,
     model_state_bytes,
@@ -192,3 +194,58 @@ def test_activation_estimate_matches_what_autograd_saves(encoder):
     batch = random_batch(cfg, 16, device)
     measured = saved_block_bytes(model, lambda: finetune_step(model, batch, cfg, device))
     assert measured == pytest.approx(12 * activation_bytes_per_item(model, cfg, bytes_per_element=4), rel=0.05)
+
+
+def saved_step_bytes(model: torch.nn.Module, run) -> int:
+    """Bytes of every tensor autograd saves during `run()`, inside blocks or not, each storage once,
+    weights excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("encoder", TINY)
+def test_checkpointed_estimate_matches_what_autograd_stops_keeping(encoder):
+    """With activation checkpointing the trained blocks keep only their inputs: the bytes autograd
+    no longer saves over the whole step are within 5 % of the model's count (fp32), both stages.
+    (The recomputed block lives only inside backward, where no saved-tensor hook sees it.)"""
+    device = torch.device("cpu")
+    for stage, items in (("pretrain", 3), ("finetune", 12)):  # 3 pairs; 3 places x 4 images
+        plain_cfg = bench_config(stage, encoder, micro_batch=3)
+        checkpointed_cfg = bench_config(stage, encoder, micro_batch=3, activation_checkpointing=True)
+        plain = build_training_model(plain_cfg, 16, device)
+        checkpointed = build_training_model(checkpointed_cfg, 16, device)
+        batch = random_batch(plain_cfg, 16, device)
+
+        def step(model, cfg):
+            if stage == "pretrain":
+                return lambda: pretrain_step(model, batch, cfg, torch.Generator().manual_seed(0), device)
+            return lambda: finetune_step(model, batch, cfg, device)
+
+        measured = (saved_step_bytes(plain, step(plain, plain_cfg))
+                    - saved_step_bytes(checkpointed, step(checkpointed, checkpointed_cfg)))
+        full = activation_elements_per_item(plain, plain_cfg)
+        kept = activation_elements_per_item(checkpointed, checkpointed_cfg)
+        assert full.recomputed == 0 and 0 < kept.kept < full.kept / 4 and 0 < kept.recomputed < full.kept
+        assert measured == pytest.approx(items * 4 * (full.kept - kept.kept), rel=0.05), stage
+
+
+def test_memory_table_with_activation_checkpointing(capsys):
+    """Same model states, a fraction of the activations (ViT-G on meta); the CPU run marks its rows."""
+    off = memory_row("pretrain", MEMORY_ENCODERS[-1], gpus=8, num_classes=16)
+    on = memory_row("pretrain", MEMORY_ENCODERS[-1], gpus=8, num_classes=16, activation_checkpointing=True)
+    assert on["zero2_model_states_gb"] == off["zero2_model_states_gb"] and on["activation_checkpointing"]
+    assert 0 < on["activations_gb"] < off["activations_gb"] / 3
+    rows = main(["--encoders", TINY[0], "--stages", "finetune", "--micro-batch", "2", "--steps", "1",
+                 "--warmup", "0", "--cosface-classes", "16", "--activation-checkpointing"])
+    assert rows[0]["status"] == "ok" and rows[0]["activation_checkpointing"] is True
+    assert "| finetune | vit_tiny_test | 112 | on |" in capsys.readouterr().out

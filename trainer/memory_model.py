@@ -4,6 +4,7 @@
     params = count_parameters(model)                       # ParamCounts(total, trainable)
     states = model_state_bytes(params, zero_stage=2, gpus=8)
     per_item = activation_bytes_per_item(model, cfg)       # stage 1: per pair; stage 2: per image
+    split = activation_elements_per_item(model, cfg)       # kept through the step + one block recomputed
 
 A model, not a measurement.  Model states follow the ZeRO paper's accounting for mixed
 precision with Adam: bf16 weights 2 bytes per parameter, bf16 gradients 2 bytes per
@@ -28,6 +29,13 @@ inside the blocks (tests/test_bench_gpu.py measures it with saved-tensor hooks).
 Only blocks whose parameters train keep anything (stage 2's frozen encoder blocks run
 without a graph).  Embeddings, heads and losses are left out (a few per cent at ViT-B).
 Peak memory in the backward pass adds the working buffers of one block on top.
+
+With `activation_checkpointing` (models.recompute) every trained block keeps only its input
+through the step, T x C elements (a decoder block its N x D input; the M x D tokens it
+cross-attends are one tensor for all blocks of a pass, counted once), and the backward pass
+recomputes one block at a time: the largest trained block's full count comes on top while its
+backward runs (`ActivationElements.recomputed`).  tests/test_bench_gpu.py checks the kept part
+against saved-tensor hooks too.
 """
 
 from __future__ import annotations
@@ -115,28 +123,66 @@ def encoder_block_elements_per_token(block: nn.Module) -> int:
     return 8 * width + layer_scale + mlp_elements_per_token(block.mlp)
 
 
-def decoder_pass_elements(blocks: nn.ModuleList, tokens: int, context_tokens: int) -> int:
-    """Saved elements of one pass through decoder `blocks`: `tokens` attend to themselves and
-    cross-attend `context_tokens` (models.decoder.DecoderBlock)."""
-    total = 0
-    for block in blocks:
+@dataclass(frozen=True)
+class BlockElements:
+    """Per training item, what one trained block keeps for the backward pass: `full` without
+    activation checkpointing, `checkpointed` (its inputs) with it."""
+
+    full: int
+    checkpointed: int
+
+
+@dataclass(frozen=True)
+class ActivationElements:
+    """Per training item: `kept` through the whole step; `recomputed`, with activation
+    checkpointing, one block's full count on top while that block's backward runs (else 0)."""
+
+    kept: int
+    recomputed: int
+
+    @property
+    def total(self) -> int:
+        return self.kept + self.recomputed
+
+
+def decoder_pass_blocks(blocks: nn.ModuleList, tokens: int, context_tokens: int) -> list[BlockElements]:
+    """One pass through decoder `blocks`: `tokens` attend to themselves and cross-attend
+    `context_tokens` (models.decoder.DecoderBlock).  Checkpointed, a block keeps its input; the
+    cross-attended tokens are one tensor for the whole pass, counted with the first block."""
+    out = []
+    for index, block in enumerate(blocks):
         width = block.norm1.normalized_shape[0]
-        total += tokens * (12 * width + mlp_elements_per_token(block.mlp)) + context_tokens * 3 * width
-    return total
+        full = tokens * (12 * width + mlp_elements_per_token(block.mlp)) + context_tokens * 3 * width
+        out.append(BlockElements(full, tokens * width + (context_tokens * width if index == 0 else 0)))
+    return out
+
+
+def encoder_pass_blocks(encoder: nn.Module, tokens: int) -> list[BlockElements]:
+    """One encoder pass over `tokens` tokens, its trained blocks only (frozen ones keep nothing);
+    checkpointed, a block keeps its input [T, C]."""
+    return [BlockElements(tokens * encoder_block_elements_per_token(block), tokens * block.norm1.normalized_shape[0])
+            for block in encoder.blocks if _trains(block)]
+
+
+def decoder_pass_elements(blocks: nn.ModuleList, tokens: int, context_tokens: int) -> int:
+    """Saved elements of one pass through decoder `blocks` without checkpointing."""
+    return sum(block.full for block in decoder_pass_blocks(blocks, tokens, context_tokens))
 
 
 def encoder_pass_elements(encoder: nn.Module, tokens: int) -> int:
-    """Saved elements of one encoder pass over `tokens` tokens; frozen blocks keep nothing."""
-    return sum(tokens * encoder_block_elements_per_token(block) for block in encoder.blocks if _trains(block))
+    """Saved elements of one encoder pass over `tokens` tokens without checkpointing; frozen blocks keep nothing."""
+    return sum(block.full for block in encoder_pass_blocks(encoder, tokens))
 
 
-def activation_bytes_per_item(model: nn.Module, cfg: TrainConfig, bytes_per_element: int = ACTIVATION_BYTES) -> int:
-    """Activation bytes one training item keeps for the backward pass (module docstring).
+def activation_elements_per_item(model: nn.Module, cfg: TrainConfig) -> ActivationElements:
+    """Activation elements of one training item, with or without `cfg.activation_checkpointing`.
 
     Stage 1 (SiameseMIM): one place pair, i.e. image 1's visible tokens (its full grid with
-    mim_masking mask_token) and image 2's full grid through the encoder, and the decoder over image 1's grid cross-attending image 2's.
+    mim_masking mask_token) and image 2's full grid through the encoder, and the decoder over
+    image 1's grid cross-attending image 2's.
     Stage 2 (FinetuneModel): one image, i.e. its encoder pass and, as an anchor, two pair-
-    classifier passes (hardest positive and hardest negative) over 1 + N tokens attending N.
+    classifier passes (hardest positive and hardest negative) over 1 + N tokens attending N
+    (none without a pair classifier).
     """
     encoder = model_encoder(model)
     patches = (cfg.image_size // encoder.patch_embed.patch_size[0]) ** 2  # N, square images
@@ -145,14 +191,24 @@ def activation_bytes_per_item(model: nn.Module, cfg: TrainConfig, bytes_per_elem
         # mask_token: the encoder runs over the full grid; drop: over the visible patches only
         dropped = round(patches * cfg.mask_ratio)  # as models.decoder.random_patch_mask
         visible = patches if model.masking == "mask_token" else max(1, patches - dropped)
-        elements = (encoder_pass_elements(encoder, prefix + visible) + encoder_pass_elements(encoder, prefix + patches)
-                    + decoder_pass_elements(model.decoder.blocks, patches, patches))
+        blocks = (encoder_pass_blocks(encoder, prefix + visible) + encoder_pass_blocks(encoder, prefix + patches)
+                  + decoder_pass_blocks(model.decoder.blocks, patches, patches))
     elif isinstance(model, FinetuneModel):
-        pair = decoder_pass_elements(model.pair.blocks, 1 + patches, patches) if _trains(model.pair) else 0
-        elements = encoder_pass_elements(encoder, prefix + patches) + 2 * pair
+        pair = model.pair is not None and _trains(model.pair)
+        blocks = encoder_pass_blocks(encoder, prefix + patches)
+        blocks += 2 * decoder_pass_blocks(model.pair.blocks, 1 + patches, patches) if pair else []
     else:
         raise TypeError(f"expected a SiameseMIM or FinetuneModel, got {type(model).__name__}")
-    return bytes_per_element * elements
+    if not cfg.activation_checkpointing:
+        return ActivationElements(kept=sum(block.full for block in blocks), recomputed=0)
+    return ActivationElements(kept=sum(block.checkpointed for block in blocks),
+                              recomputed=max((block.full for block in blocks), default=0))
+
+
+def activation_bytes_per_item(model: nn.Module, cfg: TrainConfig, bytes_per_element: int = ACTIVATION_BYTES) -> int:
+    """Activation bytes of one training item at the backward pass's peak: what it keeps, plus,
+    with activation checkpointing, the largest block recomputed (module docstring)."""
+    return bytes_per_element * activation_elements_per_item(model, cfg).total
 
 
 def model_encoder(model: nn.Module) -> nn.Module:

@@ -213,6 +213,12 @@ class TrainConfig:
     zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
     precision: Literal["auto", "fp32", "bf16"] = field(
         default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "every transformer block that runs with gradients (trained encoder blocks, "
+                                         "the decoder's, the pair classifier's) keeps only its input for the "
+                                         "backward pass and recomputes the rest there (models.recompute): far less "
+                                         "activation memory for one more forward of those blocks per step; the "
+                                         "gradients are the same (docs/scaling.md). Not in Pair-VPR"})
     seed: int = field(default=0, metadata={"help": "seed of data order, masks and initial weights"})
     checkpoint_every_steps: int = field(
         default=0, metadata={"help": "also checkpoint every N global steps (0: at epoch ends only)"})

@@ -25,6 +25,7 @@ from placeforge.models.decoder import SiameseMIM, SiameseMIMDecoder, decoder_con
 from placeforge.models.dinov2 import fit_position_embedding
 from placeforge.models.encoders import GlobalDescriptorModel, build_model, encoder_spec
 from placeforge.models.heads import CosFaceClassifier, CosFaceGroups, PairClassifier
+from placeforge.models.recompute import set_activation_checkpointing
 from placeforge.trainer.losses import first_per_label, hardest_pairs
 from placeforge.trainer.mining import MiningGroup, fetch_rows, gather_rows
 from placeforge.trainer.train_config import TrainConfig
@@ -54,10 +55,11 @@ def build_mim(cfg: TrainConfig, load_encoder_weights: bool = True, masking: str 
 
 
 def build_pretrain_model(cfg: TrainConfig, load_encoder_weights: bool = True) -> SiameseMIM:
-    """Stage 1: `build_mim` with the stage's masking (`mim_masking`) and trained encoder
-    blocks (`mim_trainable_last_blocks`)."""
+    """Stage 1: `build_mim` with the stage's masking (`mim_masking`), trained encoder
+    blocks (`mim_trainable_last_blocks`) and `activation_checkpointing`."""
     mim = build_mim(cfg, load_encoder_weights, cfg.mim_masking)
     freeze_mim_encoder_except_last(mim, cfg.mim_trainable_last_blocks)
+    set_activation_checkpointing(mim, cfg.activation_checkpointing)
     return mim
 
 
@@ -199,7 +201,7 @@ def build_finetune_model(cfg: TrainConfig, num_classes: int, load_weights: bool 
                          group_class_ids: list | None = None) -> FinetuneModel:
     """Stage 2: stage-1 encoder + decoder from `cfg.init_from` (else as stage 1 starts), a new
     global head, pair class token and MLP (none when `pair_classifier` is false: no decoder is
-    built), and a CosFace head of `num_classes` rows.
+    built), and a CosFace head of `num_classes` rows; `activation_checkpointing` as the config says.
 
     With `cosface_groups`, one CosFace classifier per group instead: `group_class_ids` (per group,
     its class ids, trainer.cosface_groups.group_class_ids); None gives every group `num_classes`
@@ -220,9 +222,11 @@ def build_finetune_model(cfg: TrainConfig, num_classes: int, load_weights: bool 
     freeze_finetune_encoder(global_model.encoder, cfg)
     if cfg.cosface_groups and group_class_ids is None:
         group_class_ids = [list(range(num_classes))] * cfg.cosface_groups
-    return FinetuneModel(global_model, decoder, num_classes, cfg.cosface_scale, cfg.cosface_margin,
-                         cfg.pair_trains_encoder, cfg.pair_aligned_similarity, cfg.rerank_global_weight,
-                         cfg.pair_anchors_per_place, group_class_ids if cfg.cosface_groups else None)
+    model = FinetuneModel(global_model, decoder, num_classes, cfg.cosface_scale, cfg.cosface_margin,
+                          cfg.pair_trains_encoder, cfg.pair_aligned_similarity, cfg.rerank_global_weight,
+                          cfg.pair_anchors_per_place, group_class_ids if cfg.cosface_groups else None)
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
+    return model
 
 
 def freeze_finetune_encoder(encoder: nn.Module, cfg: TrainConfig) -> None:
