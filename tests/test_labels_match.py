@@ -112,7 +112,7 @@ def test_the_trainer_refuses_before_start_up(sets, capsys, monkeypatch):
 
 
 def test_a_followed_label_version_that_does_not_fit_is_refused_and_the_old_one_kept(sets):
-    from placeforge.trainer.train import Run
+    from placeforge.trainer.run import Run
     from placeforge.trainer.train_config import TrainConfig
     from placeforge.trainer.train_state import DistState
 
