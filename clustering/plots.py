@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 THUMB_PX = 72
 MAX_PER_ROW = 10
@@ -87,6 +90,8 @@ def cell_figure(title: str, class_in_cell: np.ndarray, jpegs: list[bytes], dista
         distance: [n] distance to the class centroid (orders each row), or None / NaN.
         projection: [n, 2] PCA coordinates, or None (version 0: no descriptors).
     """
+    from matplotlib.figure import Figure  # here, not at import: the clustering workers use project_2d alone
+
     classes = np.unique(class_in_cell)
     key = np.zeros(len(jpegs)) if distance is None else np.nan_to_num(np.asarray(distance, np.float64), nan=0.0)
     rows = []

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-import webdataset as wds
 
 from placeforge.clustering.kmeans import cluster_cells
 from placeforge.clustering.plots import project_2d
@@ -29,6 +28,8 @@ UNKNOWN_CELL = -1  # cell_id of an image that is in the shards but not in the ca
 
 def images_of_shard(shard_path: str) -> Iterator[tuple[int, bytes]]:
     """(image_id, encoded image) of every image in one shard tar, through the shard reader."""
+    import webdataset as wds  # here, not at import: it imports torch, and only this stage reads tars
+
     pipeline = wds.DataPipeline(wds.SimpleShardList([shard_path]), wds.tarfile_to_samples(), to_place_samples)
     for sample in pipeline:
         yield from zip(sample.image_ids, sample.jpegs)

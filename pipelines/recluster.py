@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     from placeforge.clustering.job import ReclusterError, recluster
     from placeforge.clustering.labels import latest_version
     from placeforge.config import ConfigError
-    from placeforge.models.checkpoint import CheckpointError
     from placeforge.raysession import parse_resources
 
     parser = build_parser()
@@ -143,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             actor_resources=parse_resources(args.actor_resources),
         ).report()
 
-    return run_guarded("recluster", run, (ConfigError, CheckpointError, ReclusterError, ValueError, OSError))
+    # models.checkpoint.CheckpointError is a ValueError, caught as one: version 0 does not load that module (timm)
+    return run_guarded("recluster", run, (ConfigError, ReclusterError, ValueError, OSError))
 
 
 if __name__ == "__main__":
