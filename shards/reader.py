@@ -19,13 +19,15 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 
 from placeforge.shards.layout import SHARD_SUBDIR, image_members
 from placeforge.shards.manifest import Manifest, read_manifest
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 
 @dataclass(frozen=True)
@@ -211,12 +213,15 @@ def place_sample_pipeline(
     epoch: int = 0,
     seed: int = 0,
     shuffle_buffer: int = 256,
-) -> wds.DataPipeline:
+) -> "wds.DataPipeline":
     """An IterableDataset of PlaceSample for one rank; use it in a torch DataLoader.
 
     Shuffling happens on compressed samples (a buffer of `shuffle_buffer` places) so
     the buffer costs megabytes, not gigabytes of decoded pixels.
     """
+    import webdataset as wds  # here, not at import: it imports torch, which the shard index readers
+    # (clustering's workers, recluster's version 0) do not need (docs/benchmarks.md, start-up)
+
     stages: list = [
         functools.partial(select_shards, urls, rank, world_size, epoch, seed),
         wds.tarfile_to_samples(),
@@ -229,6 +234,7 @@ def place_sample_pipeline(
 
 def shuffle_place_samples(src: Iterable[PlaceSample], bufsize: int, seed: int, epoch: int, rank: int) -> Iterator[PlaceSample]:
     """webdataset's buffer shuffle, seeded per (seed, epoch, rank, loader worker) at iteration time."""
+    import webdataset as wds
     from torch.utils.data import get_worker_info
 
     info = get_worker_info()

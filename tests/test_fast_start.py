@@ -79,3 +79,19 @@ def test_ray_session_joins_the_ray_already_running_here():
         assert "cpus 1.0" in run.stdout, run.stdout + run.stderr[-2000:]
         assert "--num-cpus 2 does not apply to it" in run.stderr
         assert head.process.poll() is None and running_local_ray(head.temp_dir) == address  # still up
+
+
+def test_clustering_and_version_0_modules_do_not_import_torch():
+    """Every Ray Data worker of a clustering round imports clustering.stages (and through it the
+    shard reader); the driver of version 0 imports clustering.job and pipelines.recluster. None of
+    them may pull in torch, webdataset, timm or matplotlib at import (seconds in every worker,
+    docs/benchmarks.md "Start-up of recluster.py and evaluate.py")."""
+    code = (
+        "import sys\n"
+        "import placeforge.clustering.stages, placeforge.clustering.job, placeforge.pipelines.recluster\n"
+        "import placeforge.shards.reader\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'webdataset', 'timm', 'matplotlib'}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
