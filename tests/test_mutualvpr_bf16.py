@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from placeforge.models.adapters import Fp32BatchNorm2d
-from tests.test_mutualvpr_train import model_states, run_train, steps_of, write_grouped_data
+from tests.test_mutualvpr_train import model_states, run_train, steps_of, tiny_run_args, write_grouped_data
 
 
 def test_adapter_batch_norm_runs_in_float32_under_bf16_weights():
@@ -49,13 +49,8 @@ def test_adapter_batch_norm_runs_in_float32_under_bf16_weights():
 def test_bf16_run_moves_only_the_epochs_group_classifier(tmp_path):
     data = write_grouped_data(tmp_path)
     out = tmp_path / "run"
-    run_train(["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(data["labels"]),
-               "--encoder", "vit_tiny_dinov2_test", "--encoder-init", "random", "--image-size", "56",
-               "--descriptor-dim", "32", "--pooling", "gem", "--adapter", "mulconv", "--trainable-last-blocks", "0",
-               "--pair-classifier", "false", "--ms-weight", "0", "--pair-bce-weight", "0", "--cosface-groups", "2",
-               "--places-per-batch", "4", "--images-per-place", "1", "--base-lr", "1e-3", "--classifier-lr", "1e-1",
-               "--lr-scaling", "none", "--warmup-epochs", "0", "--weight-decay", "0.05", "--weight-decay-end", "0.05",
-               "--epochs", "3", "--max-steps-per-epoch", "2", "--num-workers", "0", "--precision", "bf16",
+    # weight decay 0.05: an inactive classifier stepped at its own LR would shrink
+    run_train([*tiny_run_args(data), "--precision", "bf16", "--weight-decay", "0.05", "--weight-decay-end", "0.05",
                "--out", str(out)])
     steps = steps_of(out)
     assert len(steps) == 6 and all(s["cosface"] > 0 for s in steps)
@@ -64,5 +59,4 @@ def test_bf16_run_moves_only_the_epochs_group_classifier(tmp_path):
     assert after[0][heads[0]].dtype == torch.bfloat16  # the bf16 engine's weights, not an fp32 run
     for (before, later), trained in (((0, 1), 1), ((1, 2), 0)):  # epoch 1 trains group 1, epoch 2 group 0
         assert not torch.equal(after[before][heads[trained]], after[later][heads[trained]])
-        # weight decay 0.05 would shrink an inactive classifier stepped at its own LR
         assert torch.equal(after[before][heads[1 - trained]], after[later][heads[1 - trained]])

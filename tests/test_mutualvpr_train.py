@@ -297,19 +297,24 @@ def digest_of(stdout: str) -> str:
     return [line.split()[-1] for line in stdout.splitlines() if "final weights sha256" in line][0]
 
 
+def tiny_run_args(data: dict) -> list[str]:
+    """A 3-epoch MutualVPR-style run (2 groups, 2 steps an epoch) on `write_grouped_data`, no --out."""
+    return ["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(data["labels"]),
+            "--encoder", "vit_tiny_dinov2_test", "--encoder-init", "random", "--image-size", "56",
+            "--descriptor-dim", "32", "--pooling", "gem", "--adapter", "mulconv", "--trainable-last-blocks", "0",
+            "--pair-classifier", "false", "--ms-weight", "0", "--pair-bce-weight", "0", "--cosface-scale", "60",
+            "--cosface-margin", "0.5", "--cosface-groups", "2", "--places-per-batch", "4", "--images-per-place", "1",
+            "--base-lr", "1e-3", "--classifier-lr", "1e-1", "--lr-scaling", "none", "--layer-decay", "1.0",
+            "--warmup-epochs", "0", "--weight-decay", "0", "--weight-decay-end", "0", "--clip-grad", "0",
+            "--finetune-crop-scale-min", "0.5", "--finetune-color-jitter", "0.7", "--finetune-hue", "0.5",
+            "--epochs", "3", "--max-steps-per-epoch", "2", "--num-workers", "0", "--weights-digest"]
+
+
 @pytest.mark.slow
 def test_a_tiny_mutualvpr_run_trains_each_epochs_group_and_only_it(tmp_path):
     data = write_grouped_data(tmp_path)
     out = tmp_path / "run"
-    common = ["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(data["labels"]),
-              "--encoder", "vit_tiny_dinov2_test", "--encoder-init", "random", "--image-size", "56",
-              "--descriptor-dim", "32", "--pooling", "gem", "--adapter", "mulconv", "--trainable-last-blocks", "0",
-              "--pair-classifier", "false", "--ms-weight", "0", "--pair-bce-weight", "0", "--cosface-scale", "60",
-              "--cosface-margin", "0.5", "--cosface-groups", "2", "--places-per-batch", "4", "--images-per-place", "1",
-              "--base-lr", "1e-3", "--classifier-lr", "1e-1", "--lr-scaling", "none", "--layer-decay", "1.0",
-              "--warmup-epochs", "0", "--weight-decay", "0", "--weight-decay-end", "0", "--clip-grad", "0",
-              "--finetune-crop-scale-min", "0.5", "--finetune-color-jitter", "0.7", "--finetune-hue", "0.5",
-              "--epochs", "3", "--max-steps-per-epoch", "2", "--num-workers", "0", "--weights-digest"]
+    common = tiny_run_args(data)
     straight = digest_of(run_train([*common, "--out", str(out)]))
     steps = steps_of(out)
     assert len(steps) == 6 and all(s["ms"] == 0 and s["pair_bce"] == 0 and s["cosface"] > 0 for s in steps)

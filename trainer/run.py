@@ -106,6 +106,14 @@ class Run:
         if self.dist.world_size > 1:
             torch_dist.barrier()
 
+    def from_main(self, value):
+        """Rank 0's `value` on every rank (a small picklable object)."""
+        if self.dist.world_size > 1:
+            box = [value]
+            torch_dist.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
+
     # ---- validation ----
     def validate(self, epoch: int, global_step: int, exported: Path) -> None:
         """Rank 0: Recall@1/5 on the validation split into metrics.jsonl and export/validation.json;
@@ -149,11 +157,7 @@ class Run:
                 self.log({"event": "recluster_failed", "epoch": epoch, "label_version": label_version,
                           "error": f"{type(error).__name__}: {error}"})
         self.barrier()
-        if self.dist.world_size > 1:
-            box = [version]
-            torch_dist.broadcast_object_list(box, src=0)
-            version = box[0]
-        return version
+        return self.from_main(version)
 
     def newest_labels(self, epoch: int, label_version: int) -> int:
         """The newest complete label version (an external relabeler writes them); same on every rank."""
@@ -173,11 +177,7 @@ class Run:
                     version = newest
                     log.info("epoch %d uses label version %d (was %d)", epoch + 1, version, label_version)
                     self.log({"event": "labels_followed", "epoch": epoch, "label_version": version})
-        if self.dist.world_size > 1:
-            box = [version]
-            torch_dist.broadcast_object_list(box, src=0)
-            version = box[0]
-        return version
+        return self.from_main(version)
 
     def grow_classes(self, num_classes: int, label_version: int) -> None:
         """Grow CosFace (with cosface_groups: give each group's classifier `label_version`'s
