@@ -153,9 +153,9 @@ def test_memory_table_builds_vit_g_on_meta_only(capsys):
     assert "vit_giant_patch14_reg4_dinov2" in capsys.readouterr().out
 
 
-def saved_block_bytes(model: torch.nn.Module, run) -> int:
-    """Bytes of the tensors autograd saves inside transformer blocks during `run()`, each
-    storage once, weights excluded."""
+def saved_bytes_recorder(model: torch.nn.Module):
+    """(bytes by storage, a saved_tensors_hooks pack function that fills it): each storage autograd
+    saves counted once, the model's weights not at all."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -165,6 +165,13 @@ def saved_block_bytes(model: torch.nn.Module, run) -> int:
             seen[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    return seen, pack
+
+
+def saved_block_bytes(model: torch.nn.Module, run) -> int:
+    """Bytes of the tensors autograd saves inside transformer blocks during `run()`, each
+    storage once, weights excluded."""
+    seen, pack = saved_bytes_recorder(model)
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
     handles = []
     for module in model.modules():
@@ -199,15 +206,7 @@ def test_activation_estimate_matches_what_autograd_saves(encoder):
 def saved_step_bytes(model: torch.nn.Module, run) -> int:
     """Bytes of every tensor autograd saves during `run()`, inside blocks or not, each storage once,
     weights excluded."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
+    seen, pack = saved_bytes_recorder(model)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         run()
     return sum(seen.values())
