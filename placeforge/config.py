@@ -12,17 +12,21 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from placeforge.fileio import write_json_atomic
 
 C = TypeVar("C")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -90,21 +94,127 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{name}: {value!r} is not a valid {getattr(base, '__name__', base)}")
 
 
-def _check_keys(cls: type, keys: Sequence[str], where: str) -> None:
+def sections(cls: type) -> dict[str, type]:
+    """The fields of `cls` that are themselves config dataclasses (name -> class): its sections."""
+    return {name: tp for name, tp in _field_types(cls).items() if isinstance(tp, type) and dataclasses.is_dataclass(tp)}
+
+
+def key_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every setting of `cls` as a dotted path (`encoder.image_size`), sections expanded."""
+    paths: list[str] = []
+    for name, tp in _field_types(cls).items():
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            paths += key_paths(tp, f"{prefix}{name}.")
+        else:
+            paths.append(prefix + name)
+    return paths
+
+
+@dataclass(frozen=True)
+class Moved:
+    """Where an older flat key now lives: one or more dotted paths, its value converted on the way."""
+
+    paths: tuple[str, ...]
+    convert: Callable[[Any], Any] | None = None
+
+    def apply(self, value: Any) -> dict[str, Any]:
+        return {path: self.convert(value) if self.convert else value for path in self.paths}
+
+
+def moved(*paths: str, convert: Callable[[Any], Any] | None = None) -> Moved:
+    """A `MOVED` entry: the old key's value goes to every one of `paths` (through `convert`)."""
+    return Moved(paths, convert)
+
+
+def _set_path(out: dict[str, Any], path: str, value: Any, where: str) -> None:
+    *parents, leaf = path.split(".")
+    node = out
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {path!r} is given twice (as {part!r} and inside it)")
+        node = child
+    if leaf in node:
+        raise ConfigError(f"{where}: {path!r} is given twice (under its old and its new name?)")
+    node[leaf] = value
+
+
+def migrate(cls: type, values: Mapping[str, Any], where: str = "config",
+            prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+    """`values` with dotted keys nested and `cls.MOVED`'s old flat keys put where they now live.
+
+    Returns the nested mapping and one note per old key ("'image_size' is now 'encoder.image_size'").
+    A key that names a section keeps its mapping; given a plain value it is an old key of that name.
+    """
+    moves: dict[str, Moved] = getattr(cls, "MOVED", {})
+    names = sections(cls)
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in values.items():
+        move = moves.get(key)
+        if move is None or (key in names and isinstance(value, Mapping)):
+            if isinstance(value, Mapping) and key in names:
+                for sub, sub_value in value.items():
+                    _set_path(out, f"{key}.{sub}", sub_value, where)
+            else:
+                _set_path(out, key, value, where)
+            continue
+        for path, new_value in move.apply(value).items():
+            _set_path(out, path, new_value, where)
+        notes.append(f"{prefix + key!r} is now {' and '.join(repr(prefix + p) for p in move.paths)}")
+    return out, notes
+
+
+def _check_keys(cls: type, keys: Sequence[str], where: str, prefix: str = "") -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in keys:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint} (valid: {', '.join(names)})")
+            # Closest among this level's names, every nested path, and the old names MOVED knows.
+            paths = key_paths(cls, prefix)
+            candidates = {prefix + p.rsplit(".", 1)[-1]: p for p in reversed(paths)}  # a section's key given here
+            candidates.update({p: p for p in paths})
+            candidates.update({prefix + n: prefix + n for n in names})
+            candidates.update({prefix + old: m.paths[0] for old, m in getattr(cls, "MOVED", {}).items()})
+            close = difflib.get_close_matches(prefix + key, list(candidates), n=1)
+            hint = f"; did you mean {candidates[close[0]]!r}?" if close else ""
+            valid = ", ".join(prefix + n for n in names)
+            raise ConfigError(f"{where}: unknown key {prefix + key!r}{hint} (valid: {valid})")
 
 
-def from_mapping(cls: type[C], values: dict[str, Any], base: C | None = None, where: str = "config") -> C:
-    """A `cls` instance from `base` (or defaults) with `values` replacing fields."""
-    _check_keys(cls, list(values), where)
+def from_mapping(cls: type[C], values: Mapping[str, Any], base: C | None = None, where: str = "config",
+                 old_keys: Literal["warn", "quiet"] = "warn") -> C:
+    """A `cls` instance from `base` (or defaults) with `values` replacing fields.
+
+    A section (a field that is a config dataclass) takes a mapping of its own keys, merged into
+    the section of `base`; a dotted key (`encoder.image_size`) is the same.  Keys that `cls.MOVED`
+    lists are read at their new place, with a warning naming it (`old_keys="quiet"` for a saved
+    record, e.g. an older run's train_config.json, that the user does not edit).
+    """
+    notes: list[str] = []
+    cfg = _from_nested(cls, values, base, where, "", notes)
+    if old_keys == "warn":
+        for note in notes:
+            log.warning("%s: %s; read as that (the old name will go: rename it)", where, note)
+    return cfg
+
+
+def _from_nested(cls: type[C], values: Mapping[str, Any], base: C | None, where: str, prefix: str,
+                 notes: list[str]) -> C:
+    values, level_notes = migrate(cls, values, where, prefix)
+    notes += level_notes
+    _check_keys(cls, list(values), where, prefix)
     types_ = _field_types(cls)
-    checked = {k: coerce(k, v, types_[k]) for k, v in values.items()}
     start = base if base is not None else cls()  # type: ignore[call-arg]
+    parts = sections(cls)
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in parts:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {prefix + key} is a section: give a mapping of its keys "
+                                  f"({', '.join(f.name for f in dataclasses.fields(parts[key]))}), not {value!r}")
+            checked[key] = _from_nested(parts[key], value, getattr(start, key), where, f"{prefix}{key}.", notes)
+        else:
+            checked[key] = coerce(prefix + key, value, types_[key])
     cfg = dataclasses.replace(start, **checked)
     validate = getattr(cfg, "validate", None)
     if callable(validate):
@@ -173,17 +283,35 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add `--config FILE` and one `--field-name VALUE` flag per dataclass field."""
+    """Add `--config FILE` and one `--field-name VALUE` flag per dataclass field.
+
+    A section's fields get `--section.field-name` (one help group per section); the old flat keys
+    `cls.MOVED` lists keep a hidden flag of their old name, read at the new place with a warning.
+    """
     group = parser.add_argument_group(f"{cls.__name__} (override file keys use underscores)")
     group.add_argument("--config", metavar="FILE", help="YAML/JSON file of overrides, applied before flags")
+    _add_field_flags(parser, group, cls, "")
+    for old in getattr(cls, "MOVED", {}):
+        group.add_argument("--" + old.replace("_", "-"), dest=f"cfg__{old}", default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS)
+
+
+def _add_field_flags(parser: argparse.ArgumentParser, group: Any, cls: type, prefix: str) -> None:
     types_ = _field_types(cls)
+    parts = sections(cls)
     for field in dataclasses.fields(cls):
+        if field.name in parts:
+            section = parser.add_argument_group(
+                f"{prefix}{field.name}: {field.metadata.get('help', '')} (in a file: a mapping under "
+                f"`{prefix}{field.name}:`)")
+            _add_field_flags(parser, section, parts[field.name], f"{prefix}{field.name}.")
+            continue
         base, _ = _unwrap_optional(types_[field.name])
         doc = field.metadata.get("help", "")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
         group.add_argument(
-            "--" + field.name.replace("_", "-"),
-            dest=f"cfg__{field.name}",
+            "--" + prefix + field.name.replace("_", "-"),
+            dest=f"cfg__{prefix}{field.name}",
             metavar=getattr(base, "__name__", "VALUE").upper(),
             default=argparse.SUPPRESS,
             help=f"{doc} (default: {default})",
@@ -199,12 +327,28 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
 
 
 def config_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields given as flags on the command line (field name -> raw value)."""
+    """The config fields given as flags on the command line (field name or dotted path -> raw value)."""
     return {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__")}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    """The config as plain JSON values: sections as nested mappings, tuples as lists."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+    return plain(dataclasses.asdict(cfg))
+
+
+def flat_dict(cfg_dict: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping (`to_dict`) as one level of dotted keys: `{"encoder.image_size": 224}`."""
+    out: dict[str, Any] = {}
+    for key, value in cfg_dict.items():
+        if isinstance(value, Mapping):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

@@ -1,15 +1,21 @@
 """Typed config: defaults, override files, flags, unknown keys, bad types."""
 
 import argparse
+import dataclasses
 import json
+from typing import ClassVar
 
 import pytest
 
 from placeforge.config import (
     ConfigError,
+    Moved,
     add_config_arguments,
     config_from_args,
+    flat_dict,
     from_mapping,
+    migrate,
+    moved,
     save_config,
 )
 from placeforge.shards.build import BuildConfig
@@ -91,3 +97,67 @@ def test_a_ray_address_that_does_not_answer_fails_before_ray_init():
     with pytest.raises(RayAddressError, match="expected HOST:PORT"):
         check_reachable("my-head-node")
     check_reachable("auto")  # left to Ray
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    size: int = dataclasses.field(default=3, metadata={"help": "a size"})
+    names: tuple[str, ...] = ("a",)
+
+    def validate(self):
+        if self.size < 1:
+            raise ValueError("inner.size must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    MOVED: ClassVar[dict[str, Moved]] = {"inner_size": moved("inner.size"), "both": moved("seed", "inner.size")}
+    seed: int = 0
+    inner: Inner = dataclasses.field(default_factory=Inner, metadata={"help": "the inner section"})
+
+
+def parse_outer(argv):
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_config_arguments(parser, Outer)
+    return config_from_args(Outer, parser.parse_args(argv)), parser
+
+
+def test_a_section_takes_a_mapping_or_dotted_flags_and_keeps_what_it_is_not_given(tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_text("inner:\n  names: [x, y]\n")
+    cfg, parser = parse_outer(["--config", str(path), "--inner.size", "5"])
+    assert cfg == Outer(inner=Inner(size=5, names=("x", "y")))
+    assert "--inner.size" in parser.format_help() and "the inner section" in parser.format_help()
+    assert "--inner-size" not in parser.format_help()  # an old name's flag works but is not offered
+    save_config(cfg, tmp_path / "saved.json")
+    saved = json.loads((tmp_path / "saved.json").read_text())
+    assert saved == {"seed": 0, "inner": {"size": 5, "names": ["x", "y"]}}
+    assert from_mapping(Outer, saved) == cfg  # the record reads back
+    assert flat_dict(saved) == {"seed": 0, "inner.size": 5, "inner.names": ["x", "y"]}
+
+
+def test_a_section_checks_its_keys_types_and_ranges_naming_the_path():
+    with pytest.raises(ConfigError, match="unknown key 'inner.sise'; did you mean 'inner.size'"):
+        from_mapping(Outer, {"inner": {"sise": 2}})
+    with pytest.raises(ConfigError, match="did you mean 'inner.size'"):
+        from_mapping(Outer, {"size": 2})  # a section's key at the top level
+    with pytest.raises(ConfigError, match="inner.size: 'big' is not a valid int"):
+        from_mapping(Outer, {"inner.size": "big"})
+    with pytest.raises(ConfigError, match="inner is a section"):
+        from_mapping(Outer, {"inner": 4})
+    with pytest.raises(ValueError, match="inner.size must be >= 1"):
+        from_mapping(Outer, {"inner": {"size": 0}})
+
+
+def test_old_flat_keys_and_flags_are_read_at_their_new_place_with_a_warning(caplog):
+    cfg, _ = parse_outer(["--inner-size", "7"])
+    assert cfg.inner.size == 7
+    assert "command line: 'inner_size' is now 'inner.size'" in caplog.text
+    assert from_mapping(Outer, {"both": 2}) == Outer(seed=2, inner=Inner(size=2))
+    caplog.clear()
+    assert from_mapping(Outer, {"inner_size": 2}, old_keys="quiet").inner.size == 2  # a saved record
+    assert caplog.text == ""
+    nested, notes = migrate(Outer, {"inner_size": 2, "seed": 1})
+    assert nested == {"inner": {"size": 2}, "seed": 1} and notes == ["'inner_size' is now 'inner.size'"]
+    with pytest.raises(ConfigError, match="given twice"):
+        from_mapping(Outer, {"inner_size": 2, "inner": {"size": 3}})

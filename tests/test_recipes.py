@@ -112,10 +112,12 @@ MUTUALVPR = {
         "cosface_groups": (8, f"{_MV_ARGS} --groups_num"),
         "places_per_batch": (32, f"{_MV_ARGS} --batch_size"),
         "images_per_place": (1, "datasets/train_dataset.py __getitem__: one image of each sampled class"),
-        "finetune_augment": ("crop_jitter", "train.py gpu_augmentation: ColorJitter, RandomResizedCrop"),
-        "finetune_crop_scale_min": (0.5, f"{_MV_ARGS} --random_resized_crop 0.5: scale [0.5, 1]"),
-        "finetune_color_jitter": (0.7, f"{_MV_ARGS} --brightness / --contrast / --saturation"),
-        "finetune_hue": (0.5, f"{_MV_ARGS} --hue"),
+        "augment.pipeline": ("crop_jitter", "train.py gpu_augmentation: ColorJitter, RandomResizedCrop"),
+        "augment.scale": ((0.5, 1.0), f"{_MV_ARGS} --random_resized_crop 0.5: scale [0.5, 1]"),
+        "augment.brightness": (0.7, f"{_MV_ARGS} --brightness"),
+        "augment.contrast": (0.7, f"{_MV_ARGS} --contrast"),
+        "augment.saturation": (0.7, f"{_MV_ARGS} --saturation"),
+        "augment.hue": (0.5, f"{_MV_ARGS} --hue"),
         "epochs": (50, f"{_MV_ARGS} --epochs_num"),
         "max_steps_per_epoch": (10_000, f"{_MV_ARGS} --iterations_per_epoch"),
         "base_lr": (1e-5, f"{_MV_ARGS} --lr"),
@@ -135,6 +137,11 @@ MUTUALVPR = {
 # What the cluster needs (issue 11, item 7), not in Pair-VPR (it trains ViT-g with fp16 autocast
 # under DDP / DataParallel): ZeRO-2 for ViT-g.
 ZERO_STAGE = {"pretrain_vitg": 2, "finetune_vitg": 2}
+
+
+def setting(cfg: TrainConfig, path: str):
+    """The value at a dotted path (`augment.hue`: cfg.augment.hue)."""
+    return functools.reduce(getattr, path.split("."), cfg)
 
 
 def load_recipe(name: str) -> TrainConfig:
@@ -174,11 +181,11 @@ def test_recipe_loads_and_names_its_weights_file(name):
         size_specific = {k: published[k] for k in ("epochs", "layer_decay", "mim_trainable_last_blocks")
                          if k in published}
         for key, value in {**same, **size_specific}.items():
-            assert getattr(cfg, key) == value, f"{name}: {key} {getattr(cfg, key)!r}, {published['source']}: {value!r}"
+            assert setting(cfg, key) == value, f"{name}: {key} {setting(cfg, key)!r}, {published['source']}: {value!r}"
         per_rank = cfg.pairs_per_batch if cfg.stage == "pretrain" else cfg.places_per_batch
         assert per_rank * published["gpus"] == published["global_items"]
     for key, (value, source) in MUTUALVPR.get(name, {}).items():
-        assert getattr(cfg, key) == value, f"{name}: {key} {getattr(cfg, key)!r}, MutualVPR {source}: {value!r}"
+        assert setting(cfg, key) == value, f"{name}: {key} {setting(cfg, key)!r}, MutualVPR {source}: {value!r}"
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from placeforge.config import migrate, to_dict
+from placeforge.trainer.augment import AugmentConfig
 from placeforge.trainer.train_config import TrainConfig
 from placeforge.trainer.train_state import (
     LATEST_FILE,
@@ -106,3 +108,15 @@ def test_keep_checkpoints_is_checked_and_may_change_on_resume():
     assert config_changes({"epochs": 4}, {"pair_negative_min_distance_m": 0.0, "epochs": 4}, defaults) == []
     assert config_changes({"epochs": 4}, {"pair_negative_min_distance_m": 25.0, "epochs": 4}, defaults) == [
         "pair_negative_min_distance_m: 0.0 -> 25.0"]
+
+
+def test_a_run_saved_with_flat_keys_resumes_under_the_nested_config():
+    # train_config.json / TrainState.config of a run from before the augment section
+    current = TrainConfig(stage="finetune", labels="l", augment=AugmentConfig(scale=(0.5, 1.0), hue=0.5))
+    old_record = {k: v for k, v in to_dict(current).items() if k != "augment"}
+    old_record.update(finetune_augment="crop_jitter", finetune_crop_scale_min=0.5, finetune_color_jitter=0.4,
+                      finetune_hue=0.5)
+    saved = migrate(TrainConfig, old_record)[0]
+    assert config_changes(saved, to_dict(current), to_dict(TrainConfig())) == []
+    other = TrainConfig(stage="finetune", labels="l", augment=AugmentConfig(scale=(0.5, 1.0), hue=0.25))
+    assert config_changes(saved, to_dict(other), to_dict(TrainConfig())) == ["augment.hue: 0.5 -> 0.25"]

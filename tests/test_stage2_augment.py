@@ -123,13 +123,27 @@ def test_stage2_batches_are_decoded_with_the_configured_pipeline():
                                              ("demo_finetune", "crop_jitter")])
 def test_the_pair_vpr_recipes_ask_for_the_published_images(recipe, expected):
     cfg = from_mapping(TrainConfig, load_file(CONFIGS / f"{recipe}.yaml"))
-    assert cfg.finetune_augment == expected
-    assert cfg.augment_config().pipeline == expected
+    assert cfg.augment.pipeline == expected
 
 
-def test_finetune_augment_is_a_stage_2_setting():
-    assert TrainConfig().augment_config() == AugmentConfig()  # stage 1: crop and jitter
-    with pytest.raises(ValueError, match="needs stage finetune"):
-        TrainConfig(finetune_augment="squash_randaugment").validate()
-    with pytest.raises(ConfigError, match="not one of"):
-        from_mapping(TrainConfig, {"stage": "finetune", "finetune_augment": "randaugment"})
+def test_augment_is_a_stage_2_setting():
+    assert TrainConfig().augment == AugmentConfig()  # stage 1: crop and jitter
+    with pytest.raises(ValueError, match="augment settings need stage finetune"):
+        TrainConfig(augment=AugmentConfig(pipeline="squash_randaugment")).validate()
+    with pytest.raises(ValueError, match="augment settings need stage finetune"):
+        from_mapping(TrainConfig, {"augment": {"hue": 0.1}})
+    with pytest.raises(ConfigError, match="augment.pipeline: 'randaugment' is not one of"):
+        from_mapping(TrainConfig, {"stage": "finetune", "augment": {"pipeline": "randaugment"}})
+    with pytest.raises(ValueError, match="augment.hue must be in"):
+        from_mapping(TrainConfig, {"stage": "finetune", "augment": {"hue": 0.6}})
+
+
+def test_the_flat_keys_of_older_recipes_are_read_at_their_new_place(caplog):
+    flat = {"stage": "finetune", "finetune_augment": "crop_jitter", "finetune_crop_scale_min": 0.5,
+            "finetune_color_jitter": 0.7, "finetune_hue": 0.5}
+    cfg = from_mapping(TrainConfig, flat, where="old.yaml")
+    assert cfg.augment == AugmentConfig(scale=(0.5, 1.0), brightness=0.7, contrast=0.7, saturation=0.7, hue=0.5)
+    assert "old.yaml: 'finetune_hue' is now 'augment.hue'" in caplog.text
+    assert "'finetune_color_jitter' is now 'augment.brightness' and 'augment.contrast'" in caplog.text
+    with pytest.raises(ConfigError, match="given twice"):  # the old and the new name of one setting
+        from_mapping(TrainConfig, {"stage": "finetune", "finetune_hue": 0.5, "augment": {"hue": 0.2}})

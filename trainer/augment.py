@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,18 +27,44 @@ from placeforge.models.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    pipeline: str = "crop_jitter"  # a name in AUGMENTS
-    # crop_jitter
-    scale: tuple[float, float] = (0.7, 1.0)  # crop area as a fraction of the image
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height
-    brightness: float = 0.4  # factor drawn from [1 - b, 1 + b]
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.0  # hue shift drawn from [-h, h] of a full turn, after the other three (0: none; MutualVPR 0.5)
+    """How training images are augmented: `TrainConfig.augment`, the `augment:` section of a recipe."""
+
+    pipeline: Literal["crop_jitter", "squash_randaugment"] = field(
+        default="crop_jitter", metadata={"help": "crop_jitter: random resized crop + colour jitter (Pair-VPR stage 1; "
+                                                 "placeforge's stage-2 default); squash_randaugment: the whole view "
+                                                 "squashed to image_size + RandAugment (Pair-VPR stage 2). Stage 1 "
+                                                 "takes the defaults only"})
+    scale: tuple[float, ...] = field(
+        default=(0.7, 1.0), metadata={"help": "crop_jitter: the crop covers this share of the image area, low,high "
+                                              "(MutualVPR 0.5,1)"})
+    ratio: tuple[float, ...] = field(
+        default=(3 / 4, 4 / 3), metadata={"help": "crop_jitter: the crop's width / height, low,high"})
+    brightness: float = field(
+        default=0.4, metadata={"help": "crop_jitter: brightness factor drawn from [1 - b, 1 + b] (MutualVPR 0.7)"})
+    contrast: float = field(default=0.4, metadata={"help": "crop_jitter: as brightness, for contrast"})
+    saturation: float = field(default=0.4, metadata={"help": "crop_jitter: as brightness, for saturation"})
+    hue: float = field(
+        default=0.0, metadata={"help": "crop_jitter: hue shift drawn from [-h, h] of a turn, 0-0.5, after the other "
+                                       "three (MutualVPR 0.5; 0: none)"})
     # squash_randaugment: T.RandAugment(num_ops=3, interpolation=BILINEAR), magnitude left at torchvision's
     # 9 (of 31 bins) (csiro-robotics/Pair-VPR, pairvpr/datasets/gsvcities_dataset.py, load_train_dataset)
-    randaugment_ops: int = 3
-    randaugment_magnitude: int = 9
+    randaugment_ops: int = field(default=3, metadata={"help": "squash_randaugment: RandAugment's num_ops"})
+    randaugment_magnitude: int = field(
+        default=9, metadata={"help": "squash_randaugment: RandAugment's magnitude, 0-30"})
+
+    def validate(self) -> None:
+        for name in ("scale", "ratio"):
+            low_high = getattr(self, name)
+            if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
+                raise ValueError(f"augment.{name} must be two numbers 0 < low <= high, got {low_high}")
+        if self.scale[1] > 1:
+            raise ValueError(f"augment.scale must be in (0, 1], got {self.scale}")
+        if min(self.brightness, self.contrast, self.saturation) < 0:
+            raise ValueError("augment.brightness, contrast and saturation must be >= 0")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"augment.hue must be in [0, 0.5], got {self.hue}")
+        if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 30:
+            raise ValueError("augment.randaugment_ops must be >= 0 and randaugment_magnitude in [0, 30]")
 
 
 def random_resized_crop_box(
@@ -176,7 +203,7 @@ def squash_randaugment(jpegs: list[bytes], image_size: int, rng: np.random.Gener
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 
-# Pipelines by name (AugmentConfig.pipeline; trainer.train_config's finetune_augment picks one for stage 2).
+# Pipelines by name (AugmentConfig.pipeline, a recipe's augment.pipeline).
 AUGMENTS = {"crop_jitter": crop_jitter, "squash_randaugment": squash_randaugment}
 
 

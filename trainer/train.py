@@ -35,7 +35,14 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
-from placeforge.config import add_config_arguments, check_output_folder, config_from_args, save_config, to_dict
+from placeforge.config import (
+    add_config_arguments,
+    check_output_folder,
+    config_from_args,
+    migrate,
+    save_config,
+    to_dict,
+)
 from placeforge.fileio import OutputLockedError, output_lock
 from placeforge.logs import setup_logging
 from placeforge.models.dinov2 import require_weights_file
@@ -116,7 +123,7 @@ def epoch_loader(cfg: TrainConfig, dist: DistState, epoch: int, label_version: i
                        world_size=dist.world_size, num_workers=cfg.num_workers, geometry=geometry,
                        image_size=cfg.image_size, epoch=epoch, seed=cfg.seed,
                        labels_dir=cfg.labels if cfg.stage == "finetune" else None, label_version=label_version,
-                       pin_memory=torch.cuda.is_available(), augment=cfg.augment_config(),
+                       pin_memory=torch.cuda.is_available(), augment=cfg.augment,
                        pairing=cfg.pair_rule(), one_pair_per_place=cfg.pair_one_per_place,
                        batch_places_from=cfg.batch_places_from,
                        cosface_group=cosface_group_of_epoch(epoch, cfg.cosface_groups) if cfg.cosface_groups else None)
@@ -203,7 +210,8 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
     resumed = read_latest(checkpoints) if args.resume else None
     if resumed:
         tag, state = resumed
-        changed = config_changes(state.config, to_dict(cfg), to_dict(TrainConfig()))
+        saved = migrate(TrainConfig, state.config)[0]  # an older run's flat keys at their new place
+        changed = config_changes(saved, to_dict(cfg), to_dict(TrainConfig()))
         if changed:  # a different recipe would silently continue someone else's schedule and weights
             raise ValueError(f"{checkpoints / tag} was written with another config "
                              f"({'; '.join(changed[:6])}); resume with the same config, or train into a new --out")

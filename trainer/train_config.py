@@ -17,8 +17,9 @@ the optimizer is ours (a torch AdamW over layer-decay groups) and so is the LR s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
+from placeforge.config import Moved, moved
 from placeforge.models.decoder import DECODERS
 from placeforge.models.encoders import ENCODERS, EncoderConfig, encoder_spec
 from placeforge.trainer.augment import AugmentConfig
@@ -26,8 +27,20 @@ from placeforge.trainer.pairs import PairRule
 from placeforge.trainer.schedules import LR_SCALINGS
 
 
+def _scale_from_min(scale_min: float) -> list[float]:
+    return [scale_min, 1.0]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    # Keys of older recipe files and runs' train_config.json, read at their new place (placeforge.config.migrate).
+    MOVED: ClassVar[dict[str, Moved]] = {
+        "finetune_augment": moved("augment.pipeline"),
+        "finetune_crop_scale_min": moved("augment.scale", convert=_scale_from_min),
+        "finetune_color_jitter": moved("augment.brightness", "augment.contrast", "augment.saturation"),
+        "finetune_hue": moved("augment.hue"),
+    }
+
     stage: Literal["pretrain", "finetune"] = field(
         default="pretrain", metadata={"help": "pretrain (stage 1, Siamese MIM) or finetune (stage 2, joint)"})
     shards: str = field(default="", metadata={"help": "shard set folder (pipelines/build_shards.py)"})
@@ -85,20 +98,9 @@ class TrainConfig:
                                          "all from one catalog subset, e.g. one GSV-Cities city (one_subset: hard "
                                          "negatives, as Pair-VPR; places of a subset that fill no full group on a "
                                          "loader worker wait for a later epoch, counted in the loader's log line)"})
-    finetune_augment: Literal["crop_jitter", "squash_randaugment"] = field(
-        default="crop_jitter", metadata={"help": "stage 2 training images: crop_jitter: random resized crop (scale "
-                                                 "0.7-1) + colour jitter, as stage 1; squash_randaugment: the whole "
-                                                 "view squashed to image_size + RandAugment with 3 ops (Pair-VPR "
-                                                 "stage 2; trainer.augment)"})
-    finetune_crop_scale_min: float = field(
-        default=0.7, metadata={"help": "stage 2, crop_jitter: the random resized crop covers this share of the image "
-                                       "area or more, up to all of it (MutualVPR 0.5)"})
-    finetune_color_jitter: float = field(
-        default=0.4, metadata={"help": "stage 2, crop_jitter: brightness, contrast and saturation factors drawn from "
-                                       "[1 - j, 1 + j] (MutualVPR 0.7)"})
-    finetune_hue: float = field(
-        default=0.0, metadata={"help": "stage 2, crop_jitter: hue shift drawn from [-h, h] of a turn, 0-0.5 "
-                                       "(MutualVPR 0.5; 0: none)"})
+    augment: AugmentConfig = field(
+        default_factory=AugmentConfig, metadata={"help": "stage 2's training-image augmentation (trainer.augment); "
+                                                         "stage 1 crops and jitters with the defaults"})
     pair_max_heading_diff_deg: float = field(
         default=0.0, metadata={"help": "stage 1: the two images of a pair face within this many degrees of each "
                                        "other (images with a heading; a place with no such pair gives its "
@@ -262,8 +264,9 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.recluster_every_epochs and self.stage != "finetune":
             raise ValueError("recluster_every_epochs needs stage finetune")
-        if self.finetune_augment != "crop_jitter" and self.stage != "finetune":
-            raise ValueError(f"finetune_augment {self.finetune_augment} needs stage finetune (stage 1 crops, jitters)")
+        self.augment.validate()
+        if self.augment != AugmentConfig() and self.stage != "finetune":
+            raise ValueError("augment settings need stage finetune (stage 1 crops and jitters with the defaults)")
         if self.batch_places_from != "any" and self.stage != "finetune":
             raise ValueError(f"batch_places_from {self.batch_places_from} needs stage finetune (stage 1 batches pairs)")
         if self.follow_latest_labels and (self.stage != "finetune" or self.recluster_every_epochs):
@@ -291,7 +294,7 @@ class TrainConfig:
                 and self.cosface_weight > 0)
 
     def _check_mutualvpr_options(self) -> None:
-        """Adapters, no pair classifier, a classifier LR, CosPlace groups and stage 2's crop and jitter."""
+        """Adapters, no pair classifier, a classifier LR and CosPlace groups."""
         if self.adapter != "none" and (self.stage != "finetune" or self.trainable_last_blocks != 0):
             raise ValueError(f"adapter {self.adapter} needs stage finetune and trainable_last_blocks 0 (of the "
                              "encoder only the adapters train)")
@@ -306,15 +309,6 @@ class TrainConfig:
         if self.cosface_groups and (self.stage != "finetune" or not self.cosface_weight or self.zero_stage):
             raise ValueError("cosface_groups needs stage finetune, cosface_weight > 0 and zero_stage 0 (the "
                              "classifiers of the other groups are switched off between epochs)")
-        if not 0 < self.finetune_crop_scale_min <= 1 or self.finetune_color_jitter < 0:
-            raise ValueError("finetune_crop_scale_min must be in (0, 1] and finetune_color_jitter >= 0, got "
-                             f"{self.finetune_crop_scale_min}, {self.finetune_color_jitter}")
-        if not 0 <= self.finetune_hue <= 0.5:
-            raise ValueError(f"finetune_hue must be in [0, 0.5], got {self.finetune_hue}")
-        crop_jitter = (self.finetune_crop_scale_min, self.finetune_color_jitter, self.finetune_hue)
-        if crop_jitter != (0.7, 0.4, 0.0) and (self.stage != "finetune" or self.finetune_augment != "crop_jitter"):
-            raise ValueError("finetune_crop_scale_min, finetune_color_jitter and finetune_hue need stage finetune and "
-                             "finetune_augment crop_jitter")
 
     def check_inputs(self) -> None:
         """The folders a run needs (checked at launch, not per override file, so a preset
@@ -342,15 +336,6 @@ class TrainConfig:
         One step is one micro-batch per rank: `deepspeed_config` accumulates no gradients."""
         return LR_SCALINGS[self.lr_scaling](self.base_lr, self.images_per_rank_step() * world_size,
                                             self.places_per_rank_step() * world_size)
-
-    def augment_config(self) -> AugmentConfig:
-        """The loader's image augmentation (trainer.data.make_loader's `augment`): stage 2's is
-        `finetune_augment` with its crop and jitter (`finetune_crop_scale_min`, ...), stage 1 crops and jitters."""
-        if self.stage != "finetune":
-            return AugmentConfig()
-        jitter = self.finetune_color_jitter
-        return AugmentConfig(pipeline=self.finetune_augment, scale=(self.finetune_crop_scale_min, 1.0),
-                             brightness=jitter, contrast=jitter, saturation=jitter, hue=self.finetune_hue)
 
     def images_per_rank_step(self) -> int:
         """Images one rank's micro-batch holds (stage 1 counts both images of a pair)."""

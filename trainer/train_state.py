@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from placeforge.config import flat_dict
 from placeforge.fileio import write_json_atomic, write_text_atomic
 
 STATE_FILE = "train_state.json"
@@ -147,10 +148,11 @@ RESUMABLE_CHANGES = frozenset({"shards", "labels", "out", "init_from", "num_work
 def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
     """'key: saved -> current' for every field a resume must not change (empty: resumable).
 
-    A field the saved config lacks (a run from before the field existed) counts as its value in
+    Sections compare key by key (`augment.hue: 0.0 -> 0.5`).  A field the saved config lacks (a run from before the field existed) counts as its value in
     `defaults`: a field is added with the default that keeps the old behaviour.
     """
-    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
+    saved, current, defaults = flat_dict(saved), flat_dict(current), flat_dict(defaults or {})
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
