@@ -109,14 +109,14 @@ def bench_config(stage: str, encoder: str, micro_batch: int | None = None,
     (pairs or places; None: DEFAULT_MICRO_BATCH) and `activation_checkpointing`."""
     if stage not in RECIPES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
-    values = load_file(RECIPES[stage])
-    values.update(encoder=encoder, encoder_weights=None, encoder_init="random")
+    recipe = from_mapping(TrainConfig, load_file(RECIPES[stage]), where=str(RECIPES[stage]))
+    values = {"encoder": {"name": encoder, "weights": None}, "encoder_init": "random"}
     if encoder_spec(encoder).release_file is None:  # a test preset: the trainer's tiny defaults
-        values.update(image_size=112, decoder="dec64d2b")
+        values.update({"encoder": {"name": encoder, "weights": None, "image_size": 112}, "decoder": "dec64d2b"})
     items = DEFAULT_MICRO_BATCH[stage] if micro_batch is None else micro_batch
     values["pairs_per_batch" if stage == "pretrain" else "places_per_batch"] = items
     values["activation_checkpointing"] = activation_checkpointing
-    return from_mapping(TrainConfig, values, where=str(RECIPES[stage]))
+    return from_mapping(TrainConfig, values, base=recipe, where=f"{RECIPES[stage]} for {encoder}")
 
 
 def items_per_step(cfg: TrainConfig) -> int:
@@ -128,7 +128,7 @@ def random_batch(cfg: TrainConfig, num_classes: int, device: torch.device) -> Pa
     """One loader-shaped batch of random uint8 images on `device`; stage 2 has place p's K images
     in rows p*K .. p*K+K-1, view class = place (mod num_classes)."""
     g = torch.Generator().manual_seed(0)
-    size = cfg.image_size
+    size = cfg.encoder.image_size
 
     def images(count: int) -> torch.Tensor:
         return torch.randint(0, 256, (count, 3, size, size), generator=g, dtype=torch.uint8).to(device)
@@ -196,7 +196,7 @@ def bench_one(stage: str, encoder: str, micro_batch: int | None, steps: int, war
     """One table row: build, warm up, count FLOPs in one step, time `steps` steps."""
     cfg = bench_config(stage, encoder, micro_batch, activation_checkpointing)
     images = cfg.images_per_rank_step()
-    row = {"stage": stage, "encoder": encoder, "image_size": cfg.image_size,
+    row = {"stage": stage, "encoder": encoder, "image_size": cfg.encoder.image_size,
            "activation_checkpointing": cfg.activation_checkpointing, "micro_batch": items_per_step(cfg),
            "images_per_step": images, "status": "ok"}
     if device.type == "cuda":
@@ -243,7 +243,7 @@ def memory_row(stage: str, encoder: str, gpus: int, num_classes: int, micro_batc
     per_image = per_item / 2 if stage == "pretrain" else per_item
     images = cfg.images_per_rank_step()
     states = {zero: model_state_bytes(params, zero, gpus).total for zero in range(4)}
-    return {"stage": stage, "encoder": encoder, "image_size": cfg.image_size,
+    return {"stage": stage, "encoder": encoder, "image_size": cfg.encoder.image_size,
             "activation_checkpointing": cfg.activation_checkpointing, "params": params.total,
             "trainable_params": params.trainable, "gpus": gpus,
             **{f"zero{zero}_model_states_gb": total / 1e9 for zero, total in states.items()},

@@ -44,7 +44,7 @@ def bench_loader(cfg: TrainConfig, epochs: int) -> tuple[float, float, int]:
     first, steady_time, steady_batches = 0.0, 0.0, 0
     for epoch in range(epochs):
         loader, steps = make_loader(cfg.shards, stage, rank=0, world_size=1, num_workers=cfg.num_workers,
-                                    geometry=geometry, image_size=cfg.image_size, epoch=epoch, seed=cfg.seed,
+                                    geometry=geometry, image_size=cfg.encoder.image_size, epoch=epoch, seed=cfg.seed,
                                     labels_dir=cfg.labels or None)
         started = time.perf_counter()
         batches = iter(loader)
@@ -62,7 +62,7 @@ def bench_model(cfg: TrainConfig, steps: int) -> float:
     stage = "pairs" if cfg.stage == "pretrain" else "groups"
     geometry = BatchGeometry(cfg.pairs_per_batch, cfg.places_per_batch, cfg.images_per_place)
     loader, _ = make_loader(cfg.shards, stage, rank=0, world_size=1, num_workers=0, geometry=geometry,
-                            image_size=cfg.image_size, epoch=0, seed=cfg.seed, labels_dir=cfg.labels or None)
+                            image_size=cfg.encoder.image_size, epoch=0, seed=cfg.seed, labels_dir=cfg.labels or None)
     batch = next(iter(loader))
     torch.manual_seed(cfg.seed)
     if cfg.stage == "pretrain":

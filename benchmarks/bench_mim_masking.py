@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = load_file(args.config)
-    base.update(encoder_weights=None, encoder_init="random")
-    configs = {mode: from_mapping(TrainConfig, {**base, "mim_masking": mode}, where=str(args.config))
+    base = from_mapping(TrainConfig, load_file(args.config), where=str(args.config))
+    configs = {mode: from_mapping(TrainConfig, {"encoder": {"weights": None}, "encoder_init": "random",
+                                                "mim_masking": mode}, base=base, where=str(args.config))
                for mode in ("drop", "mask_token")}
     cfg = configs["drop"]
     g = torch.Generator().manual_seed(0)
-    shape = (cfg.pairs_per_batch, 3, cfg.image_size, cfg.image_size)
+    shape = (cfg.pairs_per_batch, 3, cfg.encoder.image_size, cfg.encoder.image_size)
     batch = PairBatch(torch.randint(0, 256, shape, generator=g, dtype=torch.uint8),
                       torch.randint(0, 256, shape, generator=g, dtype=torch.uint8), torch.arange(cfg.pairs_per_batch))
     rates: dict[str, list[float]] = {mode: [] for mode in configs}
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for mode, mode_cfg in configs.items():
             rates[mode].append(steps_per_s(mode_cfg, batch, args.steps, args.warmup))
     medians = {mode: statistics.median(values) for mode, values in rates.items()}
-    print(f"{args.config.name}: {cfg.encoder} at {cfg.image_size} px, {cfg.pairs_per_batch} pairs, mask ratio "
-          f"{cfg.mask_ratio}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps")
+    print(f"{args.config.name}: {cfg.encoder.name} at {cfg.encoder.image_size} px, {cfg.pairs_per_batch} pairs, "
+          f"mask ratio {cfg.mask_ratio}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps")
     print("| masking | steps/s (median) | each round |")
     print("| --- | --- | --- |")
     for mode, values in rates.items():

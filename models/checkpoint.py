@@ -158,7 +158,8 @@ def _read_content(path: str | os.PathLike) -> tuple[EncoderConfig, dict[str, tor
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{path}: 'state_dict' is not a mapping of names to tensors")
     try:
-        cfg = from_mapping(EncoderConfig, dict(content.get("encoder_config") or {}), where=str(path))
+        cfg = from_mapping(EncoderConfig, dict(content.get("encoder_config") or {}), where=str(path),
+                           old_keys="quiet")  # an older export's `checkpoint` is read as `weights`
     except (ConfigError, ValueError) as error:
         raise CheckpointError(f"{path}: bad encoder_config ({error})") from error
     return cfg, state, content

@@ -89,11 +89,11 @@ def require_weights_file(path: str | os.PathLike, release_file: str | None = Non
     where = f"(a relative path is resolved against the working directory {Path.cwd()})"
     if release_file is None:
         raise ConfigError(f"encoder weights not found at {resolved}: put the weights file there, or set "
-                          f"encoder_weights (--encoder-weights) to your copy {where}")
+                          f"encoder.weights (--encoder.weights) to your copy {where}")
     raise ConfigError(
         f"DINOv2 weights not found at {resolved}: download {release_file} from the official release "
-        f"({release_url(release_file)}, listed at {RELEASE_PAGE}) and put it there, or set encoder_weights "
-        f"(--encoder-weights) to your copy {where}; training never starts from random weights instead")
+        f"({release_url(release_file)}, listed at {RELEASE_PAGE}) and put it there, or set encoder.weights "
+        f"(--encoder.weights) to your copy {where}; training never starts from random weights instead")
 
 
 def add_mask_token(encoder: VisionTransformer) -> None:

@@ -1,15 +1,15 @@
 """Encoders and the global-descriptor model: a registry of ViT presets, a head, preprocessing.
 
     cfg = EncoderConfig(name="vit_base_patch14_reg4_dinov2", image_size=322,
-                        checkpoint="weights/dinov2_vitb14_reg4_pretrain.pth")
-    model = build_model(cfg)                       # encoder + head; weights from cfg.checkpoint if set
+                        weights="weights/dinov2_vitb14_reg4_pretrain.pth")
+    model = build_model(cfg)                       # encoder + head; weights from cfg.weights if set
     descriptors = model(preprocess(jpegs, cfg.image_size))   # [B, 512], unit length
 
 Presets are named after their architecture (`ENCODERS`); `vit_tiny_test` is a ViT small
 enough to train on a laptop CPU and exists for tests and the demo.  The DINOv2 presets
 are timm's ViTs with patch 14, with or without 4 registers (`_reg4_`, what Pair-VPR
 uses), plus DINOv2's mask token; their weights come only from a local file
-(`EncoderConfig.checkpoint`: the official release .pth or timm's safetensors, models.dinov2),
+(`EncoderConfig.weights`: the official release .pth or timm's safetensors, models.dinov2),
 never from the network.  Tokens are [class, registers..., patches]: P = 1 + registers prefix
 tokens (`encoder.num_prefix_tokens`) come first, and everything that wants patches skips P.
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from placeforge.config import Moved, moved
 from placeforge.models.adapters import add_mulconv_adapters, set_patch_grid
 from placeforge.models.dinov2 import add_mask_token, encode_with_mask_token, load_weights_into, require_weights_file
 
@@ -156,22 +158,37 @@ def encoder_spec(name: str) -> EncoderSpec:
 
 @dataclass(frozen=True)
 class EncoderConfig:
+    """The global-descriptor model: what an export records, and a training recipe's `encoder:` section."""
+
+    # Keys of exports written before `checkpoint` was named `weights` (placeforge.config.migrate).
+    MOVED: ClassVar[dict[str, Moved]] = {"checkpoint": moved("weights")}
     name: str = field(default="vit_tiny_test", metadata={"help": f"encoder preset: one of {', '.join(ENCODERS)}"})
-    image_size: int = field(default=112, metadata={"help": "square input side in pixels (a multiple of the patch)"})
+    image_size: int = field(
+        default=112, metadata={"help": "square input side in pixels, a multiple of the patch (Pair-VPR: 224 in "
+                                       "stage 1, 322 in stage 2)"})
     descriptor_dim: int = field(default=512, metadata={"help": "global descriptor dimension"})
-    pooling: str = field(default="cls", metadata={"help": "cls (Pair-VPR: class token), gem (MutualVPR: GeM) or "
-                                                          "gem_grid (GeM per cell of a grid over the view)"})
-    checkpoint: str | None = field(
-        default=None, metadata={"help": "local file of encoder weights to start from: the official DINOv2 .pth or "
-                                        "timm's safetensors (never downloaded; relative to the working directory)"}
-    )
+    pooling: str = field(
+        default="cls", metadata={"help": "global head input: cls, the class token (Pair-VPR); gem, GeM over patch "
+                                         "tokens (MutualVPR); or gem_grid, GeM per cell of a grid over the view, the "
+                                         "cells' descriptors concatenated (not in either paper)"})
+    weights: str | None = field(
+        default=None, metadata={"help": "local encoder weights to start from: the official DINOv2 .pth or timm's "
+                                        "safetensors (never downloaded; a relative path is resolved against the "
+                                        "working directory)"})
     input_norm: str = field(
-        default="imagenet", metadata={"help": "imagenet, or per_image: standardise each image's channels first"})
-    resize: str = field(default="crop", metadata={"help": "inference resize: crop (short side, centre), squash, or short_side (aspect kept)"})
-    pooling_grid: int = field(default=2, metadata={"help": "gem_grid: cells per side of the grid (2: 2 x 2 cells)"})
-    adapter: str = field(default="none", metadata={
-        "help": "none, or mulconv (MutualVPR: a MulConv adapter beside every block's MLP; the encoder is frozen "
-                "and only the adapters, pooling and head train)"})
+        default="imagenet", metadata={"help": "encoder input: imagenet (ImageNet-normalised) or per_image (each "
+                                              "image's channels standardised)"})
+    resize: str = field(
+        default="crop", metadata={"help": "how exported models (and validation during training) resize images at "
+                                          "inference: crop the centre of the short-side resize, squash the whole "
+                                          "view to a square, or short_side: resize the short side to image_size and "
+                                          "keep the aspect ratio (gmberton/VPR-methods-evaluation)"})
+    pooling_grid: int = field(
+        default=2, metadata={"help": "gem_grid: cells per side (2: a 2 x 2 grid); descriptor_dim must be a "
+                                     "multiple of its square"})
+    adapter: str = field(
+        default="none", metadata={"help": "none, or mulconv: a MulConv adapter beside every encoder block's MLP, and "
+                                          "of the encoder only the adapters train (MutualVPR; models.adapters)"})
 
     def validate(self) -> None:
         spec = encoder_spec(self.name)
@@ -300,20 +317,20 @@ class GlobalDescriptorModel(nn.Module):
 
 
 def build_model(cfg: EncoderConfig, load_encoder_weights: bool = True) -> GlobalDescriptorModel:
-    """The model `cfg` describes; encoder weights from `cfg.checkpoint` when given and asked for.
+    """The model `cfg` describes; encoder weights from `cfg.weights` when given and asked for.
 
     `load_encoder_weights=False` gives the bare architecture, e.g. to load a full model
     checkpoint into (models.checkpoint), where the starting weights do not matter.
 
     Raises:
-        ConfigError: `cfg.checkpoint` names a file that is not there (checked before building).
+        ConfigError: `cfg.weights` names a file that is not there (checked before building).
         ValueError: the file's weights do not fit the preset (models.dinov2 names the keys).
     """
     cfg.validate()
     spec = encoder_spec(cfg.name)
     weights = None
-    if load_encoder_weights and cfg.checkpoint is not None:
-        weights = require_weights_file(cfg.checkpoint, spec.release_file)
+    if load_encoder_weights and cfg.weights is not None:
+        weights = require_weights_file(cfg.weights, spec.release_file)
     encoder = spec.build(cfg.image_size)
     if weights is not None:
         load_weights_into(encoder, weights, dinov2=spec.dinov2)

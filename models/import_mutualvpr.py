@@ -101,7 +101,7 @@ def mutualvpr_encoder_config(variant: str, descriptor_dim: int = 512,
                              image_size: int = MUTUALVPR_IMAGE_SIZE) -> EncoderConfig:
     """The encoder config of an imported model: its preset with adapters, GeM, squashed to `image_size` px."""
     return EncoderConfig(name=MUTUALVPR_VARIANTS[variant], image_size=image_size,
-                         descriptor_dim=descriptor_dim, pooling="gem", checkpoint=None, input_norm="imagenet",
+                         descriptor_dim=descriptor_dim, pooling="gem", weights=None, input_norm="imagenet",
                          resize="squash", adapter="mulconv")
 
 

@@ -208,7 +208,7 @@ def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
 def pairvpr_encoder_config(variant: str, descriptor_dim: int = 512) -> EncoderConfig:
     """The encoder config of an imported model: its preset, at Pair-VPR's 322 px, squashed."""
     return EncoderConfig(name=PAIRVPR_VARIANTS[variant].encoder, image_size=PAIRVPR_IMAGE_SIZE,
-                         descriptor_dim=descriptor_dim, pooling="cls", checkpoint=None, input_norm="imagenet",
+                         descriptor_dim=descriptor_dim, pooling="cls", weights=None, input_norm="imagenet",
                          resize="squash")
 
 

@@ -160,7 +160,7 @@ def evaluate_demo(out: Path, trained: Path, num_cpus: int | None, eval_dir: Path
     if not untrained.is_file():  # the same architecture from the recipe's seed, before any training
         import torch
 
-        encoder_cfg = recipe.encoder_config()
+        encoder_cfg = recipe.encoder
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed or recipe.seed)  # the initial weights of the run it is compared with
             save_model_checkpoint(build_model(encoder_cfg), encoder_cfg, untrained)

@@ -17,7 +17,7 @@ stay stable where the split agrees).
 
 With --untrained-model RECIPE (a stage-2 training config, e.g. configs/mutualvpr_vitb.yaml):
 version 0 is a K-means round, as below, with the model that recipe's training starts from,
-before any step: the encoder from its encoder_weights (or init_from), new adapters and
+before any step: the encoder from its encoder.weights (or init_from), new adapters and
 global head drawn from its seed as trainer/train.py draws them.  That model is saved as
 LABELS_DIR/untrained/model-<sha256[:12]>.pt, its resolved recipe beside it (.json), and
 the version records it as its checkpoint.  Like the initial split, this is refused once
@@ -82,7 +82,7 @@ def write_untrained_model(recipe_file: Path, folder: Path) -> Path:
     weights), the resolved recipe beside it as .json; return the model's path.
 
     The weights are those trainer/train.py starts from: torch seeded with the recipe's seed,
-    then `build_finetune_model` (the encoder from encoder_weights or init_from; adapters,
+    then `build_finetune_model` (the encoder from encoder.weights or init_from; adapters,
     GeM and head new), whose global model is drawn before any CosFace row.
     """
     import torch
@@ -100,7 +100,7 @@ def write_untrained_model(recipe_file: Path, folder: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)  # as trainer/train.py before it builds the model
         model = global_model_of(build_finetune_model(recipe, num_classes=1), recipe)
-    encoder_cfg = dataclasses.replace(recipe.encoder_config(), checkpoint=None)  # the weights are in the file
+    encoder_cfg = dataclasses.replace(recipe.encoder, weights=None)  # the weights are in the file
     written = save_model_checkpoint(model, encoder_cfg, folder / f".model-{os.getpid()}.pt")
     try:
         path = folder / f"model-{file_sha256(written)[:12]}.pt"

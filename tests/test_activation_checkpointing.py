@@ -45,8 +45,8 @@ def tiny_config(stage: str, encoder: str, checkpointing: bool, **values) -> Trai
     block(s) trained and at least one frozen."""
     spec = encoder_spec(encoder)
     frozen = spec.depth // 2  # blocks that run without gradients
-    base = {"stage": stage, "encoder": encoder, "image_size": 64 if spec.patch_size == 8 else 56,
-            "decoder": "dec64d2b", "descriptor_dim": 32, "mask_ratio": 0.75, "pairs_per_batch": 3,
+    base = {"stage": stage, "encoder.name": encoder, "encoder.image_size": 64 if spec.patch_size == 8 else 56,
+            "decoder": "dec64d2b", "encoder.descriptor_dim": 32, "mask_ratio": 0.75, "pairs_per_batch": 3,
             "places_per_batch": 3, "images_per_place": 2, "activation_checkpointing": checkpointing}
     if stage == "pretrain":
         base["mim_trainable_last_blocks"] = spec.depth - frozen
@@ -68,7 +68,7 @@ def build(cfg: TrainConfig, weights_from: nn.Module | None = None) -> nn.Module:
 
 def batch_for(cfg: TrainConfig) -> PairBatch | GroupBatch:
     g = torch.Generator().manual_seed(1)
-    size = cfg.image_size
+    size = cfg.encoder.image_size
 
     def images(count: int) -> torch.Tensor:
         return torch.randint(0, 256, (count, 3, size, size), generator=g, dtype=torch.uint8)
@@ -211,8 +211,8 @@ def test_only_blocks_that_build_a_graph_are_checkpointed():
 def test_mulconv_adapters_same_gradients_and_batchnorm_statistics():
     """MutualVPR's model: every block trains (its adapter); the recomputation must not move
     BatchNorm's running statistics a second time."""
-    values = {"adapter": "mulconv", "trainable_last_blocks": 0, "pair_classifier": False, "pair_bce_weight": 0.0,
-              "pooling": "gem"}
+    values = {"encoder.adapter": "mulconv", "trainable_last_blocks": 0, "pair_classifier": False,
+              "pair_bce_weight": 0.0, "encoder.pooling": "gem"}
     plain_cfg = tiny_config("finetune", "vit_tiny_dinov2_test", False, **values)
     checkpointed_cfg = tiny_config("finetune", "vit_tiny_dinov2_test", True, **values)
     plain = build(plain_cfg)

@@ -132,9 +132,10 @@ CASES = [
     Case("train-init-from-missing", "python -m placeforge.trainer.train --init-from FILE", "the file does not exist",
          "placeforge.trainer.train", f"{FINETUNE} {{data}}/mim_missing.pt",
          "mim_missing.pt cannot be read: No such file or directory"),
-    Case("train-dinov2-weights-missing", "python -m placeforge.trainer.train --encoder-weights FILE",
+    Case("train-dinov2-weights-missing", "python -m placeforge.trainer.train --encoder.weights FILE",
          "a DINOv2 recipe whose weight file is not there", "placeforge.trainer.train",
-         f"{PRETRAIN} --encoder vit_tiny_reg4_dinov2_test --image-size 28 --encoder-weights {{data}}/weights/dino.pth",
+         f"{PRETRAIN} --encoder.name vit_tiny_reg4_dinov2_test --encoder.image-size 28 "
+         "--encoder.weights {data}/weights/dino.pth",
          "weights not found at"),
     Case("demo-foreign-city", "placeforge demo --out DIR", "DIR/city/ holds files placeforge did not write",
          "placeforge.pipelines.cli", "demo --preset tiny --out {data}/foreign_demo", "refusing to write into"),
@@ -241,8 +242,8 @@ def test_the_start_checks_pass_a_good_run(inputs: Inputs, tmp_path: Path):
     from placeforge.trainer.train_models import build_pretrain_model, save_mim
     from placeforge.trainer.train_state import DistState
 
-    args = build_parser().parse_args(["--stage", "finetune", "--encoder", "vit_tiny_test", "--decoder", "dec64d2b",
-                                      "--image-size", "56", "--num-workers", "2", "--shards", str(inputs / "shards"),
+    args = build_parser().parse_args(["--stage", "finetune", "--encoder.name", "vit_tiny_test", "--decoder", "dec64d2b",
+                                      "--encoder.image-size", "56", "--num-workers", "2", "--shards", str(inputs / "shards"),
                                       "--labels", str(inputs / "labels"), "--init-from", str(tmp_path / "mim.pt"),
                                       "--out", str(tmp_path / "new" / "run")])
     cfg = config_from_args(TrainConfig, args)

@@ -62,10 +62,10 @@ def test_flop_counter_equals_the_analytic_vit_forward(encoder):
     cfg = bench_config("finetune", encoder)
     device = torch.device("cpu" if encoder in TINY else "meta")  # ViT-B: shapes only
     with torch.device(device):
-        encoder_module = encoder_spec(encoder).build(cfg.image_size)
-        images = torch.zeros(2, 3, cfg.image_size, cfg.image_size)
+        encoder_module = encoder_spec(encoder).build(cfg.encoder.image_size)
+        images = torch.zeros(2, 3, cfg.encoder.image_size, cfg.encoder.image_size)
     counted = counted_flops(lambda: encoder_module.forward_features(images), device)
-    assert counted == 2 * vit_forward_flops(encoder_module, cfg.image_size)
+    assert counted == 2 * vit_forward_flops(encoder_module, cfg.encoder.image_size)
 
 
 def test_stage_flops_count_the_backward_too():

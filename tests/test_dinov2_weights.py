@@ -183,7 +183,7 @@ def test_official_weights_give_the_official_outputs(tiny_presets, tmp_path, pres
     ref = random_reference(preset)
     assert set(ref.state_dict()) == official_keys(2, registers, swiglu)
     path = write_official(ref, tmp_path / "official.pth")
-    model = build_model(EncoderConfig(preset, image_size, 16, "cls", checkpoint=str(path))).eval()
+    model = build_model(EncoderConfig(preset, image_size, 16, "cls", weights=str(path))).eval()
     x = images(image_size)
     with torch.no_grad():
         assert_same_tokens(model.forward_features(x), ref(x), registers)
@@ -209,8 +209,8 @@ def test_timm_safetensors_of_the_same_weights_give_the_same_encoder(tiny_presets
     assert "mask_token" not in timm_state and ("reg_token" in timm_state) == bool(registers)
     save_file({k: v.detach().contiguous().clone() for k, v in timm_state.items()}, tmp_path / "timm.safetensors")
 
-    from_official = build_model(EncoderConfig(preset, 42, checkpoint=str(official))).encoder.state_dict()
-    from_timm = build_model(EncoderConfig(preset, 42, checkpoint=str(tmp_path / "timm.safetensors"))).eval()
+    from_official = build_model(EncoderConfig(preset, 42, weights=str(official))).encoder.state_dict()
+    from_timm = build_model(EncoderConfig(preset, 42, weights=str(tmp_path / "timm.safetensors"))).eval()
     for key, tensor in from_timm.encoder.state_dict().items():
         if key == "mask_token":
             assert not tensor.any()  # timm's files have none: zeros, as the official init
@@ -243,17 +243,17 @@ def test_full_size_official_layouts_map_onto_every_dinov2_preset():
 def test_weights_that_do_not_fit_name_the_keys(tiny_presets, tmp_path):
     with_registers = write_official(random_reference("vit_tiny_reg4_dinov2_test"), tmp_path / "reg.pth")
     with pytest.raises(ValueError, match=r"reg\.pth: official DINOv2-layout.*lacks \['reg_token'\]"):
-        build_model(EncoderConfig("tiny_patch14_dinov2_test", 56, checkpoint=str(with_registers)))
+        build_model(EncoderConfig("tiny_patch14_dinov2_test", 56, weights=str(with_registers)))
     without_registers = write_official(random_reference("tiny_patch14_dinov2_test"), tmp_path / "plain.pth")
     with pytest.raises(ValueError, match=r"not in the file \['reg_token'\]"):
-        build_model(EncoderConfig("vit_tiny_reg4_dinov2_test", 56, checkpoint=str(without_registers)))
+        build_model(EncoderConfig("vit_tiny_reg4_dinov2_test", 56, weights=str(without_registers)))
     with pytest.raises(ValueError, match=r"other shapes: blocks\.0\.attn\.proj\.bias \(64,\) != \(48,\)"):
-        build_model(EncoderConfig("tiny_patch14_reg4_swiglu_dinov2_test", 56, checkpoint=str(with_registers)))
+        build_model(EncoderConfig("tiny_patch14_reg4_swiglu_dinov2_test", 56, weights=str(with_registers)))
     state = torch.load(with_registers, weights_only=True)
     state["blocks.0.attn.q_bias"] = torch.zeros(64)  # a key nobody maps: never silently ignored
     torch.save(state, tmp_path / "extra.pth")
     with pytest.raises(ValueError, match=r"lacks \['blocks\.0\.attn\.q_bias'\]"):
-        build_model(EncoderConfig("vit_tiny_reg4_dinov2_test", 56, checkpoint=str(tmp_path / "extra.pth")))
+        build_model(EncoderConfig("vit_tiny_reg4_dinov2_test", 56, weights=str(tmp_path / "extra.pth")))
 
 
 def test_a_timm_classifier_is_dropped_and_the_rest_loads(tmp_path):
@@ -261,7 +261,7 @@ def test_a_timm_classifier_is_dropped_and_the_rest_loads(tmp_path):
     source = build_model(EncoderConfig("vit_tiny_test", 56)).encoder
     state = {**source.state_dict(), "head.weight": torch.randn(10, 64), "head.bias": torch.zeros(10)}
     torch.save({"model": state}, tmp_path / "classifier.pth")  # wrapped, as timm's training scripts save
-    loaded = build_model(EncoderConfig("vit_tiny_test", 56, checkpoint=str(tmp_path / "classifier.pth")))
+    loaded = build_model(EncoderConfig("vit_tiny_test", 56, weights=str(tmp_path / "classifier.pth")))
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.encoder.state_dict().items())
 
 
@@ -271,7 +271,7 @@ def test_a_timm_classifier_is_dropped_and_the_rest_loads(tmp_path):
 def test_missing_weights_file_says_what_to_download_and_where(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(EncoderSpec, "build", lambda *_: pytest.fail("built a model without its weights"))
-    cfg = EncoderConfig("vit_base_patch14_reg4_dinov2", 224, checkpoint="weights/dinov2_vitb14_reg4_pretrain.pth")
+    cfg = EncoderConfig("vit_base_patch14_reg4_dinov2", 224, weights="weights/dinov2_vitb14_reg4_pretrain.pth")
     with pytest.raises(ConfigError) as error:
         build_model(cfg)
     message = str(error.value)
@@ -284,9 +284,9 @@ def test_missing_weights_file_says_what_to_download_and_where(tmp_path, monkeypa
 @pytest.mark.parametrize("recipe", ["pretrain_vitb.yaml", "finetune_vitb.yaml"])
 def test_published_recipes_name_the_official_file_and_stop_without_it(tmp_path, monkeypatch, recipe):
     cfg = from_mapping(TrainConfig, load_file(REPO / "configs" / recipe), where=recipe)
-    spec = encoder_spec(cfg.encoder)
+    spec = encoder_spec(cfg.encoder.name)
     assert spec.release_file == "dinov2_vitb14_reg4_pretrain.pth"  # Pair-VPR's dinov2_vitb14_reg
-    assert cfg.encoder_weights == f"weights/{spec.release_file}"
+    assert cfg.encoder.weights == f"weights/{spec.release_file}"
     monkeypatch.chdir(tmp_path)  # no weights/ here
     monkeypatch.setattr(EncoderSpec, "build", lambda *_: pytest.fail("built a model without its weights"))
     with pytest.raises(ConfigError, match="DINOv2 weights not found at .*download dinov2_vitb14_reg4_pretrain"):
@@ -297,11 +297,11 @@ def test_published_recipes_name_the_official_file_and_stop_without_it(tmp_path, 
 
 
 def test_stage2_with_a_stage1_export_does_not_read_the_dinov2_file(tmp_path):
-    stage1 = TrainConfig(encoder="vit_tiny_reg4_dinov2_test", image_size=56, decoder="dec64d2b")
+    stage1 = TrainConfig(encoder=EncoderConfig("vit_tiny_reg4_dinov2_test", 56), decoder="dec64d2b")
     mim = build_pretrain_model(stage1)
     export = save_mim(mim, stage1, tmp_path / "mim_epoch0000.pt")
-    stage2 = TrainConfig(stage="finetune", encoder="vit_tiny_reg4_dinov2_test", image_size=70, decoder="dec64d2b",
-                         encoder_weights=str(tmp_path / "absent.pth"), init_from=str(export))
+    stage2 = TrainConfig(stage="finetune", decoder="dec64d2b", init_from=str(export),
+                         encoder=EncoderConfig("vit_tiny_reg4_dinov2_test", 70, weights=str(tmp_path / "absent.pth")))
     model = build_finetune_model(stage2, num_classes=1)
     encoder = model.global_model.encoder
     assert encoder.pos_embed.shape == (1, 25, 64)  # patch positions only (registers have none), 4x4 -> 5x5
@@ -310,11 +310,11 @@ def test_stage2_with_a_stage1_export_does_not_read_the_dinov2_file(tmp_path):
 
 
 def test_a_dinov2_preset_without_weights_is_refused_unless_random_is_asked_for():
-    with pytest.raises(ValueError, match="encoder_weights is not set: set it to your copy of "
+    vitb = EncoderConfig("vit_base_patch14_reg4_dinov2", 224)
+    with pytest.raises(ValueError, match="encoder.weights is not set: set it to your copy of "
                                          "dinov2_vitb14_reg4_pretrain.pth.*encoder_init: random"):
-        TrainConfig(encoder="vit_base_patch14_reg4_dinov2", image_size=224).validate()
-    TrainConfig(encoder="vit_base_patch14_reg4_dinov2", image_size=224, encoder_init="random").validate()
-    TrainConfig(encoder="vit_base_patch14_reg4_dinov2", image_size=224, encoder_weights="w.pth").validate()
-    TrainConfig(stage="finetune", encoder="vit_base_patch14_reg4_dinov2", image_size=224,  # from a stage-1 export
-                init_from="mim_epoch0000.pt").validate()
-    TrainConfig(encoder="vit_tiny_reg4_dinov2_test", image_size=56).validate()  # no release: nothing to load
+        TrainConfig(encoder=vitb).validate()
+    TrainConfig(encoder=vitb, encoder_init="random").validate()
+    TrainConfig(encoder=EncoderConfig("vit_base_patch14_reg4_dinov2", 224, weights="w.pth")).validate()
+    TrainConfig(stage="finetune", encoder=vitb, init_from="mim_epoch0000.pt").validate()  # from a stage-1 export
+    TrainConfig(encoder=EncoderConfig("vit_tiny_reg4_dinov2_test", 56)).validate()  # no release: nothing to load

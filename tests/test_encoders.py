@@ -189,7 +189,7 @@ def test_encoder_weights_load_from_a_local_timm_file(tmp_path):
     torch.manual_seed(2)
     source = build_model(EncoderConfig()).encoder
     torch.save(source.state_dict(), tmp_path / "encoder.pth")
-    model = build_model(EncoderConfig(checkpoint=str(tmp_path / "encoder.pth")))
+    model = build_model(EncoderConfig(weights=str(tmp_path / "encoder.pth")))
     assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from placeforge.models.encoders import EncoderConfig
 from placeforge.trainer.batches import GroupBatch
 from placeforge.trainer.engine import finetune_step
 from placeforge.trainer.mining import MiningGroup, mining_group
@@ -35,8 +36,8 @@ SETTINGS = {
 
 
 def tiny_cfg(**overrides) -> TrainConfig:
-    return TrainConfig(stage="finetune", encoder="vit_tiny_test", decoder="dec64d2b", image_size=56,
-                       descriptor_dim=32, trainable_last_blocks=2, mining_scope="global", **overrides)
+    return TrainConfig(stage="finetune", encoder=EncoderConfig("vit_tiny_test", 56, 32), decoder="dec64d2b",
+                       trainable_last_blocks=2, mining_scope="global", **overrides)
 
 
 def whole_batch() -> GroupBatch:

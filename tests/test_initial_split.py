@@ -83,21 +83,22 @@ def test_the_initial_setting_is_checked_and_recorded_by_name():
 # --- the untrained model, no Ray -----------------------------------------------------------
 
 TINY_MUTUALVPR = dict(  # configs/mutualvpr_vitb.yaml's model on the tiny DINOv2-shaped encoder
-    stage="finetune", encoder="vit_tiny_dinov2_test", image_size=28, descriptor_dim=16, pooling="gem",
-    adapter="mulconv", trainable_last_blocks=0, pair_classifier=False, ms_weight=0.0, pair_bce_weight=0.0,
-    cosface_scale=60.0, cosface_margin=0.5, images_per_place=1, places_per_batch=4, cosface_groups=3,
-    resize="squash", seed=7)
+    stage="finetune", trainable_last_blocks=0, pair_classifier=False, ms_weight=0.0, pair_bce_weight=0.0,
+    cosface_scale=60.0, cosface_margin=0.5, images_per_place=1, places_per_batch=4, cosface_groups=3, seed=7,
+    encoder=dict(name="vit_tiny_dinov2_test", image_size=28, descriptor_dim=16, pooling="gem", adapter="mulconv",
+                 resize="squash"))
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
     """A recipe file and the encoder weights file it names (timm layout, values far from any init)."""
     folder = tmp_path_factory.mktemp("recipe")
-    encoder = encoder_spec(TINY_MUTUALVPR["encoder"]).build(TINY_MUTUALVPR["image_size"])
+    encoder = encoder_spec(TINY_MUTUALVPR["encoder"]["name"]).build(TINY_MUTUALVPR["encoder"]["image_size"])
     fill_like_trained(encoder, 3, lambda name, p: p.ndim == 1 and ("norm" in name or "gamma" in name))
     torch.save(encoder.state_dict(), folder / "weights.pth")
     path = folder / "mutualvpr_tiny.yaml"
-    path.write_text(yaml.safe_dump({**TINY_MUTUALVPR, "encoder_weights": str(folder / "weights.pth")}))
+    with_weights = {**TINY_MUTUALVPR["encoder"], "weights": str(folder / "weights.pth")}
+    path.write_text(yaml.safe_dump({**TINY_MUTUALVPR, "encoder": with_weights}))
     return path
 
 
@@ -106,8 +107,8 @@ def test_the_untrained_model_is_the_one_training_starts_from(recipe, tmp_path):
     assert path.name == f"model-{file_sha256(path)[:12]}.pt" and path.parent == tmp_path / UNTRAINED_SUBDIR
     model, encoder_cfg = load_model_checkpoint(path)
     cfg = from_mapping(TrainConfig, yaml.safe_load(recipe.read_text()))
-    assert encoder_cfg == dataclasses.replace(cfg.encoder_config(), checkpoint=None)
-    assert json.loads(path.with_suffix(".json").read_text())["encoder_weights"] == cfg.encoder_weights
+    assert encoder_cfg == dataclasses.replace(cfg.encoder, weights=None)
+    assert json.loads(path.with_suffix(".json").read_text())["encoder"]["weights"] == cfg.encoder.weights
 
     torch.manual_seed(cfg.seed)  # as trainer/train.py: seed, then the model with the label version's rows
     trainer_start = global_model_of(build_finetune_model(cfg, 40, group_class_ids=[[0, 1], [2], [3, 4]]), cfg)
@@ -115,7 +116,7 @@ def test_the_untrained_model_is_the_one_training_starts_from(recipe, tmp_path):
     got = model.state_dict()
     assert sorted(got) == sorted(expected)
     assert all(torch.equal(got[name], expected[name]) for name in got)
-    weights = torch.load(Path(cfg.encoder_weights), weights_only=True)
+    weights = torch.load(Path(cfg.encoder.weights), weights_only=True)
     assert all(torch.equal(got[f"encoder.{name}"], tensor) for name, tensor in weights.items())  # DINOv2's
     adapter_up = [name for name in got if ".adapter." in name and name.endswith("weight") and got[name].ndim == 2]
     assert adapter_up and any(not got[name].any() for name in adapter_up)  # a new adapter adds nothing yet

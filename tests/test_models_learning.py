@@ -57,11 +57,13 @@ def test_gem_descriptor_overfits_one_batch():
 
 @pytest.mark.parametrize("pair_trains_encoder", [True, False])
 def test_pair_bce_reaches_the_encoder_only_when_asked(pair_trains_encoder):
+    from placeforge.models.encoders import EncoderConfig
     from placeforge.trainer.train_config import TrainConfig
     from placeforge.trainer.train_models import build_finetune_model
 
     torch.manual_seed(0)
-    cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pair_trains_encoder=pair_trains_encoder)
+    cfg = TrainConfig(stage="finetune", encoder=EncoderConfig(image_size=56, descriptor_dim=16),
+                      pair_trains_encoder=pair_trains_encoder)
     model = build_finetune_model(cfg, num_classes=4)
     out = model(images(4, 56), torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1]))
     pair_bce_loss(out["pair_pos"], out["pair_neg"]).backward()
@@ -74,13 +76,14 @@ def test_pair_bce_reaches_the_encoder_only_when_asked(pair_trains_encoder):
 def test_a_batch_without_positives_still_reaches_every_parameter(pooling):
     """View-class positives can leave a P x K batch with no anchor that has a positive; the
     step must still run one graph over every parameter (ranks must agree) and add no pair loss."""
+    from placeforge.models.encoders import EncoderConfig
     from placeforge.trainer.batches import GroupBatch
     from placeforge.trainer.engine import finetune_step
     from placeforge.trainer.train_config import TrainConfig
     from placeforge.trainer.train_models import build_finetune_model
 
     torch.manual_seed(0)
-    cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pooling=pooling)
+    cfg = TrainConfig(stage="finetune", encoder=EncoderConfig(image_size=56, descriptor_dim=16, pooling=pooling))
     model = build_finetune_model(cfg, num_classes=8)
     assert model.cosface.weight.shape == (8, 16)
     pixels = torch.randint(0, 256, (4, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

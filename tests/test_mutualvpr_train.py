@@ -20,6 +20,7 @@ import torch
 
 from placeforge.clustering.cells import assign_cells, group_of_cell
 from placeforge.clustering.labels import label_table, write_label_set
+from placeforge.models.encoders import EncoderConfig
 from placeforge.models.heads import CosFaceGroups
 from placeforge.raysession import free_port
 from placeforge.shards.reader import PlaceSample
@@ -43,8 +44,8 @@ from tests.shardsets import write_shard_set
 
 def mutualvpr_tiny(**overrides) -> TrainConfig:
     """configs/mutualvpr_vitb.yaml's training rules on the tiny DINOv2-shaped test encoder."""
-    values = dict(stage="finetune", labels="x", encoder="vit_tiny_dinov2_test", encoder_init="random", image_size=28,
-                  descriptor_dim=16, pooling="gem", adapter="mulconv", trainable_last_blocks=0, pair_classifier=False,
+    values = dict(stage="finetune", labels="x", encoder_init="random", trainable_last_blocks=0, pair_classifier=False,
+                  encoder=EncoderConfig("vit_tiny_dinov2_test", 28, 16, "gem", adapter="mulconv"),
                   ms_weight=0.0, pair_bce_weight=0.0, cosface_scale=60.0, cosface_margin=0.5, images_per_place=1,
                   places_per_batch=4, base_lr=1e-5, classifier_lr=1e-2, lr_scaling="none", layer_decay=1.0,
                   weight_decay=0.0, weight_decay_end=0.0, cosface_groups=3)
@@ -152,7 +153,8 @@ def test_adapters_train_and_no_dinov2_weight_does():
 
 
 def test_without_adapters_the_last_blocks_still_train():
-    cfg = TrainConfig(stage="finetune", labels="x", image_size=28, descriptor_dim=8, trainable_last_blocks=1)
+    cfg = TrainConfig(stage="finetune", labels="x", encoder=EncoderConfig(image_size=28, descriptor_dim=8),
+                      trainable_last_blocks=1)
     model = build_finetune_model(cfg, num_classes=3)
     blocks = {n.split(".")[3] for n, p in model.named_parameters()
               if p.requires_grad and n.startswith("global_model.encoder.blocks.")}
@@ -300,8 +302,9 @@ def digest_of(stdout: str) -> str:
 def tiny_run_args(data: dict) -> list[str]:
     """A 3-epoch MutualVPR-style run (2 groups, 2 steps an epoch) on `write_grouped_data`, no --out."""
     return ["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(data["labels"]),
-            "--encoder", "vit_tiny_dinov2_test", "--encoder-init", "random", "--image-size", "56",
-            "--descriptor-dim", "32", "--pooling", "gem", "--adapter", "mulconv", "--trainable-last-blocks", "0",
+            "--encoder.name", "vit_tiny_dinov2_test", "--encoder-init", "random", "--encoder.image-size", "56",
+            "--encoder.descriptor-dim", "32", "--encoder.pooling", "gem", "--encoder.adapter", "mulconv",
+            "--trainable-last-blocks", "0",
             "--pair-classifier", "false", "--ms-weight", "0", "--pair-bce-weight", "0", "--cosface-scale", "60",
             "--cosface-margin", "0.5", "--cosface-groups", "2", "--places-per-batch", "4", "--images-per-place", "1",
             "--base-lr", "1e-3", "--classifier-lr", "1e-1", "--lr-scaling", "none", "--layer-decay", "1.0",

@@ -21,10 +21,12 @@ def test_first_per_label_by_hand():
 def test_fewer_anchors_keep_the_same_hardest_pairs_and_logits():
     """With 1 anchor per place, the pairs are the full run's rows of each place's first anchor,
     scored exactly as in the full run; the step then runs the classifier on 2 x P pairs, not 2 x B."""
+    from placeforge.models.encoders import EncoderConfig
     from placeforge.trainer.train_config import TrainConfig
     from placeforge.trainer.train_models import build_finetune_model
 
-    cfg = TrainConfig(stage="finetune", image_size=56, descriptor_dim=16, pair_aligned_similarity=True)
+    cfg = TrainConfig(stage="finetune", encoder=EncoderConfig(image_size=56, descriptor_dim=16),
+                      pair_aligned_similarity=True)
     place_ids = torch.tensor([7, 7, 7, 2, 2, 2, 4, 4, 4])
     images = torch.rand(9, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     outputs = {}

@@ -70,7 +70,7 @@ def test_stage1_encodes_patches_of_a_registers_encoder():
 
 def test_stage2_pair_classifier_reads_patch_tokens_and_every_trainable_parameter_learns():
     torch.manual_seed(0)
-    cfg = TrainConfig(stage="finetune", encoder=PRESET, image_size=SIZE, decoder="dec64d2b")
+    cfg = TrainConfig(stage="finetune", encoder=EncoderConfig(PRESET, SIZE), decoder="dec64d2b")
     model = build_finetune_model(cfg, num_classes=4)
     place_ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     out = model(images(8), place_ids, place_ids)  # the pair classifier raises if handed 21 tokens

@@ -72,8 +72,8 @@ PAIR_VPR = {
                           encoder="vit_giant_patch14_reg4_dinov2", global_items=96, gpus=8),
 }
 # The same in every size (the size-specific files override only what the table above lists).
-STAGE_ONE = dict(image_size=224, decoder="dec768d12b", mask_ratio=0.9, base_lr=3e-4, min_lr=1e-6,  # _ONE
-                 warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, descriptor_dim=512,
+STAGE_ONE = dict(**{"encoder.image_size": 224, "encoder.descriptor_dim": 512}, decoder="dec768d12b",  # _ONE
+                 mask_ratio=0.9, base_lr=3e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
                  # The mask token over the full grid (pairvpr/models/dinov2.py), sqrt_wrt_1024 over places
                  # (pairvpr/utilities/config.py), layer decay over encoder + decoder with patch_embed_lr_mult
                  # 0.2 (pairvpr/utilities/param_groups.py), adamw_beta1 / adamw_beta2, and no clipping
@@ -83,10 +83,10 @@ STAGE_ONE = dict(image_size=224, decoder="dec768d12b", mask_ratio=0.9, base_lr=3
 # The LR of the top trained encoder block at the published 512 places: 3e-4 x sqrt(512 / 1024) x
 # layer_decay ** 13 (12 decoder blocks above it, and its own), as docs/recipes.md's table gives it.
 TOP_TRAINED_BLOCK_LR = {"pretrain_vitb": 5.4e-5, "pretrain_vitl": 1.09e-4, "pretrain_vitg": 1.09e-4}
-STAGE_TWO = dict(image_size=322, decoder="dec768d12b", images_per_place=4, trainable_last_blocks=6,  # _TWO
+STAGE_TWO = dict(**{"encoder.image_size": 322, "encoder.descriptor_dim": 512, "encoder.pooling": "cls"},
+                 decoder="dec768d12b", images_per_place=4, trainable_last_blocks=6,  # _TWO
                  epochs=10, base_lr=8e-5, lr_scaling="none", warmup_epochs=0, weight_decay=0.05,
                  weight_decay_end=0.05, layer_decay=1.0, pair_bce_weight=2.0, mining_scope="global",
-                 descriptor_dim=512, pooling="cls",
                  # Pair-VPR's losses and schedule (train_stagetwo.py): places as positives, no CosFace, no
                  # reclustering, no clipping, LinearLR from 1 to 0.2 x the LR.
                  positives="place", cosface_weight=0.0, recluster_every_epochs=0, clip_grad=0.0,
@@ -96,13 +96,13 @@ STAGE_TWO = dict(image_size=322, decoder="dec768d12b", images_per_place=4, train
 _MV_ARGS = "myparser.py (defaults)"
 MUTUALVPR = {
     "mutualvpr_vitb": {
-        "encoder": ("vit_base_patch14_dinov2", "train.py: dinov2_vitb14_pretrain.pth, vit_base, no registers"),
-        "encoder_weights": ("weights/dinov2_vitb14_pretrain.pth", "train.py: foundation_model_path"),
-        "adapter": ("mulconv", "backbone/dinov2/block.py; train.py freezes all but 'adapter' parameters"),
+        "encoder.name": ("vit_base_patch14_dinov2", "train.py: dinov2_vitb14_pretrain.pth, vit_base, no registers"),
+        "encoder.weights": ("weights/dinov2_vitb14_pretrain.pth", "train.py: foundation_model_path"),
+        "encoder.adapter": ("mulconv", "backbone/dinov2/block.py; train.py freezes all but 'adapter' parameters"),
         "trainable_last_blocks": (0, "train.py: no DINOv2 weight trains"),
-        "pooling": ("gem", "cosplace_model/cosplace_network.py MutualVPR: L2Norm, GeM, Linear, L2Norm"),
-        "descriptor_dim": (512, f"{_MV_ARGS} --fc_output_dim"),
-        "image_size": (504, f"{_MV_ARGS} --image_size"),
+        "encoder.pooling": ("gem", "cosplace_model/cosplace_network.py MutualVPR: L2Norm, GeM, Linear, L2Norm"),
+        "encoder.descriptor_dim": (512, f"{_MV_ARGS} --fc_output_dim"),
+        "encoder.image_size": (504, f"{_MV_ARGS} --image_size"),
         "pair_classifier": (False, "train.py: CosFace alone"),
         "ms_weight": (0.0, "train.py: CrossEntropyLoss over the classifier's logits only"),
         "pair_bce_weight": (0.0, "train.py"),
@@ -169,14 +169,15 @@ def test_every_size_of_pair_vpr_ships_and_every_shipped_recipe_is_checked():
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_loads_and_names_its_weights_file(name):
+def test_recipe_loads_and_names_its_weights_file(name, caplog):
     cfg = load_recipe(name)
-    release = encoder_spec(cfg.encoder).release_file
+    assert "is now" not in caplog.text, f"{name} uses an old key: {caplog.text}"  # shipped recipes are current
+    release = encoder_spec(cfg.encoder.name).release_file
     if release is not None:  # a DINOv2 preset: the official file, under weights/, never downloaded
-        assert cfg.encoder_weights == f"weights/{release}" and cfg.encoder_init == "pretrained"
+        assert cfg.encoder.weights == f"weights/{release}" and cfg.encoder_init == "pretrained"
     if name in PAIR_VPR:
         published = PAIR_VPR[name]
-        assert cfg.encoder == published["encoder"]
+        assert cfg.encoder.name == published["encoder"]
         same = STAGE_ONE if cfg.stage == "pretrain" else STAGE_TWO
         size_specific = {k: published[k] for k in ("epochs", "layer_decay", "mim_trainable_last_blocks")
                          if k in published}
@@ -191,19 +192,20 @@ def test_recipe_loads_and_names_its_weights_file(name):
 @pytest.mark.parametrize("name", RECIPES)
 def test_encoder_has_its_published_size(name):
     cfg, model = built(name)
-    expected, tolerance = ENCODER_PARAMS[cfg.encoder]
+    expected, tolerance = ENCODER_PARAMS[cfg.encoder.name]
     params = dict(model_encoder(model).named_parameters())
     count = sum(p.numel() for n, p in params.items() if not is_adapter_parameter(n))
-    assert abs(count - expected) <= tolerance * expected, f"{cfg.encoder}: {count:,} parameters, expected {expected:,}"
+    assert abs(count - expected) <= tolerance * expected, \
+        f"{cfg.encoder.name}: {count:,} parameters, expected {expected:,}"
     adapters = sum(p.numel() for n, p in params.items() if is_adapter_parameter(n))
-    assert adapters == (MULCONV_PARAMS_VITB if cfg.adapter == "mulconv" else 0)
+    assert adapters == (MULCONV_PARAMS_VITB if cfg.encoder.adapter == "mulconv" else 0)
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_trainable_encoder_blocks(name):
     cfg, model = built(name)
     encoder = model_encoder(model)
-    if cfg.adapter == "mulconv":  # MutualVPR: of the encoder, the adapters and nothing else
+    if cfg.encoder.adapter == "mulconv":  # MutualVPR: of the encoder, the adapters and nothing else
         trained = {n for n, p in encoder.named_parameters() if p.requires_grad}
         assert trained and trained == {n for n, _ in encoder.named_parameters() if is_adapter_parameter(n)}
         assert all(".mlp.adapter." in n for n in trained) and len({n.split(".")[1] for n in trained}) == 12

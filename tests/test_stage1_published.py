@@ -22,6 +22,7 @@ from torch import nn
 
 from placeforge.config import from_mapping
 from placeforge.models.decoder import patch_grid, random_patch_mask
+from placeforge.models.encoders import EncoderConfig
 from placeforge.trainer.engine import adam_betas, build_optimizer
 from placeforge.trainer.schedules import LR_SCALINGS, set_optimizer_values, sqrt_lr_for_places
 from placeforge.trainer.train_config import TrainConfig
@@ -29,11 +30,13 @@ from placeforge.trainer.train_models import build_finetune_model, build_pretrain
 from tests.test_dinov2_weights import VARIANTS, random_reference, write_official
 from tests.test_train import data, pretrain_args, steps_of, train  # noqa: F401 - `data` is a fixture
 
-TINY = dict(image_size=56, decoder="dec64d2b", descriptor_dim=16)  # a 4 x 4 patch grid at patch 14
+
+def tiny_encoder(name: str = "vit_tiny_test", weights: str | None = None) -> EncoderConfig:
+    return EncoderConfig(name, 56, 16, weights=weights)  # a 4 x 4 patch grid at patch 14
 
 
-def tiny_stage1(encoder: str = "vit_tiny_test", **overrides) -> TrainConfig:
-    return TrainConfig(encoder=encoder, **TINY, **overrides)
+def tiny_stage1(encoder: str = "vit_tiny_test", weights: str | None = None, **overrides) -> TrainConfig:
+    return TrainConfig(encoder=tiny_encoder(encoder, weights), decoder="dec64d2b", **overrides)
 
 
 def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -107,7 +110,7 @@ def test_mask_token_comes_from_the_official_dinov2_file(tmp_path):
     assert VARIANTS["vit_tiny_reg4_dinov2_test"] == (4, False)  # Pair-VPR's layout: registers, no SwiGLU
     ref = random_reference("vit_tiny_reg4_dinov2_test")
     path = write_official(ref, tmp_path / "official.pth")
-    cfg = tiny_stage1("vit_tiny_reg4_dinov2_test", mim_masking="mask_token", encoder_weights=str(path))
+    cfg = tiny_stage1("vit_tiny_reg4_dinov2_test", weights=str(path), mim_masking="mask_token")
     mim = build_pretrain_model(cfg)
     assert mim.patch_mask_token() is mim.encoder.mask_token  # DINOv2's, not a new one
     assert torch.equal(mim.encoder.mask_token, ref.mask_token) and not torch.equal(ref.mask_token, 0 * ref.mask_token)
@@ -119,7 +122,7 @@ def test_a_stage1_mask_token_of_its_own_does_not_block_stage2(tmp_path):
     mim = build_pretrain_model(stage1)
     assert "mask_token" in mim.state_dict() and not hasattr(mim.encoder, "mask_token")
     export = save_mim(mim, stage1, tmp_path / "mim_epoch0000.pt")
-    stage2 = TrainConfig(stage="finetune", encoder="vit_tiny_test", init_from=str(export), **TINY)
+    stage2 = TrainConfig(stage="finetune", encoder=tiny_encoder(), decoder="dec64d2b", init_from=str(export))
     model = build_finetune_model(stage2, num_classes=1)
     assert torch.equal(model.global_model.encoder.blocks[0].attn.qkv.weight, mim.encoder.blocks[0].attn.qkv.weight)
     load_mim(build_pretrain_model(stage1), export)  # and a stage-1 model of the same recipe takes it whole

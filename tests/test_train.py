@@ -19,6 +19,7 @@ import torch
 
 from placeforge.clustering.labels import label_table, write_label_set
 from placeforge.fileio import output_lock
+from placeforge.models.encoders import EncoderConfig
 from placeforge.raysession import free_port
 from placeforge.trainer.engine import build_optimizer, grow_cosface
 from placeforge.trainer.train_config import TrainConfig, deepspeed_config
@@ -27,7 +28,8 @@ from tests.shardsets import write_shard_set
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--encoder", "vit_tiny_test", "--decoder", "dec64d2b", "--image-size", "56", "--descriptor-dim", "32",
+TINY = ["--encoder.name", "vit_tiny_test", "--decoder", "dec64d2b", "--encoder.image-size", "56",
+        "--encoder.descriptor-dim", "32",
         "--num-workers", "0", "--warmup-epochs", "0", "--lr-scaling", "none", "--base-lr", "1e-3",
         "--layer-decay", "1.0", "--weight-decay", "0.0", "--weight-decay-end", "0.0", "--clip-grad", "1.0"]
 
@@ -196,7 +198,8 @@ def test_deepspeed_config_follows_the_train_config():
 def test_growing_cosface_keeps_rows_and_adam_moments():
     from placeforge.trainer.train_models import build_finetune_model
 
-    cfg = TrainConfig(stage="finetune", labels="x", image_size=28, descriptor_dim=8, trainable_last_blocks=1)
+    cfg = TrainConfig(stage="finetune", labels="x", encoder=EncoderConfig(image_size=28, descriptor_dim=8),
+                      trainable_last_blocks=1)
     model = build_finetune_model(cfg, num_classes=3)
     optimizer = build_optimizer(model, cfg)
     model.cosface.weight.sum().backward()

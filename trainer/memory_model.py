@@ -77,7 +77,7 @@ class ModelStateBytes:
 
 def build_on_meta(cfg: TrainConfig, num_classes: int = 1) -> nn.Module:
     """The stage's training model (trainer.train_models) on the meta device: shapes only, no
-    memory, no weights read (neither `encoder_weights` nor stage 2's `init_from`)."""
+    memory, no weights read (neither `encoder.weights` nor stage 2's `init_from`)."""
     with torch.device("meta"):
         if cfg.stage == "pretrain":
             return build_pretrain_model(cfg, load_encoder_weights=False)
@@ -185,7 +185,7 @@ def activation_elements_per_item(model: nn.Module, cfg: TrainConfig) -> Activati
     (none without a pair classifier).
     """
     encoder = model_encoder(model)
-    patches = (cfg.image_size // encoder.patch_embed.patch_size[0]) ** 2  # N, square images
+    patches = (cfg.encoder.image_size // encoder.patch_embed.patch_size[0]) ** 2  # N, square images
     prefix = encoder.num_prefix_tokens
     if isinstance(model, SiameseMIM):
         # mask_token: the encoder runs over the full grid; drop: over the visible patches only

@@ -87,7 +87,7 @@ class Run:
         with self.gathered():
             if self.dist.is_main:
                 module = self.engine.module
-                encoder_cfg = dataclasses.replace(self.cfg.encoder_config(), checkpoint=None)
+                encoder_cfg = dataclasses.replace(self.cfg.encoder, weights=None)
                 # Not `.float()` on the modules: that would cast the engine's bf16 weights in place;
                 # save_model_checkpoint writes float32 copies.
                 save_model_checkpoint(global_model_of(module, self.cfg), encoder_cfg, path,
@@ -124,8 +124,9 @@ class Run:
 
                 module = self.engine.module
                 pair = getattr(module, "pair", None) if self.cfg.stage == "finetune" else None
-                result = validate(global_model_of(module, self.cfg), pair, self.validation, self.cfg.image_size,
-                                  self.cfg.resize, self.device, self.cfg.val_rerank_top_k)
+                encoder = self.cfg.encoder
+                result = validate(global_model_of(module, self.cfg), pair, self.validation, encoder.image_size,
+                                  encoder.resize, self.device, self.cfg.val_rerank_top_k)
         if self.dist.is_main:
             from placeforge.trainer.validation import record_validation
 

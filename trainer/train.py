@@ -121,7 +121,7 @@ def epoch_loader(cfg: TrainConfig, dist: DistState, epoch: int, label_version: i
     geometry = BatchGeometry(cfg.pairs_per_batch, cfg.places_per_batch, cfg.images_per_place)
     return make_loader(cfg.shards, "pairs" if cfg.stage == "pretrain" else "groups", rank=dist.rank,
                        world_size=dist.world_size, num_workers=cfg.num_workers, geometry=geometry,
-                       image_size=cfg.image_size, epoch=epoch, seed=cfg.seed,
+                       image_size=cfg.encoder.image_size, epoch=epoch, seed=cfg.seed,
                        labels_dir=cfg.labels if cfg.stage == "finetune" else None, label_version=label_version,
                        pin_memory=torch.cuda.is_available(), augment=cfg.augment,
                        pairing=cfg.pair_rule(), one_pair_per_place=cfg.pair_one_per_place,
@@ -191,8 +191,8 @@ def check_start(cfg: TrainConfig, dist: DistState) -> None:
     check_enough_shards(len(ShardSet.open(cfg.shards).urls), dist.world_size, cfg.num_workers)
     if cfg.stage == "finetune" and cfg.init_from:
         check_stage1_export(cfg.init_from)
-    elif cfg.encoder_weights:  # a recipe that starts from DINOv2 never silently starts from random weights
-        require_weights_file(cfg.encoder_weights, encoder_spec(cfg.encoder).release_file)
+    elif cfg.encoder.weights:  # a recipe that starts from DINOv2 never silently starts from random weights
+        require_weights_file(cfg.encoder.weights, encoder_spec(cfg.encoder.name).release_file)
 
 
 def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> int:

@@ -21,7 +21,7 @@ from typing import ClassVar, Literal
 
 from placeforge.config import Moved, moved
 from placeforge.models.decoder import DECODERS
-from placeforge.models.encoders import ENCODERS, EncoderConfig, encoder_spec
+from placeforge.models.encoders import EncoderConfig, encoder_spec
 from placeforge.trainer.augment import AugmentConfig
 from placeforge.trainer.pairs import PairRule
 from placeforge.trainer.schedules import LR_SCALINGS
@@ -35,6 +35,10 @@ def _scale_from_min(scale_min: float) -> list[float]:
 class TrainConfig:
     # Keys of older recipe files and runs' train_config.json, read at their new place (placeforge.config.migrate).
     MOVED: ClassVar[dict[str, Moved]] = {
+        "encoder": moved("encoder.name"),
+        "encoder_weights": moved("encoder.weights"),
+        **{key: moved(f"encoder.{key}") for key in ("image_size", "descriptor_dim", "pooling", "pooling_grid",
+                                                     "input_norm", "resize", "adapter")},
         "finetune_augment": moved("augment.pipeline"),
         "finetune_crop_scale_min": moved("augment.scale", convert=_scale_from_min),
         "finetune_color_jitter": moved("augment.brightness", "augment.contrast", "augment.saturation"),
@@ -47,28 +51,11 @@ class TrainConfig:
     labels: str = field(default="", metadata={"help": "label-set folder (finetune: view classes for CosFace)"})
     out: str = field(default="runs/train", metadata={"help": "output folder: config, metrics, checkpoints, exports"})
     # ---- model ----
-    encoder: str = field(default="vit_tiny_test", metadata={"help": f"encoder preset: {', '.join(ENCODERS)}"})
-    image_size: int = field(default=112, metadata={"help": "training image side, pixels (224 stage 1, 322 stage 2)"})
-    descriptor_dim: int = field(default=512, metadata={"help": "global descriptor dimension"})
-    pooling: Literal["cls", "gem", "gem_grid"] = field(
-        default="cls", metadata={"help": "global head input: class token (Pair-VPR), GeM over patch tokens "
-                                         "(MutualVPR), or gem_grid: GeM per cell of a grid over the view, "
-                                         "the cells' descriptors concatenated (not in either paper)"})
-    pooling_grid: int = field(default=2, metadata={"help": "gem_grid: cells per side (2: a 2 x 2 grid); "
-                                                           "descriptor_dim must be a multiple of its square"})
-    input_norm: Literal["imagenet", "per_image"] = field(
-        default="imagenet", metadata={"help": "encoder input: ImageNet-normalised, or each image's channels "
-                                              "standardised (per_image)"})
-    resize: Literal["crop", "squash", "short_side"] = field(
-        default="crop", metadata={"help": "how exported models (and validation during training) resize images at "
-                                          "inference: crop the centre of the short-side resize, squash the whole "
-                                          "view to a square, or short_side: resize the short side to image_size and "
-                                          "keep the aspect ratio (gmberton/VPR-methods-evaluation)"})
-    encoder_weights: str | None = field(
-        default=None, metadata={"help": "local encoder weights to start from: the official DINOv2 .pth or timm's "
-                                        "safetensors (a relative path is resolved against the working directory)"})
+    encoder: EncoderConfig = field(
+        default_factory=EncoderConfig, metadata={"help": "the global-descriptor model (models.encoders): preset, "
+                                                         "image size, descriptor, pooling, starting weights"})
     encoder_init: Literal["pretrained", "random"] = field(
-        default="pretrained", metadata={"help": "a DINOv2 preset starts from encoder_weights (pretrained), or from "
+        default="pretrained", metadata={"help": "a DINOv2 preset starts from encoder.weights (pretrained), or from "
                                                 "random weights only when asked for (random)"})
     decoder: str = field(default="dec64d2b", metadata={"help": f"decoder preset: {', '.join(DECODERS)}"})
     mask_ratio: float = field(default=0.9, metadata={"help": "share of image 1's patches masked in stage 1"})
@@ -85,10 +72,6 @@ class TrainConfig:
     trainable_last_blocks: int = field(
         default=6, metadata={"help": "stage 2: encoder blocks trained, counted from the top (-1: all; 0 with "
                                      "adapter mulconv, whose encoder trains only its adapters)"})
-    adapter: Literal["none", "mulconv"] = field(
-        default="none", metadata={"help": "stage 2: none, or mulconv: a MulConv adapter beside every encoder block's "
-                                          "MLP, and of the encoder only the adapters train (MutualVPR; "
-                                          "models.adapters)"})
     # ---- batches ----
     pairs_per_batch: int = field(default=32, metadata={"help": "stage 1: place pairs per rank per step"})
     places_per_batch: int = field(default=16, metadata={"help": "stage 2: places P per rank per step"})
@@ -231,12 +214,12 @@ class TrainConfig:
     log_every: int = field(default=1, metadata={"help": "write a metrics line every N steps"})
 
     def validate(self) -> None:
-        self.encoder_config().validate()
-        release = encoder_spec(self.encoder).release_file
+        self.encoder.validate()
+        release = encoder_spec(self.encoder.name).release_file
         starts_from_weights = not (self.stage == "finetune" and self.init_from)  # else from the stage-1 export
-        if release and starts_from_weights and not self.encoder_weights and self.encoder_init == "pretrained":
-            raise ValueError(f"encoder {self.encoder} starts from DINOv2 weights but encoder_weights is not set: "
-                             f"set it to your copy of {release} (never downloaded), or set encoder_init: random "
+        if release and starts_from_weights and not self.encoder.weights and self.encoder_init == "pretrained":
+            raise ValueError(f"encoder {self.encoder.name} starts from DINOv2 weights but encoder.weights is not "
+                             f"set: set it to your copy of {release} (never downloaded), or set encoder_init: random "
                              "to train from random weights on purpose")
         if self.decoder not in DECODERS:
             raise ValueError(f"unknown decoder {self.decoder!r}; valid: {', '.join(DECODERS)}")
@@ -295,9 +278,9 @@ class TrainConfig:
 
     def _check_mutualvpr_options(self) -> None:
         """Adapters, no pair classifier, a classifier LR and CosPlace groups."""
-        if self.adapter != "none" and (self.stage != "finetune" or self.trainable_last_blocks != 0):
-            raise ValueError(f"adapter {self.adapter} needs stage finetune and trainable_last_blocks 0 (of the "
-                             "encoder only the adapters train)")
+        if self.encoder.adapter != "none" and (self.stage != "finetune" or self.trainable_last_blocks != 0):
+            raise ValueError(f"encoder.adapter {self.encoder.adapter} needs stage finetune and trainable_last_blocks 0 "
+                             "(of the encoder only the adapters train)")
         if not self.pair_classifier and (self.stage != "finetune" or self.pair_bce_weight or self.rerank_global_weight
                                          or self.pair_aligned_similarity):
             raise ValueError("pair_classifier false needs stage finetune, pair_bce_weight 0, rerank_global_weight 0 "
@@ -317,11 +300,6 @@ class TrainConfig:
             raise ValueError("shards is required (a shard set folder, --shards)")
         if self.stage == "finetune" and not self.labels:
             raise ValueError("stage finetune needs labels (a label-set folder, --labels)")
-
-    def encoder_config(self) -> EncoderConfig:
-        """The global-descriptor architecture (what models.checkpoint exports record)."""
-        return EncoderConfig(self.encoder, self.image_size, self.descriptor_dim, self.pooling, self.encoder_weights,
-                             self.input_norm, self.resize, self.pooling_grid, self.adapter)
 
     def pair_rule(self) -> PairRule:
         """Stage 1: which two images of a place make a pair (trainer.data.make_loader's `pairing`)."""

@@ -39,19 +39,19 @@ def build_decoder(cfg: TrainConfig, encoder: nn.Module) -> SiameseMIMDecoder:
 
 
 def build_mim(cfg: TrainConfig, load_encoder_weights: bool = True, masking: str = "drop") -> SiameseMIM:
-    """The encoder (DINOv2 weights when `encoder_weights` is set) and a new decoder, every
+    """The encoder (DINOv2 weights when `encoder.weights` is set) and a new decoder, every
     parameter trainable but DINOv2's mask token (models.dinov2.add_mask_token).
 
     Raises:
-        ConfigError: `encoder_weights` names a file that is not there (nothing is trained from
+        ConfigError: `encoder.weights` names a file that is not there (nothing is trained from
             random weights in its place).
     """
-    release = encoder_spec(cfg.encoder).release_file
-    if load_encoder_weights and release and not cfg.encoder_weights:  # only with encoder_init: random
+    release = encoder_spec(cfg.encoder.name).release_file
+    if load_encoder_weights and release and not cfg.encoder.weights:  # only with encoder_init: random
         log.warning("encoder %s starts from RANDOM weights (encoder_init: random; the published recipes "
-                    "start from %s)", cfg.encoder, release)
-    encoder = build_model(cfg.encoder_config(), load_encoder_weights).encoder
-    return SiameseMIM(encoder, build_decoder(cfg, encoder), cfg.input_norm, masking)
+                    "start from %s)", cfg.encoder.name, release)
+    encoder = build_model(cfg.encoder, load_encoder_weights).encoder
+    return SiameseMIM(encoder, build_decoder(cfg, encoder), cfg.encoder.input_norm, masking)
 
 
 def build_pretrain_model(cfg: TrainConfig, load_encoder_weights: bool = True) -> SiameseMIM:
@@ -206,19 +206,19 @@ def build_finetune_model(cfg: TrainConfig, num_classes: int, load_weights: bool 
     With `cosface_groups`, one CosFace classifier per group instead: `group_class_ids` (per group,
     its class ids, trainer.cosface_groups.group_class_ids); None gives every group `num_classes`
     rows (shapes only).  `load_weights` False reads no file (neither `init_from` nor
-    `encoder_weights`): shapes only, as trainer.memory_model builds on the meta device."""
+    `encoder.weights`): shapes only, as trainer.memory_model builds on the meta device."""
     if cfg.pair_classifier or cfg.init_from:
         mim = build_mim(cfg, load_encoder_weights=load_weights and not cfg.init_from)  # init_from replaces them
         if cfg.init_from and load_weights:
             load_mim(mim, cfg.init_from)
-        global_model = build_model(cfg.encoder_config(), load_encoder_weights=False)
+        global_model = build_model(cfg.encoder, load_encoder_weights=False)
         global_model.encoder = mim.encoder  # keep the stage-1 encoder; the head is new
         decoder = mim.decoder if cfg.pair_classifier else None
     else:  # MutualVPR: no stage 1, no pair classifier, so no decoder is built
-        release = encoder_spec(cfg.encoder).release_file
-        if load_weights and release and not cfg.encoder_weights:  # only with encoder_init: random
-            log.warning("encoder %s starts from RANDOM weights (encoder_init: random)", cfg.encoder)
-        global_model, decoder = build_model(cfg.encoder_config(), load_encoder_weights=load_weights), None
+        release = encoder_spec(cfg.encoder.name).release_file
+        if load_weights and release and not cfg.encoder.weights:  # only with encoder_init: random
+            log.warning("encoder %s starts from RANDOM weights (encoder_init: random)", cfg.encoder.name)
+        global_model, decoder = build_model(cfg.encoder, load_encoder_weights=load_weights), None
     freeze_finetune_encoder(global_model.encoder, cfg)
     if cfg.cosface_groups and group_class_ids is None:
         group_class_ids = [list(range(num_classes))] * cfg.cosface_groups
@@ -233,7 +233,7 @@ def freeze_finetune_encoder(encoder: nn.Module, cfg: TrainConfig) -> None:
     """Stage 2's trained encoder parameters.  With `adapter` mulconv: the adapters only, every
     DINOv2 weight frozen, the final norm too, as MutualVPR's train.py (`"adapter" not in name`:
     requires_grad False); else the top `trainable_last_blocks` blocks and the final norm."""
-    if cfg.adapter == "none":
+    if cfg.encoder.adapter == "none":
         freeze_encoder_except_last(encoder, cfg.trainable_last_blocks)
         return
     for name, param in encoder.named_parameters():
@@ -242,19 +242,19 @@ def freeze_finetune_encoder(encoder: nn.Module, cfg: TrainConfig) -> None:
 
 def global_model_of(model: nn.Module, cfg: TrainConfig) -> GlobalDescriptorModel:
     """The encoder + global head to export.  Stage 1 has no head: a fixed-seed random
-    projection stands in (of the class token or GeM, as `cfg.pooling`; good enough to recluster with)."""
+    projection stands in (of the class token or GeM, as `cfg.encoder.pooling`; good enough to recluster with)."""
     if isinstance(model, FinetuneModel):
         return model.global_model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        global_model = GlobalDescriptorModel(model.encoder, cfg.descriptor_dim, cfg.pooling,
-                                             cfg.input_norm, cfg.pooling_grid)  # shares the encoder
+        global_model = GlobalDescriptorModel(model.encoder, cfg.encoder.descriptor_dim, cfg.encoder.pooling,
+                                             cfg.encoder.input_norm, cfg.encoder.pooling_grid)  # shares the encoder
     return global_model
 
 
 def save_mim(mim: SiameseMIM, cfg: TrainConfig, path: str | os.PathLike) -> Path:
     """Write stage-1 weights (encoder.*, decoder.*) with their presets, atomically."""
-    content = {"format": 1, "kind": MIM_KIND, "encoder": cfg.encoder, "decoder": cfg.decoder,
+    content = {"format": 1, "kind": MIM_KIND, "encoder": cfg.encoder.name, "decoder": cfg.decoder,
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in mim.state_dict().items()}}
     return atomic_write(path, lambda tmp: torch.save(content, tmp))
 

@@ -148,8 +148,9 @@ RESUMABLE_CHANGES = frozenset({"shards", "labels", "out", "init_from", "num_work
 def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
     """'key: saved -> current' for every field a resume must not change (empty: resumable).
 
-    Sections compare key by key (`augment.hue: 0.0 -> 0.5`).  A field the saved config lacks (a run from before the field existed) counts as its value in
-    `defaults`: a field is added with the default that keeps the old behaviour.
+    Sections compare key by key (`augment.hue: 0.0 -> 0.5`).  A field the saved config lacks (a
+    run from before the field existed) counts as its value in `defaults`: a field is added with the
+    default that keeps the old behaviour.
     """
     saved, current, defaults = flat_dict(saved), flat_dict(current), flat_dict(defaults or {})
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
