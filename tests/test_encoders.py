@@ -140,6 +140,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == 1 and raw["kind"] == "global_descriptor" and raw["encoder_config"]["pooling"] == "gem_grid"
     del raw["encoder_config"]["pooling_grid"]  # a file from before the grid option reads with its default
+    raw["encoder_config"]["checkpoint"] = raw["encoder_config"].pop("weights")  # and `weights` had that name
     torch.save(raw, tmp_path / "older.pt")
     assert inspect_model_checkpoint(tmp_path / "older.pt") == cfg
 
