@@ -158,8 +158,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: PairBa
         else:
             terms = finetune_step(model, batch, cfg, device)
     terms["loss"].backward()
-    if cfg.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    if cfg.optimizer.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

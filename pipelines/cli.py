@@ -120,7 +120,8 @@ def demo(argv: list[str] | None = None) -> int:
                   "--out", str(finetune)]
         val = out / "city" / "atname" / "val"
         if (val / "queries").is_dir():  # recall during training on the validation split, never on test
-            stage2 += ["--val-database", f"atname:{val / 'database'}", "--val-queries", f"atname:{val / 'queries'}"]
+            stage2 += ["--validation.database", f"atname:{val / 'database'}",
+                       "--validation.queries", f"atname:{val / 'queries'}"]
         if run_training("demo_finetune.yaml", stage2, overrides2):
             return 1
         if not args.no_eval:
@@ -210,7 +211,7 @@ def training_overrides(preset: str, recipe: str, seed: int) -> tuple[dict, dict]
     stage2 = {**RECIPES[recipe]}  # the recipe's stage 2; the tiny city's sizes win over it
     if tiny:
         stage2.update({"places_per_batch": 2, "images_per_place": 2, "num_workers": 1, "epochs": 2,
-                       "cosface_weight": 0.02, "recluster_every_epochs": 1, "val_every_epochs": 1})
+                       "cosface_weight": 0.02, "recluster_every_epochs": 1, "validation.every_epochs": 1})
     if seed:
         stage1, stage2 = {**stage1, "seed": seed}, {**stage2, "seed": seed}
     return stage1, stage2
@@ -242,7 +243,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # cores in all), validated every 4 epochs, every image an anchor of the pair classifier, as
 # measured in docs/benchmarks.md, round 4.
 RECIPES: dict[str, dict[str, int]] = {
-    "demo": {}, "long": {"epochs": 36, "val_every_epochs": 4, "pair_anchors_per_place": 0}}
+    "demo": {}, "long": {"epochs": 36, "validation.every_epochs": 4, "pair_anchors_per_place": 0}}
 
 
 COMMANDS = {

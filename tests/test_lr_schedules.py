@@ -24,7 +24,8 @@ def test_linear_with_warmup_at_its_landmarks():
 def test_every_lr_schedule_name_is_a_config_choice():
     from typing import get_args, get_type_hints
 
+    from placeforge.trainer.sections import OptimizerConfig
     from placeforge.trainer.train_config import TrainConfig
 
-    assert set(get_args(get_type_hints(TrainConfig)["lr_schedule"])) == set(LR_SCHEDULES)
-    assert TrainConfig().lr_schedule == "cosine"  # stage 1 and the demo keep the cosine
+    assert set(get_args(get_type_hints(OptimizerConfig)["lr_schedule"])) == set(LR_SCHEDULES)
+    assert TrainConfig().optimizer.lr_schedule == "cosine"  # stage 1 and the demo keep the cosine

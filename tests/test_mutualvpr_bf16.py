@@ -50,7 +50,7 @@ def test_bf16_run_moves_only_the_epochs_group_classifier(tmp_path):
     data = write_grouped_data(tmp_path)
     out = tmp_path / "run"
     # weight decay 0.05: an inactive classifier stepped at its own LR would shrink
-    run_train([*tiny_run_args(data), "--precision", "bf16", "--weight-decay", "0.05", "--weight-decay-end", "0.05",
+    run_train([*tiny_run_args(data), "--precision", "bf16", "--optimizer.weight-decay", "0.05", "--optimizer.weight-decay-end", "0.05",
                "--out", str(out)])
     steps = steps_of(out)
     assert len(steps) == 6 and all(s["cosface"] > 0 for s in steps)

@@ -36,6 +36,7 @@ from placeforge.trainer.cosface_groups import (
 from placeforge.trainer.data import BatchGeometry, make_loader
 from placeforge.trainer.engine import activate_cosface_group, build_optimizer, finetune_step, regroup_cosface
 from placeforge.trainer.schedules import set_optimizer_values
+from placeforge.trainer.sections import OptimizerConfig
 from placeforge.trainer.train_config import TrainConfig
 from placeforge.trainer.train_models import build_finetune_model
 from tests.conftest import REPO, jpeg_bytes
@@ -47,8 +48,9 @@ def mutualvpr_tiny(**overrides) -> TrainConfig:
     values = dict(stage="finetune", labels="x", encoder_init="random", trainable_last_blocks=0, pair_classifier=False,
                   encoder=EncoderConfig("vit_tiny_dinov2_test", 28, 16, "gem", adapter="mulconv"),
                   ms_weight=0.0, pair_bce_weight=0.0, cosface_scale=60.0, cosface_margin=0.5, images_per_place=1,
-                  places_per_batch=4, base_lr=1e-5, classifier_lr=1e-2, lr_scaling="none", layer_decay=1.0,
-                  weight_decay=0.0, weight_decay_end=0.0, cosface_groups=3)
+                  places_per_batch=4, cosface_groups=3,
+                  optimizer=OptimizerConfig(base_lr=1e-5, classifier_lr=1e-2, lr_scaling="none", layer_decay=1.0,
+                                            weight_decay=0.0, weight_decay_end=0.0))
     cfg = TrainConfig(**{**values, **overrides})
     cfg.validate()
     return cfg
@@ -178,7 +180,7 @@ def test_classifier_lr_follows_the_schedule_at_its_own_peak_and_only_the_active_
     optimizer = build_optimizer(model, cfg)
     activate_cosface_group(model, optimizer, 2)
     for factor in (1.0, 0.3):  # any point of the schedule: the two peaks keep their ratio
-        set_optimizer_values(optimizer, lr=cfg.base_lr * factor, weight_decay=0.0)
+        set_optimizer_values(optimizer, lr=cfg.optimizer.base_lr * factor, weight_decay=0.0)
         lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
         heads = model.cosface_groups.classifiers
         assert lrs[id(heads[2].weight)] == pytest.approx(1e-2 * factor)
@@ -307,9 +309,11 @@ def tiny_run_args(data: dict) -> list[str]:
             "--trainable-last-blocks", "0",
             "--pair-classifier", "false", "--ms-weight", "0", "--pair-bce-weight", "0", "--cosface-scale", "60",
             "--cosface-margin", "0.5", "--cosface-groups", "2", "--places-per-batch", "4", "--images-per-place", "1",
-            "--base-lr", "1e-3", "--classifier-lr", "1e-1", "--lr-scaling", "none", "--layer-decay", "1.0",
-            "--warmup-epochs", "0", "--weight-decay", "0", "--weight-decay-end", "0", "--clip-grad", "0",
-            "--finetune-crop-scale-min", "0.5", "--finetune-color-jitter", "0.7", "--finetune-hue", "0.5",
+            "--optimizer.base-lr", "1e-3", "--optimizer.classifier-lr", "1e-1", "--optimizer.lr-scaling", "none",
+            "--optimizer.layer-decay", "1.0", "--optimizer.warmup-epochs", "0", "--optimizer.weight-decay", "0",
+            "--optimizer.weight-decay-end", "0", "--optimizer.clip-grad", "0", "--augment.scale", "0.5,1.0",
+            "--augment.brightness", "0.7", "--augment.contrast", "0.7", "--augment.saturation", "0.7",
+            "--augment.hue", "0.5",
             "--epochs", "3", "--max-steps-per-epoch", "2", "--num-workers", "0", "--weights-digest"]
 
 

@@ -58,13 +58,13 @@ _TWO = "pairvpr/configs/stagetwo_default_config.yaml"
 # `gpus` the GPU count the recipe is laid out for (its per-rank batch x gpus = the published batch).
 PAIR_VPR = {
     "pretrain_vitb": dict(source=_ONE, encoder="vit_base_patch14_reg4_dinov2", global_items=512, gpus=8,
-                          epochs=500, layer_decay=0.9, mim_trainable_last_blocks=6),
+                          epochs=500, mim_trainable_last_blocks=6, **{"optimizer.layer_decay": 0.9}),
     "pretrain_vitl": dict(source="pairvpr/configs/stageone_vitl_config.yaml",
                           encoder="vit_large_patch14_reg4_dinov2", global_items=512, gpus=4, epochs=1000,
-                          layer_decay=0.95, mim_trainable_last_blocks=12),
+                          mim_trainable_last_blocks=12, **{"optimizer.layer_decay": 0.95}),
     "pretrain_vitg": dict(source="pairvpr/configs/stageone_vitg_config.yaml",
                           encoder="vit_giant_patch14_reg4_dinov2", global_items=512, gpus=8, epochs=1000,
-                          layer_decay=0.95, mim_trainable_last_blocks=20),
+                          mim_trainable_last_blocks=20, **{"optimizer.layer_decay": 0.95}),
     "finetune_vitb": dict(source=_TWO, encoder="vit_base_patch14_reg4_dinov2", global_items=100, gpus=1),
     "finetune_vitl": dict(source="pairvpr/configs/stagetwo_vitl_config.yaml",
                           encoder="vit_large_patch14_reg4_dinov2", global_items=98, gpus=7),
@@ -72,25 +72,28 @@ PAIR_VPR = {
                           encoder="vit_giant_patch14_reg4_dinov2", global_items=96, gpus=8),
 }
 # The same in every size (the size-specific files override only what the table above lists).
-STAGE_ONE = dict(**{"encoder.image_size": 224, "encoder.descriptor_dim": 512}, decoder="dec768d12b",  # _ONE
-                 mask_ratio=0.9, base_lr=3e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
-                 # The mask token over the full grid (pairvpr/models/dinov2.py), sqrt_wrt_1024 over places
-                 # (pairvpr/utilities/config.py), layer decay over encoder + decoder with patch_embed_lr_mult
-                 # 0.2 (pairvpr/utilities/param_groups.py), adamw_beta1 / adamw_beta2, and no clipping
-                 # (train_stageone.py never passes clip_grad to its loss scaler).
-                 mim_masking="mask_token", lr_scaling="sqrt_places", layer_decay_over="encoder_decoder",
-                 patch_embed_lr_scale=0.2, adam_betas=(0.9, 0.999), clip_grad=0.0)
+STAGE_ONE = {"encoder.image_size": 224, "encoder.descriptor_dim": 512, "decoder": "dec768d12b",  # _ONE
+             "mask_ratio": 0.9, "optimizer.base_lr": 3e-4, "optimizer.min_lr": 1e-6, "optimizer.warmup_epochs": 10,
+             "optimizer.weight_decay": 0.04, "optimizer.weight_decay_end": 0.4,
+             # The mask token over the full grid (pairvpr/models/dinov2.py), sqrt_wrt_1024 over places
+             # (pairvpr/utilities/config.py), layer decay over encoder + decoder with patch_embed_lr_mult
+             # 0.2 (pairvpr/utilities/param_groups.py), adamw_beta1 / adamw_beta2, and no clipping
+             # (train_stageone.py never passes clip_grad to its loss scaler).
+             "mim_masking": "mask_token", "optimizer.lr_scaling": "sqrt_places",
+             "optimizer.layer_decay_over": "encoder_decoder", "optimizer.patch_embed_lr_scale": 0.2,
+             "optimizer.adam_betas": (0.9, 0.999), "optimizer.clip_grad": 0.0}
 # The LR of the top trained encoder block at the published 512 places: 3e-4 x sqrt(512 / 1024) x
 # layer_decay ** 13 (12 decoder blocks above it, and its own), as docs/recipes.md's table gives it.
 TOP_TRAINED_BLOCK_LR = {"pretrain_vitb": 5.4e-5, "pretrain_vitl": 1.09e-4, "pretrain_vitg": 1.09e-4}
-STAGE_TWO = dict(**{"encoder.image_size": 322, "encoder.descriptor_dim": 512, "encoder.pooling": "cls"},
-                 decoder="dec768d12b", images_per_place=4, trainable_last_blocks=6,  # _TWO
-                 epochs=10, base_lr=8e-5, lr_scaling="none", warmup_epochs=0, weight_decay=0.05,
-                 weight_decay_end=0.05, layer_decay=1.0, pair_bce_weight=2.0, mining_scope="global",
-                 # Pair-VPR's losses and schedule (train_stagetwo.py): places as positives, no CosFace, no
-                 # reclustering, no clipping, LinearLR from 1 to 0.2 x the LR.
-                 positives="place", cosface_weight=0.0, recluster_every_epochs=0, clip_grad=0.0,
-                 lr_schedule="linear", min_lr=pytest.approx(0.2 * 8e-5))
+STAGE_TWO = {"encoder.image_size": 322, "encoder.descriptor_dim": 512, "encoder.pooling": "cls",  # _TWO
+             "decoder": "dec768d12b", "images_per_place": 4, "trainable_last_blocks": 6, "epochs": 10,
+             "optimizer.base_lr": 8e-5, "optimizer.lr_scaling": "none", "optimizer.warmup_epochs": 0,
+             "optimizer.weight_decay": 0.05, "optimizer.weight_decay_end": 0.05, "optimizer.layer_decay": 1.0,
+             "pair_bce_weight": 2.0, "mining_scope": "global",
+             # Pair-VPR's losses and schedule (train_stagetwo.py): places as positives, no CosFace, no
+             # reclustering, no clipping, LinearLR from 1 to 0.2 x the LR.
+             "positives": "place", "cosface_weight": 0.0, "recluster_every_epochs": 0, "optimizer.clip_grad": 0.0,
+             "optimizer.lr_schedule": "linear", "optimizer.min_lr": pytest.approx(0.2 * 8e-5)}
 # MutualVPR's published settings (Gucci233/MutualVPR at bd373c6) where placeforge keeps them; docs/recipes.md
 # ("Recipe against MutualVPR") names the deviations.
 _MV_ARGS = "myparser.py (defaults)"
@@ -120,17 +123,17 @@ MUTUALVPR = {
         "augment.hue": (0.5, f"{_MV_ARGS} --hue"),
         "epochs": (50, f"{_MV_ARGS} --epochs_num"),
         "max_steps_per_epoch": (10_000, f"{_MV_ARGS} --iterations_per_epoch"),
-        "base_lr": (1e-5, f"{_MV_ARGS} --lr"),
-        "classifier_lr": (1e-2, f"{_MV_ARGS} --classifiers_lr"),
-        "lr_scaling": ("none", "train.py: Adam(lr=args.lr)"),
-        "lr_schedule": ("cosine", "train.py: CosineAnnealingLR(T_max=50)"),
-        "min_lr": (0.0, "train.py: CosineAnnealingLR's eta_min 0"),
-        "warmup_epochs": (0, "train.py"),
-        "weight_decay": (0.0, "train.py: torch.optim.Adam, no weight decay"),
-        "weight_decay_end": (0.0, "train.py"),
-        "layer_decay": (1.0, "train.py: one LR for the model"),
-        "adam_betas": ((0.9, 0.999), "train.py: torch's Adam defaults"),
-        "clip_grad": (0.0, "train.py: no clipping"),
+        "optimizer.base_lr": (1e-5, f"{_MV_ARGS} --lr"),
+        "optimizer.classifier_lr": (1e-2, f"{_MV_ARGS} --classifiers_lr"),
+        "optimizer.lr_scaling": ("none", "train.py: Adam(lr=args.lr)"),
+        "optimizer.lr_schedule": ("cosine", "train.py: CosineAnnealingLR(T_max=50)"),
+        "optimizer.min_lr": (0.0, "train.py: CosineAnnealingLR's eta_min 0"),
+        "optimizer.warmup_epochs": (0, "train.py"),
+        "optimizer.weight_decay": (0.0, "train.py: torch.optim.Adam, no weight decay"),
+        "optimizer.weight_decay_end": (0.0, "train.py"),
+        "optimizer.layer_decay": (1.0, "train.py: one LR for the model"),
+        "optimizer.adam_betas": ((0.9, 0.999), "train.py: torch's Adam defaults"),
+        "optimizer.clip_grad": (0.0, "train.py: no clipping"),
         "recluster_every_epochs": (1, "train.py: K-means before every epoch"),
     },
 }
@@ -179,7 +182,7 @@ def test_recipe_loads_and_names_its_weights_file(name, caplog):
         published = PAIR_VPR[name]
         assert cfg.encoder.name == published["encoder"]
         same = STAGE_ONE if cfg.stage == "pretrain" else STAGE_TWO
-        size_specific = {k: published[k] for k in ("epochs", "layer_decay", "mim_trainable_last_blocks")
+        size_specific = {k: published[k] for k in ("epochs", "optimizer.layer_decay", "mim_trainable_last_blocks")
                          if k in published}
         for key, value in {**same, **size_specific}.items():
             assert setting(cfg, key) == value, f"{name}: {key} {setting(cfg, key)!r}, {published['source']}: {value!r}"
@@ -238,7 +241,7 @@ def test_deepspeed_config(name):
     assert ds["train_batch_size"] == micro * WORLD_SIZE and ds["gradient_accumulation_steps"] == 1
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["zero_optimization"]["stage"] == ZERO_STAGE.get(name, 0) == cfg.zero_stage
-    assert ds["gradient_clipping"] == cfg.clip_grad
+    assert ds["gradient_clipping"] == cfg.optimizer.clip_grad
     if name.endswith("_vitg"):
         assert cfg.precision == "bf16"  # also on a machine where "auto" would not pick it
 
@@ -254,12 +257,12 @@ def parameter_lrs(model: nn.Module, cfg: TrainConfig, peak_lr: float) -> dict[st
 def published_peak_lr(cfg: TrainConfig, gpus: int) -> float:
     """The schedule's peak LR by each rule's own formula: linear over images, Pair-VPR's
     sqrt_wrt_1024 over places (pairvpr/utilities/config.py), or the base LR."""
-    if cfg.lr_scaling == "linear":
-        return cfg.base_lr * cfg.images_per_rank_step() * gpus / 1024
-    if cfg.lr_scaling == "sqrt_places":
+    if cfg.optimizer.lr_scaling == "linear":
+        return cfg.optimizer.base_lr * cfg.images_per_rank_step() * gpus / 1024
+    if cfg.optimizer.lr_scaling == "sqrt_places":
         places = (cfg.pairs_per_batch if cfg.stage == "pretrain" else cfg.places_per_batch) * gpus
-        return cfg.base_lr * math.sqrt(places / 1024)
-    return cfg.base_lr
+        return cfg.optimizer.base_lr * math.sqrt(places / 1024)
+    return cfg.optimizer.base_lr
 
 
 def lr_exponent(local: str, part: str, enc_depth: int, dec_depth: int) -> int:
@@ -299,7 +302,7 @@ def test_effective_lr_per_parameter(name):
     depth = len(model_encoder(model).blocks)
     for param_name, lr in lrs.items():
         local = param_name[len(prefix):] if param_name.startswith(prefix) else None
-        if cfg.layer_decay_over == "encoder_decoder":
+        if cfg.optimizer.layer_decay_over == "encoder_decoder":
             part, rest = ("encoder", local) if local is not None else param_name.split(".", 1)
             exponent = lr_exponent(rest, part, depth, len(model.decoder.blocks))
         elif local is not None and local.startswith("blocks."):
@@ -308,10 +311,11 @@ def test_effective_lr_per_parameter(name):
             exponent = depth + 1
         else:
             exponent = 0
-        scale = cfg.patch_embed_lr_scale if local is not None and local.startswith("patch_embed") else 1.0
-        if param_name.startswith(("cosface.", "cosface_groups.")) and cfg.classifier_lr is not None:
-            scale = cfg.classifier_lr / cfg.base_lr  # the classifiers' own peak (MutualVPR: 1e-2 vs 1e-5)
-        assert lr == pytest.approx(peak * cfg.layer_decay ** exponent * scale, rel=1e-12), param_name
+        opt = cfg.optimizer
+        scale = opt.patch_embed_lr_scale if local is not None and local.startswith("patch_embed") else 1.0
+        if param_name.startswith(("cosface.", "cosface_groups.")) and opt.classifier_lr is not None:
+            scale = opt.classifier_lr / opt.base_lr  # the classifiers' own peak (MutualVPR: 1e-2 vs 1e-5)
+        assert lr == pytest.approx(peak * opt.layer_decay ** exponent * scale, rel=1e-12), param_name
 
     if name in PAIR_VPR and cfg.stage == "pretrain":
         assert peak == pytest.approx(2.12e-4, rel=1e-3)  # 3e-4 x sqrt(512 / 1024), docs/recipes.md
@@ -319,8 +323,8 @@ def test_effective_lr_per_parameter(name):
         assert lrs[f"encoder.blocks.{top}.mlp.fc1.weight"] == pytest.approx(TOP_TRAINED_BLOCK_LR[name], rel=5e-3)
         assert lrs["encoder.norm.weight"] == lrs[f"encoder.blocks.{top}.mlp.fc1.weight"]  # with the top block
         assert lrs["decoder.embed.weight"] == lrs[f"encoder.blocks.{top}.mlp.fc1.weight"]
-        assert lrs["decoder.blocks.11.mlp.fc1.weight"] == pytest.approx(peak * cfg.layer_decay)  # top decoder block
-        assert lrs["decoder.norm.weight"] == pytest.approx(peak * cfg.layer_decay)
+        assert lrs["decoder.blocks.11.mlp.fc1.weight"] == pytest.approx(peak * cfg.optimizer.layer_decay)  # top block
+        assert lrs["decoder.norm.weight"] == pytest.approx(peak * cfg.optimizer.layer_decay)
         assert lrs["decoder.pixel_head.weight"] == pytest.approx(peak)
         first_trained = depth - PAIR_VPR[name]["mim_trainable_last_blocks"]
         assert f"encoder.blocks.{first_trained - 1}.mlp.fc1.weight" not in lrs  # frozen: in no group

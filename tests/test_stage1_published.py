@@ -25,6 +25,7 @@ from placeforge.models.decoder import patch_grid, random_patch_mask
 from placeforge.models.encoders import EncoderConfig
 from placeforge.trainer.engine import adam_betas, build_optimizer
 from placeforge.trainer.schedules import LR_SCALINGS, set_optimizer_values, sqrt_lr_for_places
+from placeforge.trainer.sections import OptimizerConfig
 from placeforge.trainer.train_config import TrainConfig
 from placeforge.trainer.train_models import build_finetune_model, build_pretrain_model, load_mim, save_mim
 from tests.test_dinov2_weights import VARIANTS, random_reference, write_official
@@ -167,21 +168,22 @@ def test_every_parameter_trains_by_default(masking):
 def test_sqrt_scaling_over_places():
     assert sqrt_lr_for_places(3e-4, 512) == pytest.approx(3e-4 / math.sqrt(2))  # 2.12e-4, Pair-VPR's 512
     assert sqrt_lr_for_places(3e-4, 1024) == pytest.approx(3e-4)
-    cfg = tiny_stage1(pairs_per_batch=64, lr_scaling="sqrt_places")
+    cfg = tiny_stage1(pairs_per_batch=64, optimizer=OptimizerConfig(lr_scaling="sqrt_places"))
     assert cfg.peak_lr(world_size=8) == pytest.approx(3e-4 * math.sqrt(64 * 8 / 1024))  # places, not images
     assert cfg.peak_lr(world_size=2) == pytest.approx(3e-4 * math.sqrt(128 / 1024))
     linear = tiny_stage1(pairs_per_batch=64)  # the default: images, linearly
     assert linear.peak_lr(world_size=8) == pytest.approx(3e-4 * 2 * 64 * 8 / 1024)
-    stage2 = TrainConfig(stage="finetune", places_per_batch=20, lr_scaling="sqrt_places", base_lr=1e-4)
+    stage2 = TrainConfig(stage="finetune", places_per_batch=20, optimizer=OptimizerConfig(base_lr=1e-4,
+                                                                                         lr_scaling="sqrt_places"))
     assert stage2.peak_lr(world_size=5) == pytest.approx(1e-4 * math.sqrt(100 / 1024))
-    assert TrainConfig(lr_scaling="none", base_lr=5e-4).peak_lr(world_size=8) == 5e-4
+    assert TrainConfig(optimizer=OptimizerConfig(lr_scaling="none", base_lr=5e-4)).peak_lr(world_size=8) == 5e-4
 
 
 def test_every_lr_scaling_name_is_a_config_choice():
     from typing import get_args, get_type_hints
 
-    assert set(get_args(get_type_hints(TrainConfig)["lr_scaling"])) == set(LR_SCALINGS)
-    assert TrainConfig().lr_scaling == "linear"  # what older runs trained with
+    assert set(get_args(get_type_hints(OptimizerConfig)["lr_scaling"])) == set(LR_SCALINGS)
+    assert TrainConfig().optimizer.lr_scaling == "linear"  # what older runs trained with
 
 
 def pair_vpr_lr_scale(local: str, part: str, enc_depth: int, dec_depth: int, decay: float) -> float:
@@ -204,7 +206,8 @@ def pair_vpr_lr_scale(local: str, part: str, enc_depth: int, dec_depth: int, dec
 
 def test_encoder_decoder_layer_decay_follows_pair_vpr_for_every_parameter():
     torch.manual_seed(0)
-    cfg = tiny_stage1(layer_decay=0.8, layer_decay_over="encoder_decoder", patch_embed_lr_scale=0.2)
+    cfg = tiny_stage1(optimizer=OptimizerConfig(layer_decay=0.8, layer_decay_over="encoder_decoder",
+                                                patch_embed_lr_scale=0.2))
     mim = build_pretrain_model(cfg)  # everything trains: embeddings too
     optimizer = build_optimizer(mim, cfg)
     set_optimizer_values(optimizer, lr=1.0)
@@ -221,7 +224,7 @@ def test_encoder_decoder_layer_decay_follows_pair_vpr_for_every_parameter():
 
 def test_layer_decay_over_the_encoder_stays_as_before():
     torch.manual_seed(0)
-    cfg = tiny_stage1(layer_decay=0.8)
+    cfg = tiny_stage1(optimizer=OptimizerConfig(layer_decay=0.8))
     mim = build_pretrain_model(cfg)
     optimizer = build_optimizer(mim, cfg)
     set_optimizer_values(optimizer, lr=1.0)
@@ -233,17 +236,17 @@ def test_layer_decay_over_the_encoder_stays_as_before():
 
 
 def test_betas_reach_the_optimizer():
-    published = tiny_stage1(adam_betas=(0.9, 0.999))
+    published = tiny_stage1(optimizer=OptimizerConfig(adam_betas=(0.9, 0.999)))
     model = build_pretrain_model(published)
     assert all(g["betas"] == (0.9, 0.999) for g in build_optimizer(model, published).param_groups)
     assert adam_betas(tiny_stage1()) == (0.9, 0.95)  # unset: stage 1 as before the option
     assert adam_betas(TrainConfig(stage="finetune")) == (0.9, 0.999)
-    from_yaml = from_mapping(TrainConfig, {"adam_betas": [0.9, 0.98]})  # a YAML list
-    assert from_yaml.adam_betas == (0.9, 0.98)
-    with pytest.raises(ValueError, match="adam_betas"):
-        from_mapping(TrainConfig, {"adam_betas": "0.9"})
+    from_yaml = from_mapping(TrainConfig, {"optimizer": {"adam_betas": [0.9, 0.98]}})  # a YAML list
+    assert from_yaml.optimizer.adam_betas == (0.9, 0.98)
+    with pytest.raises(ValueError, match="optimizer.adam_betas"):
+        from_mapping(TrainConfig, {"optimizer": {"adam_betas": "0.9"}})
     with pytest.raises(ValueError, match="encoder_decoder needs stage pretrain"):
-        TrainConfig(stage="finetune", layer_decay_over="encoder_decoder").validate()
+        TrainConfig(stage="finetune", optimizer=OptimizerConfig(layer_decay_over="encoder_decoder")).validate()
 
 
 # ---------------------------------------------------------------- end to end
@@ -256,13 +259,13 @@ def test_stage1_as_published_trains_with_deepspeed(data, tmp_path):  # noqa: F81
     the trained ones moved; the checkpoint's AdamW carries the betas."""
     out = tmp_path / "pre"
     train(pretrain_args(data, out, "--epochs", "1", "--max-steps-per-epoch", "3", "--mim-masking", "mask_token",
-                        "--mim-trainable-last-blocks", "2", "--layer-decay", "0.9", "--layer-decay-over",
-                        "encoder_decoder", "--patch-embed-lr-scale", "0.2", "--adam-betas", "0.9,0.999",
-                        "--clip-grad", "0"))
+                        "--mim-trainable-last-blocks", "2", "--optimizer.layer-decay", "0.9",
+                        "--optimizer.layer-decay-over", "encoder_decoder", "--optimizer.patch-embed-lr-scale", "0.2",
+                        "--optimizer.adam-betas", "0.9,0.999", "--optimizer.clip-grad", "0"))
     rows = steps_of(out)
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
     cfg = from_mapping(TrainConfig, json.loads((out / "train_config.json").read_text()))
-    assert (cfg.mim_masking, cfg.mim_trainable_last_blocks, cfg.adam_betas) == ("mask_token", 2, (0.9, 0.999))
+    assert (cfg.mim_masking, cfg.mim_trainable_last_blocks, cfg.optimizer.adam_betas) == ("mask_token", 2, (0.9, 0.999))
     torch.manual_seed(cfg.seed)  # the trainer's initial weights
     start = build_pretrain_model(cfg).state_dict()
     end = torch.load(out / "export" / "mim_epoch0000.pt", weights_only=True)["state_dict"]

@@ -22,6 +22,7 @@ from placeforge.fileio import output_lock
 from placeforge.models.encoders import EncoderConfig
 from placeforge.raysession import free_port
 from placeforge.trainer.engine import build_optimizer, grow_cosface
+from placeforge.trainer.sections import OptimizerConfig
 from placeforge.trainer.train_config import TrainConfig, deepspeed_config
 from tests.conftest import REPO, jpeg_bytes
 from tests.shardsets import write_shard_set
@@ -29,9 +30,9 @@ from tests.shardsets import write_shard_set
 pytestmark = pytest.mark.slow
 
 TINY = ["--encoder.name", "vit_tiny_test", "--decoder", "dec64d2b", "--encoder.image-size", "56",
-        "--encoder.descriptor-dim", "32",
-        "--num-workers", "0", "--warmup-epochs", "0", "--lr-scaling", "none", "--base-lr", "1e-3",
-        "--layer-decay", "1.0", "--weight-decay", "0.0", "--weight-decay-end", "0.0", "--clip-grad", "1.0"]
+        "--encoder.descriptor-dim", "32", "--num-workers", "0", "--optimizer.warmup-epochs", "0",
+        "--optimizer.lr-scaling", "none", "--optimizer.base-lr", "1e-3", "--optimizer.layer-decay", "1.0",
+        "--optimizer.weight-decay", "0.0", "--optimizer.weight-decay-end", "0.0", "--optimizer.clip-grad", "1.0"]
 
 
 def write_shards(root: Path, layout: list[list[tuple[int, int]]]) -> list[int]:
@@ -111,7 +112,7 @@ def pretrain_args(data, out: Path, *extra: str) -> list[str]:
 
 def test_pretrain_loss_goes_down_and_outputs_are_written(data, tmp_path):
     out = tmp_path / "pre"
-    train(pretrain_args(data, out, "--epochs", "3", "--max-steps-per-epoch", "6", "--base-lr", "2e-3",
+    train(pretrain_args(data, out, "--epochs", "3", "--max-steps-per-epoch", "6", "--optimizer.base-lr", "2e-3",
                         "--keep-checkpoints", "2"))
     rows = steps_of(out)
     assert len(rows) == 18 and [r["step"] for r in rows] == list(range(1, 19))
@@ -139,7 +140,7 @@ def test_finetune_from_stage1_loss_goes_down(data, tmp_path):
     out = tmp_path / "fine"
     train(["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(data["labels"]), "--out", str(out),
            "--places-per-batch", "4", "--images-per-place", "4", "--init-from", str(pre / "export/mim_epoch0000.pt"),
-           "--trainable-last-blocks", "2", "--epochs", "4", *TINY, "--base-lr", "1e-3"])
+           "--trainable-last-blocks", "2", "--epochs", "4", *TINY, "--optimizer.base-lr", "1e-3"])
     rows = steps_of(out)
     for key in ("loss", "ms", "pair_bce", "cosface", "lr", "images_per_s", "data_wait_s", "label_version"):
         assert all(key in r for r in rows), key
@@ -178,8 +179,8 @@ def test_a_misspelled_key_fails_with_the_closest_name(data, tmp_path, capsys):
 
 def test_a_diverging_run_stops_with_a_message_and_a_checkpoint(data, tmp_path):
     out = tmp_path / "nan"
-    result = train(pretrain_args(data, out, "--epochs", "1", "--max-steps-per-epoch", "6", "--base-lr", "1e30",
-                                 "--clip-grad", "0"), expect_rc=3)
+    result = train(pretrain_args(data, out, "--epochs", "1", "--max-steps-per-epoch", "6",
+                                 "--optimizer.base-lr", "1e30", "--optimizer.clip-grad", "0"), expect_rc=3)
     assert "loss is not finite" in result.stderr
     diverged = list((out / "checkpoints").glob("diverged-*/train_state.json"))
     assert len(diverged) == 1
@@ -188,7 +189,7 @@ def test_a_diverging_run_stops_with_a_message_and_a_checkpoint(data, tmp_path):
 
 def test_deepspeed_config_follows_the_train_config():
     cfg = TrainConfig(stage="finetune", places_per_batch=10, images_per_place=4, zero_stage=2,
-                      clip_grad=1.5)
+                      optimizer=OptimizerConfig(clip_grad=1.5))
     ds = deepspeed_config(cfg, world_size=8, device_type="cuda")
     assert ds["train_micro_batch_size_per_gpu"] == 40 and ds["train_batch_size"] == 320
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.5 and ds["bf16"]["enabled"]
@@ -259,8 +260,8 @@ def test_resume_with_another_recipe_is_refused_and_the_run_folder_kept(data, tmp
     args = pretrain_args(data, out, "--epochs", "2", "--max-steps-per-epoch", "2")
     train([*args, "--stop-after-steps", "1"])
     saved = (out / "train_config.json").read_text()
-    refused = train([*args, "--resume", "--base-lr", "5e-3", "--num-workers", "1"], expect_rc=2)
-    assert "was written with another config (base_lr: 0.001 -> 0.005)" in refused.stderr
+    refused = train([*args, "--resume", "--optimizer.base-lr", "5e-3", "--num-workers", "1"], expect_rc=2)
+    assert "was written with another config (optimizer.base_lr: 0.001 -> 0.005)" in refused.stderr
     assert (out / "train_config.json").read_text() == saved  # the run's record is not overwritten
     train([*args, "--resume", "--num-workers", "1"])  # loader workers may change on resume
     assert (out / "export" / "model_epoch0001.pt").is_file()

@@ -63,8 +63,8 @@ def test_training_writes_validation_events_and_the_best_model(city, tmp_path):
     out = tmp_path / "fine"
     result = train(["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(data["labels"]),
                     "--out", str(out), "--places-per-batch", "4", "--images-per-place", "4", "--epochs", "2", *TINY,
-                    "--val-database", f"atname:{city / 'database'}", "--val-queries", f"atname:{city / 'queries'}",
-                    "--val-rerank-top-k", "4"])
+                    "--validation.database", f"atname:{city / 'database'}", "--validation.queries", f"atname:{city / 'queries'}",
+                    "--validation.rerank-top-k", "4"])
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     vals = [e for e in events if e.get("event") == "validation"]
     assert [v["epoch"] for v in vals] == [0, 1] and all("val_reranked_r1" in v for v in vals)

@@ -133,8 +133,8 @@ DEFAULT_ADAM_BETAS = {"pretrain": (0.9, 0.95), "finetune": (0.9, 0.999)}
 
 
 def adam_betas(cfg: TrainConfig) -> tuple[float, float]:
-    """(beta1, beta2) of the stage's AdamW: `cfg.adam_betas`, else DEFAULT_ADAM_BETAS."""
-    return tuple(cfg.adam_betas) if cfg.adam_betas is not None else DEFAULT_ADAM_BETAS[cfg.stage]
+    """(beta1, beta2) of the stage's AdamW: `cfg.optimizer.adam_betas`, else DEFAULT_ADAM_BETAS."""
+    return tuple(cfg.optimizer.adam_betas) if cfg.optimizer.adam_betas is not None else DEFAULT_ADAM_BETAS[cfg.stage]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -142,14 +142,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
     Stage 1 with `layer_decay_over: encoder_decoder` counts the decoder's blocks in the depth
     (trainer.schedules.encoder_decoder_layer_id, Pair-VPR's rule)."""
+    opt = cfg.optimizer
     prefix = "global_model.encoder." if hasattr(model, "global_model") else "encoder."  # FinetuneModel / SiameseMIM
-    decoder_prefix = "decoder." if cfg.layer_decay_over == "encoder_decoder" else None
-    groups = layer_decay_groups(model, base_lr=cfg.base_lr, layer_decay=cfg.layer_decay,
-                                weight_decay=cfg.weight_decay, encoder_prefix=prefix, decoder_prefix=decoder_prefix,
-                                patch_embed_lr_scale=cfg.patch_embed_lr_scale)
-    if cfg.classifier_lr is not None or cfg.cosface_groups:
+    decoder_prefix = "decoder." if opt.layer_decay_over == "encoder_decoder" else None
+    groups = layer_decay_groups(model, base_lr=opt.base_lr, layer_decay=opt.layer_decay, weight_decay=opt.weight_decay,
+                                encoder_prefix=prefix, decoder_prefix=decoder_prefix,
+                                patch_embed_lr_scale=opt.patch_embed_lr_scale)
+    if opt.classifier_lr is not None or cfg.cosface_groups:
         groups = classifier_groups(model, groups, cfg)
-    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=adam_betas(cfg))
+    return torch.optim.AdamW(groups, lr=opt.base_lr, betas=adam_betas(cfg))
 
 
 def cosface_parameters(model: nn.Module) -> list[tuple[int | None, nn.Parameter]]:
@@ -169,12 +170,13 @@ def classifier_groups(model: nn.Module, groups: list[dict], cfg: TrainConfig) ->
     moved = {id(param) for _, param in heads}
     kept = [{**g, "params": [p for p in g["params"] if id(p) not in moved]} for g in groups]
     kept = [g for g in kept if g["params"]]
-    scale = (cfg.classifier_lr if cfg.classifier_lr is not None else cfg.base_lr) / cfg.base_lr
+    opt = cfg.optimizer
+    scale = (opt.classifier_lr if opt.classifier_lr is not None else opt.base_lr) / opt.base_lr
     for cosface_group, param in heads:
         if not param.requires_grad:
             continue
-        kept.append({"params": [param], "lr": cfg.base_lr * scale, "lr_scale": scale, "classifier_lr_scale": scale,
-                     "weight_decay": cfg.weight_decay, "wd_scale": 1.0, "layer_id": -1,
+        kept.append({"params": [param], "lr": opt.base_lr * scale, "lr_scale": scale, "classifier_lr_scale": scale,
+                     "weight_decay": opt.weight_decay, "wd_scale": 1.0, "layer_id": -1,
                      "cosface_group": -1 if cosface_group is None else cosface_group})
     return kept
 

@@ -71,7 +71,7 @@ class Run:
         """Rank 0: delete checkpoints older than the newest keep_checkpoints, keeping the best
         validated epoch's.  A deletion that fails is reported and training goes on."""
         try:
-            best = _best_tags(self.out) if self.cfg.val_database else []
+            best = _best_tags(self.out) if self.cfg.validation.database else []
             removed = prune_checkpoints(self.checkpoints, self.cfg.keep_checkpoints, keep=best)
         except OSError as error:
             log.warning("deleting old checkpoints in %s failed: %s", self.checkpoints, error)
@@ -126,7 +126,7 @@ class Run:
                 pair = getattr(module, "pair", None) if self.cfg.stage == "finetune" else None
                 encoder = self.cfg.encoder
                 result = validate(global_model_of(module, self.cfg), pair, self.validation, encoder.image_size,
-                                  encoder.resize, self.device, self.cfg.val_rerank_top_k)
+                                  encoder.resize, self.device, self.cfg.validation.rerank_top_k)
         if self.dist.is_main:
             from placeforge.trainer.validation import record_validation
 

@@ -222,10 +222,10 @@ def _run_locked(args: argparse.Namespace, cfg: TrainConfig, dist: DistState) -> 
     if state.label_version is not None and dist.is_main:
         check_label_set(cfg.shards, cfg.labels, state.label_version)
     validation = None
-    if cfg.val_database and dist.is_main:
+    if cfg.validation.database and dist.is_main:
         from placeforge.trainer.validation import ValidationSplit
 
-        validation = ValidationSplit.open(cfg.val_database, cfg.val_queries, cfg.val_radius_m)
+        validation = ValidationSplit.open(cfg.validation.database, cfg.validation.queries, cfg.validation.radius_m)
 
     import deepspeed
 
@@ -281,7 +281,7 @@ def train(run: Run, state: TrainState) -> int:
 
     steps_by_epoch = [planned_steps(cfg, dist, e, state.label_version) for e in range(cfg.epochs)]
     total_steps = sum(steps_by_epoch)
-    warmup_steps = round(cfg.warmup_epochs * total_steps / cfg.epochs)
+    warmup_steps = round(cfg.optimizer.warmup_epochs * total_steps / cfg.epochs)
     images_per_step = cfg.images_per_rank_step() * dist.world_size
     peak_lr = cfg.peak_lr(dist.world_size)  # by lr_scaling: linear over images, sqrt over places, or none
     global_step, version = state.global_step, state.label_version
@@ -312,8 +312,9 @@ def train(run: Run, state: TrainState) -> int:
             started = time.perf_counter()
             batch = next(batches)
             data_wait = time.perf_counter() - started
-            lr = LR_SCHEDULES[cfg.lr_schedule](global_step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
-            weight_decay = weight_decay_schedule(global_step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
+            opt = cfg.optimizer
+            lr = LR_SCHEDULES[opt.lr_schedule](global_step, total_steps, warmup_steps, peak_lr, opt.min_lr)
+            weight_decay = weight_decay_schedule(global_step, total_steps, opt.weight_decay, opt.weight_decay_end)
             set_optimizer_values(run.engine.optimizer, lr=lr, weight_decay=weight_decay)
             if cfg.stage == "pretrain":
                 generator = step_generator(cfg.seed, dist.rank, global_step)
@@ -352,7 +353,7 @@ def train(run: Run, state: TrainState) -> int:
         del batches, loader  # stop this epoch's workers (the next epoch's, if started, keep going)
         exported = run.export(epoch)
         last = epoch + 1 == cfg.epochs
-        if cfg.val_database and ((epoch + 1) % cfg.val_every_epochs == 0 or last):
+        if cfg.validation.database and ((epoch + 1) % cfg.validation.every_epochs == 0 or last):
             run.validate(epoch, global_step, exported)
         new_version = version
         if _reclusters_after(cfg, epoch) and not last:
@@ -373,10 +374,10 @@ def train(run: Run, state: TrainState) -> int:
         print(f"{cfg.stage}: {totals['steps']} steps, {images_per_step * totals['steps'] / totals['seconds']:.0f} "
               f"images/s, data wait {100 * totals['data_wait_s'] / totals['seconds']:.1f} % of step time, "
               f"label version {version}")
-        if cfg.val_database:
+        if cfg.validation.database:
             from placeforge.trainer.validation import validation_summary
 
-            print(validation_summary(run.out / "export", cfg.val_queries))
+            print(validation_summary(run.out / "export", cfg.validation.queries))
     return 0
 
 

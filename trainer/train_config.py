@@ -25,6 +25,7 @@ from placeforge.models.encoders import EncoderConfig, encoder_spec
 from placeforge.trainer.augment import AugmentConfig
 from placeforge.trainer.pairs import PairRule
 from placeforge.trainer.schedules import LR_SCALINGS
+from placeforge.trainer.sections import OptimizerConfig, ValidationConfig
 
 
 def _scale_from_min(scale_min: float) -> list[float]:
@@ -33,12 +34,18 @@ def _scale_from_min(scale_min: float) -> list[float]:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Keys of older recipe files and runs' train_config.json, read at their new place (placeforge.config.migrate).
+    # The flat keys that became sections (2026-11-30), as older recipe files, flags and runs'
+    # train_config.json spell them: read at their new place (placeforge.config.migrate).
     MOVED: ClassVar[dict[str, Moved]] = {
         "encoder": moved("encoder.name"),
         "encoder_weights": moved("encoder.weights"),
         **{key: moved(f"encoder.{key}") for key in ("image_size", "descriptor_dim", "pooling", "pooling_grid",
                                                      "input_norm", "resize", "adapter")},
+        **{key: moved(f"optimizer.{key}") for key in (
+            "base_lr", "classifier_lr", "lr_scaling", "min_lr", "lr_schedule", "warmup_epochs", "weight_decay",
+            "weight_decay_end", "layer_decay", "layer_decay_over", "patch_embed_lr_scale", "adam_betas", "clip_grad")},
+        **{f"val_{key}": moved(f"validation.{key}") for key in ("database", "queries", "every_epochs", "rerank_top_k",
+                                                                 "radius_m")},
         "finetune_augment": moved("augment.pipeline"),
         "finetune_crop_scale_min": moved("augment.scale", convert=_scale_from_min),
         "finetune_color_jitter": moved("augment.brightness", "augment.contrast", "augment.saturation"),
@@ -102,34 +109,9 @@ class TrainConfig:
     epochs: int = field(default=10, metadata={"help": "epochs (each a full pass over the rank's shards)"})
     max_steps_per_epoch: int | None = field(
         default=None, metadata={"help": "cap on steps per epoch (tests, demos); None: the loader's steps"})
-    base_lr: float = field(default=3e-4, metadata={"help": "top-layer LR (per 1024 images or places: lr_scaling)"})
-    classifier_lr: float | None = field(
-        default=None, metadata={"help": "stage 2: the CosFace classifiers' base LR, scaled and scheduled as base_lr "
-                                        "is (their LR is classifier_lr / base_lr times the model's at every step; "
-                                        "MutualVPR 1e-2 against 1e-5); None: base_lr"})
-    lr_scaling: Literal["linear", "sqrt_places", "none"] = field(
-        default="linear", metadata={"help": "peak LR: linear: base_lr x images per step / 1024; sqrt_places: base_lr x "
-                                            "sqrt(places per step / 1024) (Pair-VPR); none: base_lr. Per step: all "
-                                            "ranks together (TrainConfig.peak_lr)"})
-    min_lr: float = field(default=1e-6, metadata={"help": "LR at the end of the schedule"})
-    lr_schedule: Literal["cosine", "linear"] = field(
-        default="cosine", metadata={"help": "after the warm-up, the LR falls from the peak to min_lr along half a "
-                                            "cosine (Pair-VPR stage 1) or a straight line (Pair-VPR stage 2: "
-                                            "LinearLR to 0.2 x the LR)"})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "linear LR warm-up, in epochs"})
-    weight_decay: float = field(default=0.04, metadata={"help": "weight decay at the start"})
-    weight_decay_end: float = field(default=0.4, metadata={"help": "weight decay at the end (cosine)"})
-    layer_decay: float = field(default=0.9, metadata={"help": "layer-wise LR decay (0.9 ViT-B, 0.95 L/G; 1: none)"})
-    layer_decay_over: Literal["encoder", "encoder_decoder"] = field(
-        default="encoder", metadata={"help": "stage 1: layer decay counts the encoder's blocks (the decoder gets the "
-                                             "peak LR), or encoder_decoder: encoder + decoder blocks, as Pair-VPR "
-                                             "(trainer.schedules.encoder_decoder_layer_id)"})
-    patch_embed_lr_scale: float = field(
-        default=1.0, metadata={"help": "extra factor on the patch embedding's LR (Pair-VPR stage 1: 0.2)"})
-    adam_betas: tuple[float, ...] | None = field(
-        default=None, metadata={"help": "AdamW (beta1, beta2), e.g. 0.9,0.999; None: (0.9, 0.95) in stage 1 (MAE's), "
-                                        "(0.9, 0.999) in stage 2"})
-    clip_grad: float = field(default=3.0, metadata={"help": "global gradient-norm clip (0: none)"})
+    optimizer: OptimizerConfig = field(
+        default_factory=OptimizerConfig, metadata={"help": "AdamW over layer-decay groups and its LR and weight-"
+                                                           "decay schedules (trainer.engine, trainer.schedules)"})
     # ---- stage-2 losses ----
     positives: Literal["view_class", "place"] = field(
         default="view_class", metadata={"help": "stage 2 MS / pair positives: same view class (else place) or place"})
@@ -185,15 +167,9 @@ class TrainConfig:
     follow_latest_labels: bool = field(
         default=False, metadata={"help": "stage 2: at each epoch boundary switch to the newest label version "
                                          "in `labels` (written by pipelines/relabel.py --watch)"})
-    # ---- validation during training ----
-    val_database: str = field(
-        default="", metadata={"help": "validation database images, FORMAT:PATH (as evaluate.py); empty: none"})
-    val_queries: str = field(default="", metadata={"help": "validation queries, FORMAT:PATH"})
-    val_every_epochs: int = field(
-        default=1, metadata={"help": "measure validation Recall@1/5 every N epochs (and after the last)"})
-    val_rerank_top_k: int = field(
-        default=20, metadata={"help": "stage 2: validation also re-ranks the global top K (0: global only)"})
-    val_radius_m: float = field(default=25.0, metadata={"help": "a database image this close to a query is right"})
+    validation: ValidationConfig = field(
+        default_factory=ValidationConfig, metadata={"help": "recall on a held-out split during training, "
+                                                            "and the best epoch kept (trainer.validation)"})
     # ---- system ----
     zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
     precision: Literal["auto", "fp32", "bf16"] = field(
@@ -227,13 +203,11 @@ class TrainConfig:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.mim_trainable_last_blocks < -1:
             raise ValueError(f"mim_trainable_last_blocks must be >= -1, got {self.mim_trainable_last_blocks}")
-        if self.layer_decay_over == "encoder_decoder" and self.stage != "pretrain":
+        self.optimizer.validate()
+        self.validation.validate()
+        if self.optimizer.layer_decay_over == "encoder_decoder" and self.stage != "pretrain":
             raise ValueError("layer_decay_over encoder_decoder needs stage pretrain (stage 2's decoder is the pair "
                              "classifier's; Pair-VPR's stage 2 has no layer decay)")
-        if not self.patch_embed_lr_scale >= 0:
-            raise ValueError(f"patch_embed_lr_scale must be >= 0, got {self.patch_embed_lr_scale}")
-        if self.adam_betas is not None and (len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas)):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1) (beta1, beta2), got {self.adam_betas}")
         for name in ("pairs_per_batch", "places_per_batch", "images_per_place", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -257,17 +231,13 @@ class TrainConfig:
                              "(labels come either from this run or from an external relabel.py, not both)")
         if (self.recluster_every_epochs or self.follow_latest_labels) and self.zero_stage == 3:
             raise ValueError("growing the CosFace head for a new label version is not supported with ZeRO-3; use 0-2")
-        if bool(self.val_database) != bool(self.val_queries):
-            raise ValueError("give both val_database and val_queries, or neither")
         if not 0.0 <= self.pair_max_heading_diff_deg <= 180.0:
             raise ValueError(f"pair_max_heading_diff_deg must be in [0, 180], got {self.pair_max_heading_diff_deg}")
         for name in ("pair_negative_min_distance_m", "ms_negative_min_distance_m"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.val_every_epochs < 1 or not self.val_radius_m > 0:
-            raise ValueError("val_every_epochs must be >= 1 and val_radius_m > 0")
         for name in ("num_workers", "checkpoint_every_steps", "keep_checkpoints", "recluster_every_epochs",
-                     "warmup_epochs", "val_rerank_top_k", "pair_anchors_per_place"):
+                     "pair_anchors_per_place"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -285,8 +255,6 @@ class TrainConfig:
                                          or self.pair_aligned_similarity):
             raise ValueError("pair_classifier false needs stage finetune, pair_bce_weight 0, rerank_global_weight 0 "
                              "and pair_aligned_similarity false (they need the pair classifier)")
-        if self.classifier_lr is not None and not self.classifier_lr > 0:
-            raise ValueError(f"classifier_lr must be > 0 or None, got {self.classifier_lr}")
         if self.cosface_groups < 0:
             raise ValueError(f"cosface_groups must be >= 0, got {self.cosface_groups}")
         if self.cosface_groups and (self.stage != "finetune" or not self.cosface_weight or self.zero_stage):
@@ -310,10 +278,10 @@ class TrainConfig:
         return self.pairs_per_batch if self.stage == "pretrain" else self.places_per_batch
 
     def peak_lr(self, world_size: int) -> float:
-        """The schedule's peak LR on `world_size` ranks, by `lr_scaling` (trainer.schedules.LR_SCALINGS).
+        """The schedule's peak LR on `world_size` ranks, by `optimizer.lr_scaling` (trainer.schedules.LR_SCALINGS).
         One step is one micro-batch per rank: `deepspeed_config` accumulates no gradients."""
-        return LR_SCALINGS[self.lr_scaling](self.base_lr, self.images_per_rank_step() * world_size,
-                                            self.places_per_rank_step() * world_size)
+        return LR_SCALINGS[self.optimizer.lr_scaling](self.optimizer.base_lr, self.images_per_rank_step() * world_size,
+                                                      self.places_per_rank_step() * world_size)
 
     def images_per_rank_step(self) -> int:
         """Images one rank's micro-batch holds (stage 1 counts both images of a pair)."""
@@ -345,7 +313,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu"
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro * world_size,
-        "gradient_clipping": cfg.clip_grad,
+        "gradient_clipping": cfg.optimizer.clip_grad,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO 1-3
         "bf16": {"enabled": resolve_bf16(cfg, device_type)},
