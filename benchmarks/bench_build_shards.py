@@ -45,6 +45,7 @@ from pathlib import Path
 import webdataset as wds
 
 from placeforge.imaging import reencode_jpeg
+from placeforge.places import PlaceConfig
 
 # Only what the naive loop needs is imported at the top: row (B) runs this file as its own process.
 
@@ -102,7 +103,8 @@ def bench_ray(source: Path, out: Path, num_cpus: int, short_side: int) -> tuple[
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        cfg = BuildConfig(short_side=short_side, images_per_shard=200, min_shards=4 * num_cpus, min_images_per_place=1)
+        cfg = BuildConfig(short_side=short_side, images_per_shard=200, min_shards=4 * num_cpus,
+                          places=PlaceConfig(min_images_per_place=1))
         times = []
         for _ in range(2):
             started = time.perf_counter()

@@ -57,6 +57,7 @@ def demo(argv: list[str] | None = None) -> int:
     from placeforge.clustering.job import ReclusterConfig, ReclusterError, recluster
     from placeforge.clustering.labels import latest_version
     from placeforge.config import ConfigError
+    from placeforge.places import PlaceConfig
     from placeforge.shards.build import BuildConfig, BuildError, build
     from placeforge.shards.reader import ShardSet, place_sample_pipeline, same_place_pairs
     from synthcity import generate
@@ -77,8 +78,8 @@ def demo(argv: list[str] | None = None) -> int:
             # image (the city's camera positions are 7.5 m apart), so MS positives show the same
             # facades from the same spot; 15 m cells x sectors mixed two views in 53 % of their
             # images and cut 284 of 800 views at cell edges. Places need 2 images (docs/benchmarks.md).
-            BuildConfig(images_per_shard=400, min_shards=8, heading_sectors=4, min_images_per_place=2,
-                        view_radius_m=4.0),
+            BuildConfig(images_per_shard=400, min_shards=8,
+                        places=PlaceConfig(heading_sectors=4, min_images_per_place=2, view_radius_m=4.0)),
             overwrite=args.overwrite,
             num_cpus=args.num_cpus,
         )

@@ -29,6 +29,8 @@ from placeforge.geo import cell_col_row, distinct_rows, is_northern_letter, utm_
 
 @dataclass(frozen=True)
 class PlaceConfig:
+    """How images become places: the shard build's `places` section (`--places.cell-size-m 10`)."""
+
     cell_size_m: float = field(default=15.0, metadata={"help": "side of a geo place cell in metres"})
     heading_sectors: int = field(
         default=0, metadata={"help": "split geo cells into this many compass sectors (0 = no split)"}
@@ -38,20 +40,22 @@ class PlaceConfig:
     )
     view_radius_m: float = field(
         default=0.0, metadata={"help": "> 0: a geo place is a view, the images of one heading sector within this "
-                                       "many metres of a leader image, instead of a cell (0 = cells)"}
+                                       "many metres of a leader image, instead of a cell (0 = cells; needs "
+                                       "heading_sectors)"}
     )
 
     def validate(self) -> None:
         if not self.cell_size_m > 0:
-            raise ValueError(f"cell_size_m must be > 0, got {self.cell_size_m}")
+            raise ValueError(f"places.cell_size_m must be > 0, got {self.cell_size_m}")
         if self.heading_sectors < 0:
-            raise ValueError(f"heading_sectors must be >= 0, got {self.heading_sectors}")
+            raise ValueError(f"places.heading_sectors must be >= 0, got {self.heading_sectors}")
         if self.min_images_per_place < 1:
-            raise ValueError(f"min_images_per_place must be >= 1, got {self.min_images_per_place}")
+            raise ValueError(f"places.min_images_per_place must be >= 1, got {self.min_images_per_place}")
         if self.view_radius_m < 0:
-            raise ValueError(f"view_radius_m must be >= 0, got {self.view_radius_m}")
+            raise ValueError(f"places.view_radius_m must be >= 0, got {self.view_radius_m}")
         if self.view_radius_m > 0 and self.heading_sectors < 1:
-            raise ValueError("view_radius_m needs heading_sectors >= 1: a view is one position looking one way")
+            raise ValueError("places.view_radius_m needs places.heading_sectors >= 1: a view is one position "
+                             "looking one way")
 
 
 def heading_sector(heading_deg: np.ndarray, sectors: int) -> np.ndarray:

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import polars as pl
@@ -32,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from placeforge.catalog import CATALOG_SCHEMA, REJECTS_SCHEMA, concat, rejects_table
-from placeforge.config import to_dict
+from placeforge.config import Moved, flat_dict, moved, to_dict
 from placeforge.fileio import (
     OutputLockedError,
     output_lock,
@@ -85,12 +86,14 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class BuildConfig:
-    cell_size_m: float = field(default=15.0, metadata={"help": "side of a geo place cell in metres"})
-    heading_sectors: int = field(default=0, metadata={"help": "split geo cells into compass sectors (0 = no)"})
-    min_images_per_place: int = field(default=4, metadata={"help": "smaller places are rejected"})
-    view_radius_m: float = field(
-        default=0.0, metadata={"help": "> 0: a geo place is one view, the images of a heading sector within this "
-                                       "many metres of a leader image, not a whole cell (needs heading_sectors)"})
+    # The place keys were flat until 2026-11-30; older files, flags and manifests read at their new place.
+    MOVED: ClassVar[dict[str, Moved]] = {
+        key: moved(f"places.{key}") for key in ("cell_size_m", "heading_sectors", "min_images_per_place",
+                                                "view_radius_m")}
+
+    places: PlaceConfig = field(
+        default_factory=PlaceConfig, metadata={"help": "how images become places: UTM cells, compass sectors, "
+                                                       "views (placeforge.places)"})
     max_images_per_sample: int = field(default=16, metadata={"help": "bigger places are split into parts"})
     images_per_shard: int = field(default=2000, metadata={"help": "target images per shard"})
     min_shards: int = field(default=16, metadata={"help": "at least this many shards (>= ranks x loader workers)"})
@@ -99,15 +102,12 @@ class BuildConfig:
     seed: int = field(default=0, metadata={"help": "seed of the sample split and shard shuffle"})
 
     def validate(self) -> None:
-        self.place_config().validate()
+        self.places.validate()
         for name in ("max_images_per_sample", "images_per_shard", "min_shards", "short_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-
-    def place_config(self) -> PlaceConfig:
-        return PlaceConfig(self.cell_size_m, self.heading_sectors, self.min_images_per_place, self.view_radius_m)
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def build(
     with _phase(phase_seconds, "ingest"):
         catalog, paths, rejects, inputs = _ingest_rows(sources)  # `path` is made again in plan order
     with _phase(phase_seconds, "places"):
-        placement = place_rows(catalog, cfg.place_config())
+        placement = place_rows(catalog, cfg.places)
         rejects = concat([rejects, placement.rejects], REJECTS_SCHEMA)
     with _phase(phase_seconds, "plan"):
         # As plan_shards(assign_places(catalog)), planned on the place ids alone: the wide rows are
@@ -352,9 +352,16 @@ def _ingest_rows(sources: list[tuple]) -> tuple[pa.Table, _Paths, pa.Table, int]
     return catalog, _Paths(prefixes, source_of), rejects, inputs
 
 
+def fingerprint_settings(cfg: BuildConfig) -> dict:
+    """The settings as the fingerprint hashes them: one level, each key its leaf name (`cell_size_m`,
+    not `places.cell_size_m`), as before the places section, so a shard set built before it keeps
+    its fingerprint and a re-run still finds it complete."""
+    return {path.rsplit(".", 1)[-1]: value for path, value in flat_dict(to_dict(cfg)).items()}
+
+
 def _fingerprint(cfg: BuildConfig, sources: list[tuple], plan: pa.Table) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps(to_dict(cfg), sort_keys=True).encode())
+    digest.update(json.dumps(fingerprint_settings(cfg), sort_keys=True).encode())
     # [format, root] as before file lists existed, so older interrupted builds still resume
     paths = [[s[0], *(str(Path(p).resolve()) for p in s[1:] if p is not None)] for s in sources]
     digest.update(json.dumps(paths).encode())

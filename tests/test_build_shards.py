@@ -11,9 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from placeforge.config import from_mapping
 from placeforge.fileio import LOCK_FILE, file_sha256, output_lock
 from placeforge.pipelines.build_shards import main
-from placeforge.shards.build import BuildConfig, _fingerprint, build, build_one_shard
+from placeforge.places import PlaceConfig
+from placeforge.shards.build import BuildConfig, _fingerprint, build, build_one_shard, fingerprint_settings
 from placeforge.shards.layout import WORK_SUBDIR
 from placeforge.shards.manifest import read_manifest
 from placeforge.shards.outdir import claim_out_dir
@@ -94,7 +96,7 @@ def test_interrupted_build_resumes_and_matches_a_clean_build(local_ray, at_datas
     from placeforge.shards.build import _ingest
 
     catalog, _, _ = _ingest([("atname", at_dataset["root"])])
-    kept, _ = assign_places(catalog, cfg.place_config())
+    kept, _ = assign_places(catalog, cfg.places)
     plan = plan_shards(kept, cfg.max_images_per_sample, cfg.images_per_shard, cfg.min_shards, cfg.seed)
     fingerprint = _fingerprint(cfg, [("atname", at_dataset["root"])], plan)
     assert not claim_out_dir(out.resolve(), fingerprint, overwrite=False)
@@ -262,3 +264,12 @@ def test_a_second_build_into_the_same_out_is_refused_and_names_the_holder(at_dat
     err = capsys.readouterr().err
     assert "is being written by build_shards (host" in err and f"pid {os.getpid()}" in err
     assert not out.exists()  # the holder wrote nothing either: no trace left
+
+
+def test_a_shard_set_built_before_the_places_section_keeps_its_fingerprint():
+    cfg = BuildConfig(places=PlaceConfig(cell_size_m=10.0, heading_sectors=4), seed=3)
+    before = {"cell_size_m": 10.0, "heading_sectors": 4, "min_images_per_place": 4, "view_radius_m": 0.0,
+              "max_images_per_sample": 16, "images_per_shard": 2000, "min_shards": 16, "short_side": 320,
+              "jpeg_quality": 90, "seed": 3}  # to_dict(cfg) when the place keys were flat
+    assert fingerprint_settings(cfg) == before
+    assert from_mapping(BuildConfig, before, old_keys="quiet") == cfg  # and such a record reads back

@@ -28,8 +28,8 @@ def parse(argv):
 
 
 def test_flags_override_defaults_and_are_typed():
-    cfg = parse(["--cell-size-m", "10", "--min-shards", "3"])
-    assert cfg.cell_size_m == 10.0 and isinstance(cfg.cell_size_m, float)
+    cfg = parse(["--places.cell-size-m", "10", "--min-shards", "3"])
+    assert cfg.places.cell_size_m == 10.0 and isinstance(cfg.places.cell_size_m, float)
     assert cfg.min_shards == 3 and cfg.short_side == BuildConfig().short_side
 
 
@@ -43,7 +43,7 @@ def test_file_then_flags(tmp_path):
 def test_unknown_key_in_file_names_the_closest_key(tmp_path):
     path = tmp_path / "o.json"
     path.write_text(json.dumps({"cell_size": 10}))
-    with pytest.raises(ConfigError, match="did you mean 'cell_size_m'"):
+    with pytest.raises(ConfigError, match="did you mean 'places.cell_size_m'"):
         parse(["--config", str(path)])
 
 

@@ -249,7 +249,7 @@ def test_build_shards_from_a_list_accounts_for_every_listed_path(local_ray, at_f
     file_list = _parquet_list(tmp_path / "files.parquet", entries)
     out = tmp_path / "out"
     args = ["--source", f"atname:{at_folder}", str(file_list), "--out", str(out), "--min-shards", "2",
-            "--short-side", "32", "--min-images-per-place", "1"]
+            "--short-side", "32", "--places.min-images-per-place", "1"]
     assert build_main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]

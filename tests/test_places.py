@@ -164,7 +164,7 @@ def test_view_leaders_bound_every_cluster_by_the_radius_within_its_group():
 
 
 def test_view_radius_needs_heading_sectors():
-    with pytest.raises(ValueError, match="needs heading_sectors"):
+    with pytest.raises(ValueError, match="needs places.heading_sectors"):
         PlaceConfig(view_radius_m=4.0).validate()
     with pytest.raises(ValueError, match="view_radius_m must be >= 0"):
         PlaceConfig(heading_sectors=4, view_radius_m=-1.0).validate()
