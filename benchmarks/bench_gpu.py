@@ -114,14 +114,14 @@ def bench_config(stage: str, encoder: str, micro_batch: int | None = None,
     if encoder_spec(encoder).release_file is None:  # a test preset: the trainer's tiny defaults
         values.update({"encoder": {"name": encoder, "weights": None, "image_size": 112}, "decoder": "dec64d2b"})
     items = DEFAULT_MICRO_BATCH[stage] if micro_batch is None else micro_batch
-    values["pairs_per_batch" if stage == "pretrain" else "places_per_batch"] = items
+    values["batch.pairs_per_batch" if stage == "pretrain" else "batch.places_per_batch"] = items
     values["activation_checkpointing"] = activation_checkpointing
     return from_mapping(TrainConfig, values, base=recipe, where=f"{RECIPES[stage]} for {encoder}")
 
 
 def items_per_step(cfg: TrainConfig) -> int:
     """Pairs (stage 1) or places (stage 2) in one micro-batch."""
-    return cfg.pairs_per_batch if cfg.stage == "pretrain" else cfg.places_per_batch
+    return cfg.batch.pairs_per_batch if cfg.stage == "pretrain" else cfg.batch.places_per_batch
 
 
 def random_batch(cfg: TrainConfig, num_classes: int, device: torch.device) -> PairBatch | GroupBatch:
@@ -134,10 +134,10 @@ def random_batch(cfg: TrainConfig, num_classes: int, device: torch.device) -> Pa
         return torch.randint(0, 256, (count, 3, size, size), generator=g, dtype=torch.uint8).to(device)
 
     if cfg.stage == "pretrain":
-        return PairBatch(images(cfg.pairs_per_batch), images(cfg.pairs_per_batch),
-                         torch.arange(cfg.pairs_per_batch, device=device))
-    count = cfg.places_per_batch * cfg.images_per_place
-    place_ids = torch.arange(cfg.places_per_batch, device=device).repeat_interleave(cfg.images_per_place)
+        return PairBatch(images(cfg.batch.pairs_per_batch), images(cfg.batch.pairs_per_batch),
+                         torch.arange(cfg.batch.pairs_per_batch, device=device))
+    count = cfg.batch.places_per_batch * cfg.batch.images_per_place
+    place_ids = torch.arange(cfg.batch.places_per_batch, device=device).repeat_interleave(cfg.batch.images_per_place)
     return GroupBatch(images(count), place_ids, torch.arange(count, device=device), place_ids % num_classes)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from placeforge.config import from_mapping, load_file
-from placeforge.trainer.data import BatchGeometry, make_loader
+from placeforge.trainer.data import make_loader
 from placeforge.trainer.engine import build_optimizer, finetune_step, pretrain_step
 from placeforge.trainer.train_config import TrainConfig
 from placeforge.trainer.train_models import build_finetune_model, build_pretrain_model
@@ -40,7 +40,7 @@ def stage_config(name: str, shards: Path, labels: Path) -> TrainConfig:
 def bench_loader(cfg: TrainConfig, epochs: int) -> tuple[float, float, int]:
     """(seconds to the first batch, steady batches/s after it, batches) averaged over epochs."""
     stage = "pairs" if cfg.stage == "pretrain" else "groups"
-    geometry = BatchGeometry(cfg.pairs_per_batch, cfg.places_per_batch, cfg.images_per_place)
+    geometry = cfg.batch
     first, steady_time, steady_batches = 0.0, 0.0, 0
     for epoch in range(epochs):
         loader, steps = make_loader(cfg.shards, stage, rank=0, world_size=1, num_workers=cfg.num_workers,
@@ -60,7 +60,7 @@ def bench_loader(cfg: TrainConfig, epochs: int) -> tuple[float, float, int]:
 def bench_model(cfg: TrainConfig, steps: int) -> float:
     """Optimizer steps/s on one fixed batch."""
     stage = "pairs" if cfg.stage == "pretrain" else "groups"
-    geometry = BatchGeometry(cfg.pairs_per_batch, cfg.places_per_batch, cfg.images_per_place)
+    geometry = cfg.batch
     loader, _ = make_loader(cfg.shards, stage, rank=0, world_size=1, num_workers=0, geometry=geometry,
                             image_size=cfg.encoder.image_size, epoch=0, seed=cfg.seed, labels_dir=cfg.labels or None)
     batch = next(iter(loader))

@@ -60,15 +60,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                for mode in ("drop", "mask_token")}
     cfg = configs["drop"]
     g = torch.Generator().manual_seed(0)
-    shape = (cfg.pairs_per_batch, 3, cfg.encoder.image_size, cfg.encoder.image_size)
+    shape = (cfg.batch.pairs_per_batch, 3, cfg.encoder.image_size, cfg.encoder.image_size)
     batch = PairBatch(torch.randint(0, 256, shape, generator=g, dtype=torch.uint8),
-                      torch.randint(0, 256, shape, generator=g, dtype=torch.uint8), torch.arange(cfg.pairs_per_batch))
+                      torch.randint(0, 256, shape, generator=g, dtype=torch.uint8),
+                      torch.arange(cfg.batch.pairs_per_batch))
     rates: dict[str, list[float]] = {mode: [] for mode in configs}
     for _ in range(args.rounds):
         for mode, mode_cfg in configs.items():
             rates[mode].append(steps_per_s(mode_cfg, batch, args.steps, args.warmup))
     medians = {mode: statistics.median(values) for mode, values in rates.items()}
-    print(f"{args.config.name}: {cfg.encoder.name} at {cfg.encoder.image_size} px, {cfg.pairs_per_batch} pairs, "
+    print(f"{args.config.name}: {cfg.encoder.name} at {cfg.encoder.image_size} px, {cfg.batch.pairs_per_batch} pairs, "
           f"mask ratio {cfg.mask_ratio}, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps")
     print("| masking | steps/s (median) | each round |")
     print("| --- | --- | --- |")

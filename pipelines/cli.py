@@ -208,10 +208,10 @@ def training_overrides(preset: str, recipe: str, seed: int) -> tuple[dict, dict]
     # batches. It also runs CosFace and one reclustering between epochs, which the full recipe leaves
     # off (configs/demo_finetune.yaml says why), so the test of this job covers them.
     tiny = preset == "tiny"
-    stage1 = {"pairs_per_batch": 4, "epochs": 2} if tiny else {}
+    stage1 = {"batch.pairs_per_batch": 4, "epochs": 2} if tiny else {}
     stage2 = {**RECIPES[recipe]}  # the recipe's stage 2; the tiny city's sizes win over it
     if tiny:
-        stage2.update({"places_per_batch": 2, "images_per_place": 2, "num_workers": 1, "epochs": 2,
+        stage2.update({"batch.places_per_batch": 2, "batch.images_per_place": 2, "num_workers": 1, "epochs": 2,
                        "cosface_weight": 0.02, "recluster_every_epochs": 1, "validation.every_epochs": 1})
     if seed:
         stage1, stage2 = {**stage1, "seed": seed}, {**stage2, "seed": seed}

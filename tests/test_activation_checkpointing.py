@@ -46,8 +46,8 @@ def tiny_config(stage: str, encoder: str, checkpointing: bool, **values) -> Trai
     spec = encoder_spec(encoder)
     frozen = spec.depth // 2  # blocks that run without gradients
     base = {"stage": stage, "encoder.name": encoder, "encoder.image_size": 64 if spec.patch_size == 8 else 56,
-            "decoder": "dec64d2b", "encoder.descriptor_dim": 32, "mask_ratio": 0.75, "pairs_per_batch": 3,
-            "places_per_batch": 3, "images_per_place": 2, "activation_checkpointing": checkpointing}
+            "decoder": "dec64d2b", "encoder.descriptor_dim": 32, "mask_ratio": 0.75, "batch.pairs_per_batch": 3,
+            "batch.places_per_batch": 3, "batch.images_per_place": 2, "activation_checkpointing": checkpointing}
     if stage == "pretrain":
         base["mim_trainable_last_blocks"] = spec.depth - frozen
     else:
@@ -74,9 +74,10 @@ def batch_for(cfg: TrainConfig) -> PairBatch | GroupBatch:
         return torch.randint(0, 256, (count, 3, size, size), generator=g, dtype=torch.uint8)
 
     if cfg.stage == "pretrain":
-        return PairBatch(images(cfg.pairs_per_batch), images(cfg.pairs_per_batch), torch.arange(cfg.pairs_per_batch))
-    count = cfg.places_per_batch * cfg.images_per_place
-    place_ids = torch.arange(cfg.places_per_batch).repeat_interleave(cfg.images_per_place)
+        pairs = cfg.batch.pairs_per_batch
+        return PairBatch(images(pairs), images(pairs), torch.arange(pairs))
+    count = cfg.batch.places_per_batch * cfg.batch.images_per_place
+    place_ids = torch.arange(cfg.batch.places_per_batch).repeat_interleave(cfg.batch.images_per_place)
     return GroupBatch(images(count), place_ids, torch.arange(count), place_ids % NUM_CLASSES)
 
 

@@ -84,7 +84,8 @@ def test_the_initial_setting_is_checked_and_recorded_by_name():
 
 TINY_MUTUALVPR = dict(  # configs/mutualvpr_vitb.yaml's model on the tiny DINOv2-shaped encoder
     stage="finetune", trainable_last_blocks=0, pair_classifier=False, ms_weight=0.0, pair_bce_weight=0.0,
-    cosface_scale=60.0, cosface_margin=0.5, images_per_place=1, places_per_batch=4, cosface_groups=3, seed=7,
+    cosface_scale=60.0, cosface_margin=0.5, cosface_groups=3, seed=7,
+    batch=dict(images_per_place=1, places_per_batch=4),
     encoder=dict(name="vit_tiny_dinov2_test", image_size=28, descriptor_dim=16, pooling="gem", adapter="mulconv",
                  resize="squash"))
 

@@ -47,8 +47,8 @@ def mutualvpr_tiny(**overrides) -> TrainConfig:
     """configs/mutualvpr_vitb.yaml's training rules on the tiny DINOv2-shaped test encoder."""
     values = dict(stage="finetune", labels="x", encoder_init="random", trainable_last_blocks=0, pair_classifier=False,
                   encoder=EncoderConfig("vit_tiny_dinov2_test", 28, 16, "gem", adapter="mulconv"),
-                  ms_weight=0.0, pair_bce_weight=0.0, cosface_scale=60.0, cosface_margin=0.5, images_per_place=1,
-                  places_per_batch=4, cosface_groups=3,
+                  ms_weight=0.0, pair_bce_weight=0.0, cosface_scale=60.0, cosface_margin=0.5, cosface_groups=3,
+                  batch=BatchGeometry(places_per_batch=4, images_per_place=1),
                   optimizer=OptimizerConfig(base_lr=1e-5, classifier_lr=1e-2, lr_scaling="none", layer_decay=1.0,
                                             weight_decay=0.0, weight_decay_end=0.0))
     cfg = TrainConfig(**{**values, **overrides})
@@ -167,7 +167,7 @@ def test_adapters_refuse_trained_blocks_and_no_pair_classifier_refuses_its_loss(
     with pytest.raises(ValueError, match="trainable_last_blocks 0"):
         mutualvpr_tiny(trainable_last_blocks=6)
     with pytest.raises(ValueError, match="pair_bce_weight 0"):
-        mutualvpr_tiny(pair_bce_weight=2.0, images_per_place=2)
+        mutualvpr_tiny(pair_bce_weight=2.0, batch=BatchGeometry(places_per_batch=4, images_per_place=2))
     with pytest.raises(ValueError, match="images_per_place"):
         mutualvpr_tiny(ms_weight=1.0)  # one image per place: MS would have no positive
     with pytest.raises(ValueError, match="zero_stage 0"):
@@ -308,7 +308,7 @@ def tiny_run_args(data: dict) -> list[str]:
             "--encoder.descriptor-dim", "32", "--encoder.pooling", "gem", "--encoder.adapter", "mulconv",
             "--trainable-last-blocks", "0",
             "--pair-classifier", "false", "--ms-weight", "0", "--pair-bce-weight", "0", "--cosface-scale", "60",
-            "--cosface-margin", "0.5", "--cosface-groups", "2", "--places-per-batch", "4", "--images-per-place", "1",
+            "--cosface-margin", "0.5", "--cosface-groups", "2", "--batch.places-per-batch", "4", "--batch.images-per-place", "1",
             "--optimizer.base-lr", "1e-3", "--optimizer.classifier-lr", "1e-1", "--optimizer.lr-scaling", "none",
             "--optimizer.layer-decay", "1.0", "--optimizer.warmup-epochs", "0", "--optimizer.weight-decay", "0",
             "--optimizer.weight-decay-end", "0", "--optimizer.clip-grad", "0", "--augment.scale", "0.5,1.0",

@@ -252,7 +252,7 @@ def test_a_training_run_takes_its_batches_from_one_city(three_cities, tmp_path):
     root, labels, _ = three_cities
     out = tmp_path / "fine"
     done = train(["--stage", "finetune", "--shards", str(root), "--labels", str(labels), "--out", str(out),
-                  "--places-per-batch", str(P), "--images-per-place", str(K), "--batch-places-from", "one_subset",
+                  "--batch.places-per-batch", str(P), "--batch.images-per-place", str(K), "--batch-places-from", "one_subset",
                   "--epochs", "1", "--max-steps-per-epoch", "2", *TINY])
     assert "one-subset groups leave out" in done.stderr  # trainer.train handed the option to the loader
     assert len(steps_of(out)) == 2

@@ -86,7 +86,7 @@ STAGE_ONE = {"encoder.image_size": 224, "encoder.descriptor_dim": 512, "decoder"
 # layer_decay ** 13 (12 decoder blocks above it, and its own), as docs/recipes.md's table gives it.
 TOP_TRAINED_BLOCK_LR = {"pretrain_vitb": 5.4e-5, "pretrain_vitl": 1.09e-4, "pretrain_vitg": 1.09e-4}
 STAGE_TWO = {"encoder.image_size": 322, "encoder.descriptor_dim": 512, "encoder.pooling": "cls",  # _TWO
-             "decoder": "dec768d12b", "images_per_place": 4, "trainable_last_blocks": 6, "epochs": 10,
+             "decoder": "dec768d12b", "batch.images_per_place": 4, "trainable_last_blocks": 6, "epochs": 10,
              "optimizer.base_lr": 8e-5, "optimizer.lr_scaling": "none", "optimizer.warmup_epochs": 0,
              "optimizer.weight_decay": 0.05, "optimizer.weight_decay_end": 0.05, "optimizer.layer_decay": 1.0,
              "pair_bce_weight": 2.0, "mining_scope": "global",
@@ -113,8 +113,8 @@ MUTUALVPR = {
         "cosface_scale": (60.0, "cosface_loss.py MarginCosineProduct s=60.0"),
         "cosface_margin": (0.5, "cosface_loss.py MarginCosineProduct m=0.50"),
         "cosface_groups": (8, f"{_MV_ARGS} --groups_num"),
-        "places_per_batch": (32, f"{_MV_ARGS} --batch_size"),
-        "images_per_place": (1, "datasets/train_dataset.py __getitem__: one image of each sampled class"),
+        "batch.places_per_batch": (32, f"{_MV_ARGS} --batch_size"),
+        "batch.images_per_place": (1, "datasets/train_dataset.py __getitem__: one image of each sampled class"),
         "augment.pipeline": ("crop_jitter", "train.py gpu_augmentation: ColorJitter, RandomResizedCrop"),
         "augment.scale": ((0.5, 1.0), f"{_MV_ARGS} --random_resized_crop 0.5: scale [0.5, 1]"),
         "augment.brightness": (0.7, f"{_MV_ARGS} --brightness"),
@@ -186,7 +186,7 @@ def test_recipe_loads_and_names_its_weights_file(name, caplog):
                          if k in published}
         for key, value in {**same, **size_specific}.items():
             assert setting(cfg, key) == value, f"{name}: {key} {setting(cfg, key)!r}, {published['source']}: {value!r}"
-        per_rank = cfg.pairs_per_batch if cfg.stage == "pretrain" else cfg.places_per_batch
+        per_rank = cfg.batch.pairs_per_batch if cfg.stage == "pretrain" else cfg.batch.places_per_batch
         assert per_rank * published["gpus"] == published["global_items"]
     for key, (value, source) in MUTUALVPR.get(name, {}).items():
         assert setting(cfg, key) == value, f"{name}: {key} {setting(cfg, key)!r}, MutualVPR {source}: {value!r}"
@@ -236,7 +236,8 @@ def test_trainable_encoder_blocks(name):
 def test_deepspeed_config(name):
     cfg = load_recipe(name)
     ds = deepspeed_config(cfg, world_size=WORLD_SIZE, device_type="cuda")
-    micro = cfg.pairs_per_batch if cfg.stage == "pretrain" else cfg.places_per_batch * cfg.images_per_place
+    batch = cfg.batch
+    micro = batch.pairs_per_batch if cfg.stage == "pretrain" else batch.places_per_batch * batch.images_per_place
     assert ds["train_micro_batch_size_per_gpu"] == micro
     assert ds["train_batch_size"] == micro * WORLD_SIZE and ds["gradient_accumulation_steps"] == 1
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
@@ -260,7 +261,7 @@ def published_peak_lr(cfg: TrainConfig, gpus: int) -> float:
     if cfg.optimizer.lr_scaling == "linear":
         return cfg.optimizer.base_lr * cfg.images_per_rank_step() * gpus / 1024
     if cfg.optimizer.lr_scaling == "sqrt_places":
-        places = (cfg.pairs_per_batch if cfg.stage == "pretrain" else cfg.places_per_batch) * gpus
+        places = (cfg.batch.pairs_per_batch if cfg.stage == "pretrain" else cfg.batch.places_per_batch) * gpus
         return cfg.optimizer.base_lr * math.sqrt(places / 1024)
     return cfg.optimizer.base_lr
 

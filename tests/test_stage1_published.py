@@ -25,7 +25,7 @@ from placeforge.models.decoder import patch_grid, random_patch_mask
 from placeforge.models.encoders import EncoderConfig
 from placeforge.trainer.engine import adam_betas, build_optimizer
 from placeforge.trainer.schedules import LR_SCALINGS, set_optimizer_values, sqrt_lr_for_places
-from placeforge.trainer.sections import OptimizerConfig
+from placeforge.trainer.sections import BatchGeometry, OptimizerConfig
 from placeforge.trainer.train_config import TrainConfig
 from placeforge.trainer.train_models import build_finetune_model, build_pretrain_model, load_mim, save_mim
 from tests.test_dinov2_weights import VARIANTS, random_reference, write_official
@@ -168,13 +168,13 @@ def test_every_parameter_trains_by_default(masking):
 def test_sqrt_scaling_over_places():
     assert sqrt_lr_for_places(3e-4, 512) == pytest.approx(3e-4 / math.sqrt(2))  # 2.12e-4, Pair-VPR's 512
     assert sqrt_lr_for_places(3e-4, 1024) == pytest.approx(3e-4)
-    cfg = tiny_stage1(pairs_per_batch=64, optimizer=OptimizerConfig(lr_scaling="sqrt_places"))
+    cfg = tiny_stage1(batch=BatchGeometry(pairs_per_batch=64), optimizer=OptimizerConfig(lr_scaling="sqrt_places"))
     assert cfg.peak_lr(world_size=8) == pytest.approx(3e-4 * math.sqrt(64 * 8 / 1024))  # places, not images
     assert cfg.peak_lr(world_size=2) == pytest.approx(3e-4 * math.sqrt(128 / 1024))
-    linear = tiny_stage1(pairs_per_batch=64)  # the default: images, linearly
+    linear = tiny_stage1(batch=BatchGeometry(pairs_per_batch=64))  # the default: images, linearly
     assert linear.peak_lr(world_size=8) == pytest.approx(3e-4 * 2 * 64 * 8 / 1024)
-    stage2 = TrainConfig(stage="finetune", places_per_batch=20, optimizer=OptimizerConfig(base_lr=1e-4,
-                                                                                         lr_scaling="sqrt_places"))
+    stage2 = TrainConfig(stage="finetune", batch=BatchGeometry(places_per_batch=20),
+                         optimizer=OptimizerConfig(base_lr=1e-4, lr_scaling="sqrt_places"))
     assert stage2.peak_lr(world_size=5) == pytest.approx(1e-4 * math.sqrt(100 / 1024))
     assert TrainConfig(optimizer=OptimizerConfig(lr_scaling="none", base_lr=5e-4)).peak_lr(world_size=8) == 5e-4
 

@@ -22,7 +22,7 @@ from placeforge.fileio import output_lock
 from placeforge.models.encoders import EncoderConfig
 from placeforge.raysession import free_port
 from placeforge.trainer.engine import build_optimizer, grow_cosface
-from placeforge.trainer.sections import OptimizerConfig
+from placeforge.trainer.sections import BatchGeometry, OptimizerConfig
 from placeforge.trainer.train_config import TrainConfig, deepspeed_config
 from tests.conftest import REPO, jpeg_bytes
 from tests.shardsets import write_shard_set
@@ -106,7 +106,7 @@ def steps_of(out: Path) -> list[dict]:
 
 
 def pretrain_args(data, out: Path, *extra: str) -> list[str]:
-    return ["--stage", "pretrain", "--shards", str(data["shards"]), "--out", str(out), "--pairs-per-batch", "4",
+    return ["--stage", "pretrain", "--shards", str(data["shards"]), "--out", str(out), "--batch.pairs-per-batch", "4",
             *TINY, *extra]
 
 
@@ -139,7 +139,7 @@ def test_finetune_from_stage1_loss_goes_down(data, tmp_path):
     train(pretrain_args(data, pre, "--epochs", "1", "--max-steps-per-epoch", "2"))
     out = tmp_path / "fine"
     train(["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(data["labels"]), "--out", str(out),
-           "--places-per-batch", "4", "--images-per-place", "4", "--init-from", str(pre / "export/mim_epoch0000.pt"),
+           "--batch.places-per-batch", "4", "--batch.images-per-place", "4", "--init-from", str(pre / "export/mim_epoch0000.pt"),
            "--trainable-last-blocks", "2", "--epochs", "4", *TINY, "--optimizer.base-lr", "1e-3"])
     rows = steps_of(out)
     for key in ("loss", "ms", "pair_bce", "cosface", "lr", "images_per_s", "data_wait_s", "label_version"):
@@ -188,7 +188,7 @@ def test_a_diverging_run_stops_with_a_message_and_a_checkpoint(data, tmp_path):
 
 
 def test_deepspeed_config_follows_the_train_config():
-    cfg = TrainConfig(stage="finetune", places_per_batch=10, images_per_place=4, zero_stage=2,
+    cfg = TrainConfig(stage="finetune", batch=BatchGeometry(places_per_batch=10, images_per_place=4), zero_stage=2,
                       optimizer=OptimizerConfig(clip_grad=1.5))
     ds = deepspeed_config(cfg, world_size=8, device_type="cuda")
     assert ds["train_micro_batch_size_per_gpu"] == 40 and ds["train_batch_size"] == 320
@@ -222,7 +222,7 @@ def test_two_ranks_on_uneven_shards_finish_with_identical_weights(tmp_path):
         place += n
     shards = tmp_path / "uneven"
     write_shards(shards, layout)
-    args = ["--stage", "pretrain", "--shards", str(shards), "--out", str(tmp_path / "ddp"), "--pairs-per-batch", "2",
+    args = ["--stage", "pretrain", "--shards", str(shards), "--out", str(tmp_path / "ddp"), "--batch.pairs-per-batch", "2",
             "--epochs", "2", *TINY, "--num-workers", "1", "--weights-digest"]
     outputs = run_two_ranks(args, timeout=150)
     digests = [[line.split()[-1] for line in out.splitlines() if "final weights sha256" in line] for out in outputs]
@@ -238,7 +238,7 @@ def test_follow_latest_labels_switches_at_the_next_epoch_boundary(data, tmp_path
     shutil.copytree(data["labels"], labels)
     out = tmp_path / "fine"
     args = ["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(labels), "--out", str(out),
-            "--places-per-batch", "4", "--images-per-place", "4", "--epochs", "2", "--max-steps-per-epoch", "2",
+            "--batch.places-per-batch", "4", "--batch.images-per-place", "4", "--epochs", "2", "--max-steps-per-epoch", "2",
             "--follow-latest-labels", "true", *TINY]
     train([*args, "--stop-after-steps", "1"])  # mid epoch 0, on v0
     ids = np.array(sorted(i for i in range(24 * 1000) if i % 1000 < 4), dtype=np.int64)

@@ -45,7 +45,7 @@ def losses_by_step(out: Path) -> dict[int, float]:
 def test_a_killed_rank_resumes_from_the_last_checkpoint_with_the_same_result(tmp_path):
     ids = write_shards(tmp_path / "shards", [[(s * 6 + p, 4) for p in range(6)] for s in range(4)])
     assert len(ids) == 96
-    common = ["--stage", "pretrain", "--shards", str(tmp_path / "shards"), "--pairs-per-batch", "2",
+    common = ["--stage", "pretrain", "--shards", str(tmp_path / "shards"), "--batch.pairs-per-batch", "2",
               "--epochs", "3", "--max-steps-per-epoch", "6", "--checkpoint-every-steps", "2", *TINY,
               "--num-workers", "1", "--weights-digest"]
     straight = tmp_path / "straight"

@@ -62,7 +62,7 @@ def test_training_writes_validation_events_and_the_best_model(city, tmp_path):
     data = {"shards": tmp_path / "shards", "labels": tmp_path / "labels"}
     out = tmp_path / "fine"
     result = train(["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(data["labels"]),
-                    "--out", str(out), "--places-per-batch", "4", "--images-per-place", "4", "--epochs", "2", *TINY,
+                    "--out", str(out), "--batch.places-per-batch", "4", "--batch.images-per-place", "4", "--epochs", "2", *TINY,
                     "--validation.database", f"atname:{city / 'database'}", "--validation.queries", f"atname:{city / 'queries'}",
                     "--validation.rerank-top-k", "4"])
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -27,7 +27,7 @@ def test_cosface_grows_under_zero2_on_two_ranks_and_they_stay_in_step(data, tmp_
     shutil.copytree(data["labels"], labels)
     out = tmp_path / "fine"
     args = ["--stage", "finetune", "--shards", str(data["shards"]), "--labels", str(labels), "--out", str(out),
-            "--places-per-batch", "2", "--images-per-place", "4", "--epochs", "2", "--max-steps-per-epoch", "2",
+            "--batch.places-per-batch", "2", "--batch.images-per-place", "4", "--epochs", "2", "--max-steps-per-epoch", "2",
             "--follow-latest-labels", "true", "--zero-stage", "2", "--weights-digest", *TINY]
     run_two_ranks([*args, "--stop-after-steps", "1"], timeout=240)  # mid epoch 0, on v0
     ids = np.array(sorted(i for i in range(24 * 1000) if i % 1000 < 4), dtype=np.int64)

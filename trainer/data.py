@@ -38,7 +38,6 @@ import itertools
 import logging
 import random
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -68,26 +67,12 @@ from placeforge.trainer.sample_counts import (
     subset_samples_of,
     usable_samples_of,
 )
+from placeforge.trainer.sections import BatchGeometry
 from placeforge.trainer.subsets import PlaceSubsets
 
 STAGES = ("pairs", "groups")
 BATCH_PLACES_FROM = ("any", "one_subset")  # stage "groups": a group's places from anywhere, or from one subset
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchGeometry:
-    pairs_per_batch: int = 32  # stage "pairs": B
-    places_per_batch: int = 16  # stage "groups": P
-    images_per_place: int = 4  # stage "groups": K
-
-    def items_per_step(self, stage: str) -> int:
-        """Place samples one batch consumes."""
-        return self.pairs_per_batch if stage == "pairs" else self.places_per_batch
-
-    def min_images(self, stage: str) -> int:
-        """Images a place sample needs to be usable by `stage`."""
-        return 2 if stage == "pairs" else self.images_per_place
 
 
 # ---- the dataset each rank iterates ----

@@ -1,6 +1,9 @@
-"""The sections of `TrainConfig` that only training reads: the optimizer and validation.
+"""The sections of `TrainConfig` that only training reads: the batch, the optimizer and validation.
 
-    optimizer:            # a recipe's section; flags --optimizer.base-lr 1e-4 ...
+    batch:                # a recipe's section; flags --batch.places-per-batch 100 ...
+      places_per_batch: 100
+      images_per_place: 4
+    optimizer:
       base_lr: 8.0e-5
       lr_scaling: none
     validation:
@@ -16,6 +19,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """What one rank's loader batch holds (trainer.data.make_loader): B pairs in stage 1 ("pairs"),
+    P places x K images in stage 2 ("groups")."""
+
+    pairs_per_batch: int = field(default=32, metadata={"help": "stage 1: place pairs per rank per step (B)"})
+    places_per_batch: int = field(default=16, metadata={"help": "stage 2: places per rank per step (P)"})
+    images_per_place: int = field(default=4, metadata={"help": "stage 2: images per place (K)"})
+
+    def validate(self) -> None:
+        for name in ("pairs_per_batch", "places_per_batch", "images_per_place"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"batch.{name} must be >= 1, got {getattr(self, name)}")
+
+    def items_per_step(self, stage: str) -> int:
+        """Place samples one batch consumes."""
+        return self.pairs_per_batch if stage == "pairs" else self.places_per_batch
+
+    def min_images(self, stage: str) -> int:
+        """Images a place sample needs to be usable by `stage`."""
+        return 2 if stage == "pairs" else self.images_per_place
 
 
 @dataclass(frozen=True)

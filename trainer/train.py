@@ -50,7 +50,7 @@ from placeforge.models.encoders import encoder_spec
 from placeforge.raysession import free_port
 from placeforge.shards.reader import ShardSet, check_enough_shards
 from placeforge.trainer.cosface_groups import cosface_group_of_epoch, labels_group_class_ids
-from placeforge.trainer.data import BatchGeometry, make_loader
+from placeforge.trainer.data import make_loader
 from placeforge.trainer.engine import (
     activate_cosface_group,
     build_optimizer,
@@ -118,7 +118,7 @@ def planned_steps(cfg: TrainConfig, dist: DistState, epoch: int, label_version: 
 
 
 def epoch_loader(cfg: TrainConfig, dist: DistState, epoch: int, label_version: int | None):
-    geometry = BatchGeometry(cfg.pairs_per_batch, cfg.places_per_batch, cfg.images_per_place)
+    geometry = cfg.batch
     return make_loader(cfg.shards, "pairs" if cfg.stage == "pretrain" else "groups", rank=dist.rank,
                        world_size=dist.world_size, num_workers=cfg.num_workers, geometry=geometry,
                        image_size=cfg.encoder.image_size, epoch=epoch, seed=cfg.seed,

@@ -25,7 +25,7 @@ from placeforge.models.encoders import EncoderConfig, encoder_spec
 from placeforge.trainer.augment import AugmentConfig
 from placeforge.trainer.pairs import PairRule
 from placeforge.trainer.schedules import LR_SCALINGS
-from placeforge.trainer.sections import OptimizerConfig, ValidationConfig
+from placeforge.trainer.sections import BatchGeometry, OptimizerConfig, ValidationConfig
 
 
 def _scale_from_min(scale_min: float) -> list[float]:
@@ -44,6 +44,7 @@ class TrainConfig:
         **{key: moved(f"optimizer.{key}") for key in (
             "base_lr", "classifier_lr", "lr_scaling", "min_lr", "lr_schedule", "warmup_epochs", "weight_decay",
             "weight_decay_end", "layer_decay", "layer_decay_over", "patch_embed_lr_scale", "adam_betas", "clip_grad")},
+        **{key: moved(f"batch.{key}") for key in ("pairs_per_batch", "places_per_batch", "images_per_place")},
         **{f"val_{key}": moved(f"validation.{key}") for key in ("database", "queries", "every_epochs", "rerank_top_k",
                                                                  "radius_m")},
         "finetune_augment": moved("augment.pipeline"),
@@ -80,9 +81,9 @@ class TrainConfig:
         default=6, metadata={"help": "stage 2: encoder blocks trained, counted from the top (-1: all; 0 with "
                                      "adapter mulconv, whose encoder trains only its adapters)"})
     # ---- batches ----
-    pairs_per_batch: int = field(default=32, metadata={"help": "stage 1: place pairs per rank per step"})
-    places_per_batch: int = field(default=16, metadata={"help": "stage 2: places P per rank per step"})
-    images_per_place: int = field(default=4, metadata={"help": "stage 2: images K per place"})
+    batch: BatchGeometry = field(
+        default_factory=BatchGeometry, metadata={"help": "what one rank's step holds: B pairs (stage 1) or P places "
+                                                         "x K images (stage 2)"})
     batch_places_from: Literal["any", "one_subset"] = field(
         default="any", metadata={"help": "stage 2: a rank's P places of a step come from the whole shard set (any) or "
                                          "all from one catalog subset, e.g. one GSV-Cities city (one_subset: hard "
@@ -208,11 +209,12 @@ class TrainConfig:
         if self.optimizer.layer_decay_over == "encoder_decoder" and self.stage != "pretrain":
             raise ValueError("layer_decay_over encoder_decoder needs stage pretrain (stage 2's decoder is the pair "
                              "classifier's; Pair-VPR's stage 2 has no layer decay)")
-        for name in ("pairs_per_batch", "places_per_batch", "images_per_place", "epochs", "log_every"):
+        self.batch.validate()
+        for name in ("epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.images_per_place < 2 and not self.cosface_only():
-            raise ValueError("images_per_place must be >= 2 (positives are needed), or 1 with CosFace alone "
+        if self.batch.images_per_place < 2 and not self.cosface_only():
+            raise ValueError("batch.images_per_place must be >= 2 (positives are needed), or 1 with CosFace alone "
                              "(stage finetune, ms_weight 0, pair_bce_weight 0)")
         self._check_mutualvpr_options()
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
@@ -275,7 +277,7 @@ class TrainConfig:
 
     def places_per_rank_step(self) -> int:
         """Places one rank's micro-batch holds (stage 1: one per pair)."""
-        return self.pairs_per_batch if self.stage == "pretrain" else self.places_per_batch
+        return self.batch.pairs_per_batch if self.stage == "pretrain" else self.batch.places_per_batch
 
     def peak_lr(self, world_size: int) -> float:
         """The schedule's peak LR on `world_size` ranks, by `optimizer.lr_scaling` (trainer.schedules.LR_SCALINGS).
@@ -286,8 +288,8 @@ class TrainConfig:
     def images_per_rank_step(self) -> int:
         """Images one rank's micro-batch holds (stage 1 counts both images of a pair)."""
         if self.stage == "pretrain":
-            return 2 * self.pairs_per_batch
-        return self.places_per_batch * self.images_per_place
+            return 2 * self.batch.pairs_per_batch
+        return self.batch.places_per_batch * self.batch.images_per_place
 
 
 def resolve_bf16(cfg: TrainConfig, device_type: str) -> bool:
@@ -305,7 +307,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str = "cpu"
     gets a torch AdamW (layer-decay groups) and the LR is written per step, so nothing
     here needs a JIT-built op.
     """
-    micro = cfg.pairs_per_batch if cfg.stage == "pretrain" else cfg.places_per_batch * cfg.images_per_place
+    batch = cfg.batch
+    micro = batch.pairs_per_batch if cfg.stage == "pretrain" else batch.places_per_batch * batch.images_per_place
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # exports need whole weights
