@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from placeforge.config import migrate, to_dict
+from placeforge.config import flat_dict, from_mapping, migrate, to_dict
+from placeforge.models.encoders import EncoderConfig
 from placeforge.trainer.augment import AugmentConfig
+from placeforge.trainer.pairs import PairRule
+from placeforge.trainer.sections import BatchGeometry, OptimizerConfig, ValidationConfig
 from placeforge.trainer.train_config import TrainConfig
 from placeforge.trainer.train_state import (
     LATEST_FILE,
@@ -120,3 +123,17 @@ def test_a_run_saved_with_flat_keys_resumes_under_the_nested_config():
     assert config_changes(saved, to_dict(current), to_dict(TrainConfig())) == []
     other = TrainConfig(stage="finetune", labels="l", augment=AugmentConfig(scale=(0.5, 1.0), hue=0.25))
     assert config_changes(saved, to_dict(other), to_dict(TrainConfig())) == ["augment.hue: 0.5 -> 0.25"]
+
+
+def test_every_setting_that_moved_into_a_section_reads_back_from_its_old_flat_name():
+    current = TrainConfig(stage="finetune", labels="l", encoder=EncoderConfig(image_size=56, descriptor_dim=32),
+                          batch=BatchGeometry(places_per_batch=4), pairs=PairRule(one_per_place=True),
+                          optimizer=OptimizerConfig(base_lr=1e-3, adam_betas=(0.9, 0.99)),
+                          validation=ValidationConfig(database="atname:db", queries="atname:q"))
+    old_name = {m.paths[0]: old for old, m in TrainConfig.MOVED.items() if len(m.paths) == 1 and m.convert is None}
+    old_record = {old_name.get(path, path): value for path, value in flat_dict(to_dict(current)).items()
+                  if not path.startswith("augment.")}  # augment's keys: the test above
+    assert not [key for key in old_record if "." in key]  # every moved setting had a flat name
+    assert from_mapping(TrainConfig, old_record, old_keys="quiet") == current
+    saved = migrate(TrainConfig, old_record)[0]
+    assert config_changes(saved, to_dict(current), to_dict(TrainConfig())) == []

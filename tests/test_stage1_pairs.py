@@ -271,7 +271,8 @@ def uneven_places(tmp_path):
 
 def draws_per_place(root, epoch: int, one_pair_per_place: bool) -> Counter:
     loader, steps = make_loader(root, "pairs", rank=0, world_size=1, num_workers=0, image_size=8, epoch=epoch, seed=0,
-                                geometry=BatchGeometry(pairs_per_batch=1), one_pair_per_place=one_pair_per_place)
+                                geometry=BatchGeometry(pairs_per_batch=1),
+                                pairing=PairRule(one_per_place=one_pair_per_place))
     batches = list(loader)
     assert len(batches) == steps
     return Counter(int(b.place_ids[0]) for b in batches)
@@ -297,7 +298,8 @@ def test_two_ranks_x_two_workers_draw_no_place_twice_and_take_equal_steps(tmp_pa
     draws, steps_of = Counter(), []
     for rank in (0, 1):
         loader, steps = make_loader(root, "pairs", rank=rank, world_size=2, num_workers=2, image_size=8, epoch=3,
-                                    seed=0, geometry=BatchGeometry(pairs_per_batch=1), one_pair_per_place=True)
+                                    seed=0, geometry=BatchGeometry(pairs_per_batch=1),
+                                    pairing=PairRule(one_per_place=True))
         batches = list(loader)
         assert len(batches) == steps
         steps_of.append(steps)

@@ -3,7 +3,7 @@
     loader, steps = make_loader(shard_dir, "pairs", rank=r, world_size=w, num_workers=8,
                                 geometry=BatchGeometry(pairs_per_batch=64), image_size=224, epoch=e, seed=0)
     for img_a, img_b, place_ids, pair_kinds in loader: ...  # exactly `steps` batches, on every rank
-    # pairing=PairRule(max_heading_diff_deg=50, panorama_views=True), one_pair_per_place=True: Pair-VPR's pairs
+    # pairing=PairRule(max_heading_diff_deg=50, panorama_views=True, one_per_place=True): Pair-VPR's pairs
 
     loader, steps = make_loader(shard_dir, "groups", ..., labels_dir=labels, label_version=None)
     for images, place_ids, image_ids, class_ids, positions in loader: ...
@@ -13,7 +13,7 @@
 Stages (one generator each, testable on lists; trainer.batches), run inside each DataLoader worker:
 
     shards.reader.place_sample_pipeline (this rank/worker's shards, shuffle of JPEG bytes)
-      -> [one sample per place (pairs, one_pair_per_place)]
+      -> [one sample per place (pairs, pairing.one_per_place)]
       -> [one CosPlace group's images only (cosface_group; trainer.cosface_groups.keep_images)]
       -> trainer.pairs.stage1_pairs | place_groups(P, K) [each group's places from one subset: one_subset]
       -> batched (pairs only) -> decode + augment (trainer.augment) -> PairBatch | GroupBatch
@@ -194,7 +194,6 @@ def make_loader(
     pin_memory: bool = False,
     augment: AugmentConfig = AugmentConfig(),
     pairing: PairRule = PairRule(),
-    one_pair_per_place: bool = False,
     batch_places_from: str = "any",
     cosface_group: int | None = None,
 ) -> tuple[DataLoader, int]:
@@ -207,9 +206,9 @@ def make_loader(
             >= world_size x num_workers shards.
         shuffle_buffer: place samples (JPEG bytes) held per worker for shuffling.
         prefetch_factor: batches each worker prepares ahead (ignored when num_workers == 0).
-        pairing: stage "pairs": which two images of a place make a pair (trainer.pairs).
-        one_pair_per_place: stage "pairs": a place split over several samples gives one pair
-            an epoch, not one per sample (`pair_samples`); the step count follows.
+        pairing: stage "pairs": which two images of a place make a pair (trainer.pairs); with
+            `one_per_place`, a place split over several samples gives one pair an epoch, not one
+            per sample (`pair_samples`), and the step count follows.
         batch_places_from: stage "groups": "any" (places from the whole shard set) or
             "one_subset": every group's places from one subset (`place_subsets`; a GSV-Cities
             city).  Each worker fills one pending group per subset and yields whichever fills;
@@ -239,7 +238,7 @@ def make_loader(
                                                      geometry.min_images(stage), str(labels_dir), label_version,
                                                      cosface_group)
     skip_keys = None
-    if stage == "pairs" and one_pair_per_place:
+    if stage == "pairs" and pairing.one_per_place:
         counts, skip_keys = pair_samples(pair_samples_of(str(Path(shard_dir).resolve())), num_shards, epoch, seed)
     items = geometry.items_per_step(stage)
     reserve = group_reserve(geometry.places_per_batch, max_parts) if stage == "groups" else 0

@@ -25,7 +25,7 @@ import enum
 import io
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -56,8 +56,24 @@ class PairKind(enum.IntEnum):
 
 @dataclass(frozen=True)
 class PairRule:
-    max_heading_diff_deg: float = 0.0  # 0: any two images of the place (no heading limit)
-    panorama_views: bool = False  # crop panoramas toward a focal point (else a panorama is one image)
+    """Stage 1's pairs: a training recipe's `pairs` section (`--pairs.panorama-views true`)."""
+
+    max_heading_diff_deg: float = field(
+        default=0.0, metadata={"help": "the two images of a pair face within this many degrees of each other "
+                                       "(images with a heading; a place with no such pair gives its closest-heading "
+                                       "pair, counted in the loader's log line); 0: any two images of the place"})
+    panorama_views: bool = field(
+        default=False, metadata={"help": "pair two panoramas (width >= 4 x height) of a place by cropping both "
+                                         "toward a focal point 10-20 m from their centroid, views 3-50 degrees apart "
+                                         "(Pair-VPR's SF-XL pairs); false: a panorama is one whole image"})
+    one_per_place: bool = field(
+        default=False, metadata={"help": "a place split over several shard samples (more images than the build's "
+                                         "max_images_per_sample) gives one pair an epoch, as every other place "
+                                         "(Pair-VPR); false: one pair per sample (trainer.data.make_loader)"})
+
+    def validate(self) -> None:
+        if not 0.0 <= self.max_heading_diff_deg <= 180.0:
+            raise ValueError(f"pairs.max_heading_diff_deg must be in [0, 180], got {self.max_heading_diff_deg}")
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ def epoch_loader(cfg: TrainConfig, dist: DistState, epoch: int, label_version: i
                        image_size=cfg.encoder.image_size, epoch=epoch, seed=cfg.seed,
                        labels_dir=cfg.labels if cfg.stage == "finetune" else None, label_version=label_version,
                        pin_memory=torch.cuda.is_available(), augment=cfg.augment,
-                       pairing=cfg.pair_rule(), one_pair_per_place=cfg.pair_one_per_place,
+                       pairing=cfg.pairs,
                        batch_places_from=cfg.batch_places_from,
                        cosface_group=cosface_group_of_epoch(epoch, cfg.cosface_groups) if cfg.cosface_groups else None)
 

@@ -45,6 +45,7 @@ class TrainConfig:
             "base_lr", "classifier_lr", "lr_scaling", "min_lr", "lr_schedule", "warmup_epochs", "weight_decay",
             "weight_decay_end", "layer_decay", "layer_decay_over", "patch_embed_lr_scale", "adam_betas", "clip_grad")},
         **{key: moved(f"batch.{key}") for key in ("pairs_per_batch", "places_per_batch", "images_per_place")},
+        **{f"pair_{key}": moved(f"pairs.{key}") for key in ("max_heading_diff_deg", "panorama_views", "one_per_place")},
         **{f"val_{key}": moved(f"validation.{key}") for key in ("database", "queries", "every_epochs", "rerank_top_k",
                                                                  "radius_m")},
         "finetune_augment": moved("augment.pipeline"),
@@ -92,19 +93,9 @@ class TrainConfig:
     augment: AugmentConfig = field(
         default_factory=AugmentConfig, metadata={"help": "stage 2's training-image augmentation (trainer.augment); "
                                                          "stage 1 crops and jitters with the defaults"})
-    pair_max_heading_diff_deg: float = field(
-        default=0.0, metadata={"help": "stage 1: the two images of a pair face within this many degrees of each "
-                                       "other (images with a heading; a place with no such pair gives its "
-                                       "closest-heading pair, counted in the loader's log line); 0: any two images "
-                                       "of the place (trainer.pairs)"})
-    pair_panorama_views: bool = field(
-        default=False, metadata={"help": "stage 1: pair two panoramas (width >= 4 x height) of a place by cropping "
-                                         "both toward a focal point 10-20 m from their centroid, views 3-50 degrees "
-                                         "apart (Pair-VPR's SF-XL pairs); false: a panorama is one whole image"})
-    pair_one_per_place: bool = field(
-        default=False, metadata={"help": "stage 1: a place split over several shard samples (more images than the "
-                                         "build's max_images_per_sample) gives one pair an epoch, as every other "
-                                         "place (Pair-VPR); false: one pair per sample"})
+    pairs: PairRule = field(
+        default_factory=PairRule, metadata={"help": "stage 1: which two images of a place make a pair "
+                                                    "(trainer.pairs)"})
     num_workers: int = field(default=2, metadata={"help": "data-loader processes per rank"})
     # ---- schedule ----
     epochs: int = field(default=10, metadata={"help": "epochs (each a full pass over the rank's shards)"})
@@ -233,8 +224,7 @@ class TrainConfig:
                              "(labels come either from this run or from an external relabel.py, not both)")
         if (self.recluster_every_epochs or self.follow_latest_labels) and self.zero_stage == 3:
             raise ValueError("growing the CosFace head for a new label version is not supported with ZeRO-3; use 0-2")
-        if not 0.0 <= self.pair_max_heading_diff_deg <= 180.0:
-            raise ValueError(f"pair_max_heading_diff_deg must be in [0, 180], got {self.pair_max_heading_diff_deg}")
+        self.pairs.validate()
         for name in ("pair_negative_min_distance_m", "ms_negative_min_distance_m"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -270,10 +260,6 @@ class TrainConfig:
             raise ValueError("shards is required (a shard set folder, --shards)")
         if self.stage == "finetune" and not self.labels:
             raise ValueError("stage finetune needs labels (a label-set folder, --labels)")
-
-    def pair_rule(self) -> PairRule:
-        """Stage 1: which two images of a place make a pair (trainer.data.make_loader's `pairing`)."""
-        return PairRule(self.pair_max_heading_diff_deg, self.pair_panorama_views)
 
     def places_per_rank_step(self) -> int:
         """Places one rank's micro-batch holds (stage 1: one per pair)."""
