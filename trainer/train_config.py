@@ -182,7 +182,8 @@ class TrainConfig:
     log_every: int = field(default=1, metadata={"help": "write a metrics line every N steps"})
 
     def validate(self) -> None:
-        self.encoder.validate()
+        for section in (self.encoder, self.batch, self.pairs, self.augment, self.optimizer, self.validation):
+            section.validate()  # each checks its own ranges; the rules between settings follow
         release = encoder_spec(self.encoder.name).release_file
         starts_from_weights = not (self.stage == "finetune" and self.init_from)  # else from the stage-1 export
         if release and starts_from_weights and not self.encoder.weights and self.encoder_init == "pretrained":
@@ -195,12 +196,9 @@ class TrainConfig:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.mim_trainable_last_blocks < -1:
             raise ValueError(f"mim_trainable_last_blocks must be >= -1, got {self.mim_trainable_last_blocks}")
-        self.optimizer.validate()
-        self.validation.validate()
         if self.optimizer.layer_decay_over == "encoder_decoder" and self.stage != "pretrain":
-            raise ValueError("layer_decay_over encoder_decoder needs stage pretrain (stage 2's decoder is the pair "
+            raise ValueError("optimizer.layer_decay_over encoder_decoder needs stage pretrain (stage 2's decoder is the pair "
                              "classifier's; Pair-VPR's stage 2 has no layer decay)")
-        self.batch.validate()
         for name in ("epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -214,7 +212,6 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.recluster_every_epochs and self.stage != "finetune":
             raise ValueError("recluster_every_epochs needs stage finetune")
-        self.augment.validate()
         if self.augment != AugmentConfig() and self.stage != "finetune":
             raise ValueError("augment settings need stage finetune (stage 1 crops and jitters with the defaults)")
         if self.batch_places_from != "any" and self.stage != "finetune":
@@ -224,7 +221,6 @@ class TrainConfig:
                              "(labels come either from this run or from an external relabel.py, not both)")
         if (self.recluster_every_epochs or self.follow_latest_labels) and self.zero_stage == 3:
             raise ValueError("growing the CosFace head for a new label version is not supported with ZeRO-3; use 0-2")
-        self.pairs.validate()
         for name in ("pair_negative_min_distance_m", "ms_negative_min_distance_m"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
