@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(TrainConfig, args)
-    cfg.check_inputs()
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)  # a bare single-process run: a world of one
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist = DistState.from_env(os.environ)
     setup_logging(rank=dist.rank if dist.world_size > 1 else None)  # ranks other than 0: warnings only
+    cfg = config_from_args(TrainConfig, args)  # logs where an older key moved, with the time
+    cfg.check_inputs()
     check_start(cfg, dist)
     with contextlib.ExitStack() as held:
         if dist.is_main:  # one run per OUT, checked before the minute of start-up below
