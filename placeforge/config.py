@@ -101,12 +101,13 @@ def sections(cls: type) -> dict[str, type]:
 
 def key_paths(cls: type, prefix: str = "") -> list[str]:
     """Every setting of `cls` as a dotted path (`encoder.image_size`), sections expanded."""
+    parts = sections(cls)
     paths: list[str] = []
-    for name, tp in _field_types(cls).items():
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            paths += key_paths(tp, f"{prefix}{name}.")
+    for field in dataclasses.fields(cls):
+        if field.name in parts:
+            paths += key_paths(parts[field.name], f"{prefix}{field.name}.")
         else:
-            paths.append(prefix + name)
+            paths.append(prefix + field.name)
     return paths
 
 
@@ -151,17 +152,15 @@ def migrate(cls: type, values: Mapping[str, Any], where: str = "config",
     out: dict[str, Any] = {}
     notes: list[str] = []
     for key, value in values.items():
-        move = moves.get(key)
-        if move is None or (key in names and isinstance(value, Mapping)):
-            if isinstance(value, Mapping) and key in names:
-                for sub, sub_value in value.items():
-                    _set_path(out, f"{key}.{sub}", sub_value, where)
-            else:
-                _set_path(out, key, value, where)
-            continue
-        for path, new_value in move.apply(value).items():
-            _set_path(out, path, new_value, where)
-        notes.append(f"{prefix + key!r} is now {' and '.join(repr(prefix + p) for p in move.paths)}")
+        if key in names and isinstance(value, Mapping):  # a section, given its own keys
+            for sub, sub_value in value.items():
+                _set_path(out, f"{key}.{sub}", sub_value, where)
+        elif key in moves:  # an older flat key
+            for path, new_value in moves[key].apply(value).items():
+                _set_path(out, path, new_value, where)
+            notes.append(f"{prefix + key!r} is now {' and '.join(repr(prefix + p) for p in moves[key].paths)}")
+        else:
+            _set_path(out, key, value, where)
     return out, notes
 
 
